@@ -1,0 +1,102 @@
+"""Definitions from .opc files and the namespaces that hold them, presets included.
+
+A definition ``name[opt=default, ...] = body`` names an expression; its options are constants
+that the body uses as numbers (``(1 - lam) * kfac``) or as option values (``sam[rho=rho]``).
+Definitions never shadow an operator or each other, so a name means one thing everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from types import MappingProxyType
+
+from opcomp._resources import data_dir
+from opcomp.errors import DefinitionError
+from opcomp.lang.ast import Definition, Name, Num
+from opcomp.lang.parser import parse_file
+from opcomp.ops import REGISTRY
+
+Constant = int | float | bool | str
+
+
+def constant(value) -> Constant | None:
+    """The constant an option default is written as (number, true/false, word), else None."""
+    if isinstance(value, Num):
+        return value.value
+    if isinstance(value, Name):
+        return {"true": True, "false": False}.get(value.name, value.name)
+    return None
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Name -> definition. Build one with :meth:`load` or use :func:`presets`."""
+
+    definitions: Mapping[str, Definition]
+
+    def get(self, name: str) -> Definition | None:
+        return self.definitions.get(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.definitions
+
+    def names(self) -> list[str]:
+        return sorted(self.definitions)
+
+    def defaults(self, name: str) -> dict[str, Constant]:
+        """The option defaults of definition ``name``."""
+        return {p.name: constant(p.value) for p in self.definitions[name].params}
+
+    def extend(self, definitions: Iterable[Definition]) -> Namespace:
+        """This namespace plus ``definitions``, checked: no operator names, no repeats."""
+        table = dict(self.definitions)
+        for definition in definitions:
+            _check(definition, table)
+            table[definition.name] = definition
+        return Namespace(MappingProxyType(table))
+
+    def load(self, text: str, name: str = "<definitions>") -> Namespace:
+        """This namespace plus the definitions in the .opc ``text`` (``name`` labels errors)."""
+        return self.extend(parse_file(text, name))
+
+
+EMPTY = Namespace(MappingProxyType({}))
+
+
+def _check(definition: Definition, table: Mapping[str, Definition]) -> None:
+    name = definition.name
+    if REGISTRY.get(name) is not None or name in REGISTRY.specs:
+        raise DefinitionError(
+            f"'{name}' is an operator; a definition cannot shadow it — choose another name",
+            definition.span,
+        )
+    if name in table:
+        earlier = table[name].span
+        where = f" (first defined at {earlier.where})" if earlier else ""
+        raise DefinitionError(f"'{name}' is defined twice{where} — rename one", definition.span)
+    seen: set[str] = set()
+    for param in definition.params:
+        if param.name in seen:
+            raise DefinitionError(f"option '{param.name}' of '{name}' is listed twice", param.span)
+        seen.add(param.name)
+        if constant(param.value) is None:
+            raise DefinitionError(
+                f"the default of option '{param.name}' of '{name}' must be a number, true/false or a word",
+                param.value.span or param.span,
+            )
+
+
+@cache
+def presets() -> Namespace:
+    """The presets that ship with opcomp (presets/*.opc), as one namespace."""
+    namespace = EMPTY
+    for path in sorted(data_dir("presets").glob("*.opc")):
+        namespace = namespace.load(path.read_text(encoding="utf-8"), f"presets/{path.name}")
+    return namespace
+
+
+def parse_definitions(text: str, name: str = "<definitions>", *, with_presets: bool = True) -> Namespace:
+    """Definitions from .opc ``text``, on top of the presets unless ``with_presets=False``."""
+    return (presets() if with_presets else EMPTY).load(text, name)

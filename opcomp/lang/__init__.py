@@ -1,0 +1,1 @@
+"""The language: source positions, syntax tree, parser and printer."""

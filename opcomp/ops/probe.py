@@ -1,0 +1,96 @@
+"""Probe operators: extra forward or backward work per step, through the closure."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from opcomp.ops.fields import Count, NonNegative, Positive
+from opcomp.ops.registry import Kind, Needs, OpSpec, Options, StateBuffer, register
+
+register(
+    OpSpec(
+        name="hvp",
+        kind=Kind.PROBE,
+        needs=Needs(closure=True, double_backward=True),
+        summary="Hessian-vector product by double backward",
+        formula="H·x, H = ∇²L(p)",
+    )
+)
+
+register(
+    OpSpec(
+        name="gnvp",
+        kind=Kind.PROBE,
+        needs=Needs(closure=True, model=True),
+        summary="Gauss–Newton-vector product (torch.func jvp + vjp)",
+        formula="Jᵀ H_L J x, J = ∂outputs/∂p, H_L = ∂²loss/∂outputs²",
+    )
+)
+
+
+class SamOptions(Options):
+    rho: Positive = Field(0.05, description="radius of the ascent step")
+    mode: Literal["plain", "adaptive", "fisher"] = Field(
+        "plain", description="ascent direction: g, p²⊙g (ASAM), or g⊙√v̂ (Fisher)"
+    )
+
+
+register(
+    OpSpec(
+        name="sam",
+        kind=Kind.PROBE,
+        params=("inner",),
+        options=SamOptions,
+        needs=Needs(closure=True),
+        binds_gradient=True,
+        state=(StateBuffer("grad_sq", "param", "EMA of g², only for mode=fisher when the inner keeps none"),),
+        summary="sharpness-aware minimisation around any inner optimizer",
+        formula=(
+            "ε = rho·d/‖d‖ (global norm), d = g | p²⊙g | g⊙√v̂; the inner's direction input is "
+            "g_sam = ∇L(p + ε) while its statistics keep reading the raw g"
+        ),
+    )
+)
+
+
+class LgnOptions(Options):
+    solver: Literal["cg", "adam"] = Field("cg", description="inner solver of the layer's quadratic model")
+    steps: Count = Field(5, description="inner solver iterations")
+    damping: NonNegative = Field(1e-4, description="λ added to the layer's Gauss–Newton block")
+    inner_lr: Positive = Field(0.1, description="step size of the adam inner solver")
+
+
+register(
+    OpSpec(
+        name="lgn",
+        kind=Kind.PROBE,
+        options=LgnOptions,
+        needs=Needs(closure=True, model=True),
+        summary="layerwise Gauss–Newton step from matrix-free products",
+        formula="per layer l: −d*, d* ≈ argmin_d xᵀd + ½dᵀ(G_l + λI)d, i.e. (G_l + λI)⁻¹x",
+    )
+)
+
+
+class ZoOptions(Options):
+    eps: Positive = Field(1e-3, description="perturbation size")
+    dist: Literal["rademacher", "gaussian"] = Field("rademacher", description="distribution of z")
+    relative: bool = Field(False, description="perturb by eps·z⊙p")
+    newton: bool = Field(False, description="divide by the three-point curvature estimate")
+
+
+register(
+    OpSpec(
+        name="zo",
+        kind=Kind.PROBE,
+        params=(),
+        options=ZoOptions,
+        needs=Needs(closure=True, forward_only=True),
+        summary="zeroth-order gradient estimate from loss values (SPSA)",
+        formula=(
+            "(L(p + eps·z) − L(p − eps·z))/(2·eps)·z, z seeded; relative: z ← z⊙p; newton: ÷ |L⁺ + L⁻ − 2L₀|/eps²"
+        ),
+    )
+)

@@ -1,0 +1,187 @@
+"""The operator registry: one :class:`OpSpec` per operator, the single source of truth.
+
+The parser knows no operator names; name resolution, option checking, arity, the graph's
+requirement checks, ``opcomp explain`` and the generated catalogue (docs/operators.md) all read
+these specs. Kernels attach to the same names in the runtime.
+"""
+
+from __future__ import annotations
+
+import enum
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Kind(enum.StrEnum):
+    """The role an operator plays (DESIGN.md §3)."""
+
+    SOURCE = "source"  # a value read or probed
+    TEMPORAL = "temporal"  # state over steps
+    STATISTICAL = "statistical"  # curvature / statistics preconditioners
+    STRUCTURAL = "structural"  # geometry of the update
+    PROBE = "probe"  # extra forward/backward work per step
+    COMBINATOR = "combinator"  # the language's own + - * |
+
+
+class Applies(enum.StrEnum):
+    """Which parameters an operator can act on; anything else falls through ``|``."""
+
+    ANY = "any"
+    MATRIX = "matrix"  # ndim >= 2 (viewed as rows x rest)
+    LAYER = "layer"  # a weight or bias of a supported module: Linear, Conv2d, Embedding
+
+
+class Options(BaseModel):
+    """Base of every operator's options: strict types, no unknown keys, immutable."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class NoOptions(Options):
+    """For operators without options."""
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What an operator asks of the training loop and of ``opcomp.build``."""
+
+    closure: bool = False  # must be stepped with opt.step(closure)
+    model: bool = False  # needs the nn.Module (hooks or functional calls), not bare parameters
+    double_backward: bool = False  # differentiates through the gradient
+    forward_only: bool = False  # estimates from loss values alone
+
+    def __or__(self, other: Needs) -> Needs:
+        return Needs(*(a or b for a, b in zip(_astuple(self), _astuple(other))))
+
+    def describe(self) -> list[str]:
+        names = {
+            "closure": "a closure: call opt.step(closure)",
+            "model": "the model (build with the nn.Module, not .parameters())",
+            "double_backward": "a differentiable backward pass (create_graph)",
+            "forward_only": "extra forward passes",
+        }
+        return [names[k] for k, v in zip(names, _astuple(self)) if v]
+
+
+def _astuple(needs: Needs) -> tuple[bool, ...]:
+    return (needs.closure, needs.model, needs.double_backward, needs.forward_only)
+
+
+StateShape = Literal["param", "scalar", "in_factor", "out_factor", "in_diag", "out_diag"]
+
+
+@dataclass(frozen=True)
+class StateBuffer:
+    """A tensor the operator keeps per parameter, in fp32.
+
+    ``shape`` is relative to the parameter: 'param' is its shape; for a layer weight of
+    (out, in) the factors are (in, in) / (out, out) and the diagonals (in,) / (out,),
+    with the bias folded into the input side.
+    """
+
+    name: str
+    shape: StateShape
+    doc: str
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One operator: everything about it except its kernel."""
+
+    name: str
+    kind: Kind
+    summary: str  # one line: what it computes
+    formula: str  # the exact meaning, as tests check it
+    options: type[Options] = NoOptions
+    params: tuple[str, ...] = ("x",)  # argument names; () for leaves
+    aliases: tuple[str, ...] = ()
+    applies: Applies = Applies.ANY
+    needs: Needs = Needs()
+    needs_when: Callable[[Any], Needs] | None = None  # extra needs that depend on the options
+    state: tuple[StateBuffer, ...] = ()
+    binds_gradient: bool = False  # its argument sees `g` as a probed gradient (sam)
+    symbol: str | None = None  # combinators: written with a symbol, not called by name
+    variadic: bool = False  # combinators taking two or more inputs
+
+    @property
+    def arity(self) -> int:
+        return len(self.params)
+
+    @property
+    def callable(self) -> bool:
+        return self.symbol is None
+
+    def needs_for(self, options: Options) -> Needs:
+        return self.needs | self.needs_when(options) if self.needs_when else self.needs
+
+    def option_fields(self) -> dict[str, Any]:
+        return dict(self.options.model_fields)
+
+    def flag_target(self, flag: str) -> tuple[str, Any] | None:
+        """What a bare flag means: a bool option set true, or the one enum option having that value."""
+        fields = self.option_fields()
+        if flag in fields and fields[flag].annotation is bool:
+            return flag, True
+        owners = [name for name, f in fields.items() if flag in enum_values(f.annotation)]
+        return (owners[0], flag) if len(owners) == 1 else None
+
+    def words(self) -> set[str]:
+        """Every enum value any option accepts (for suggestions)."""
+        return {w for f in self.option_fields().values() for w in enum_values(f.annotation)}
+
+
+def bounds(field: Any) -> dict[str, float]:
+    """The numeric bounds of an option field, as {'ge'|'gt'|'le'|'lt': value}."""
+    found: dict[str, float] = {}
+    for meta in field.metadata:
+        for key in ("ge", "gt", "le", "lt"):
+            if hasattr(meta, key):
+                found[key] = getattr(meta, key)
+    return found
+
+
+def enum_values(annotation: Any) -> tuple[str, ...]:
+    """The allowed words of a ``Literal[...]`` option, else ()."""
+    if typing.get_origin(annotation) is Literal:
+        return tuple(str(a) for a in typing.get_args(annotation))
+    return ()
+
+
+@dataclass
+class Registry:
+    """Name -> spec, with aliases; filled by the family modules at import."""
+
+    specs: dict[str, OpSpec] = field(default_factory=dict)
+    alias_of: dict[str, str] = field(default_factory=dict)
+
+    def add(self, spec: OpSpec) -> OpSpec:
+        for name in (spec.name, *spec.aliases):
+            if name in self.specs or name in self.alias_of:
+                raise ValueError(f"operator name {name!r} registered twice")
+        self.specs[spec.name] = spec
+        for alias in spec.aliases:
+            self.alias_of[alias] = spec.name
+        return spec
+
+    def get(self, name: str) -> OpSpec | None:
+        """The callable operator spelled ``name`` (its own name or an alias), if any."""
+        spec = self.specs.get(self.alias_of.get(name, name))
+        return spec if spec is not None and spec.callable else None
+
+    def __getitem__(self, name: str) -> OpSpec:
+        return self.specs[self.alias_of.get(name, name)]
+
+    def names(self) -> list[str]:
+        """Every name a user may call: operators and aliases."""
+        return sorted(n for n in [*self.specs, *self.alias_of] if self.get(n) is not None)
+
+    def __iter__(self):
+        return iter(self.specs.values())
+
+
+REGISTRY = Registry()
+register = REGISTRY.add

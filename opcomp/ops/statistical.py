@@ -1,0 +1,189 @@
+"""Statistical operators: preconditioners built from gradient and curvature statistics."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from opcomp.ops.fields import Beta, Count, NonNegative, Positive
+from opcomp.ops.registry import Applies, Kind, Needs, OpSpec, Options, StateBuffer, register
+
+_STEP = StateBuffer("step", "scalar", "steps taken")
+_MOMENTS = (
+    StateBuffer("exp_avg", "param", "first moment"),
+    StateBuffer("exp_avg_sq", "param", "second moment"),
+    _STEP,
+)
+
+
+class AdamOptions(Options):
+    b1: Beta = Field(0.9, description="first-moment decay")
+    b2: Beta = Field(0.999, description="second-moment decay")
+    eps: Positive = Field(1e-8, description="added to √v̂")
+
+
+class AdamWOptions(AdamOptions):
+    wd: NonNegative = Field(0.01, description="decoupled weight decay")
+
+
+register(
+    OpSpec(
+        name="adam",
+        aliases=("adarms",),
+        kind=Kind.STATISTICAL,
+        options=AdamOptions,
+        state=_MOMENTS,
+        summary="Adam's bias-corrected moment ratio (torch.optim.Adam semantics)",
+        formula="m ← b1·m + (1−b1)·x; v ← b2·v + (1−b2)·x²; returns m̂/(√v̂ + eps)",
+    )
+)
+
+register(
+    OpSpec(
+        name="adamw",
+        kind=Kind.STATISTICAL,
+        options=AdamWOptions,
+        state=_MOMENTS,
+        summary="Adam plus decoupled weight decay (identical to torch.optim.AdamW)",
+        formula="adam(x) + wd·p",
+    )
+)
+
+
+class RmsOptions(Options):
+    beta: Beta = Field(0.99, description="decay of the squared average")
+    eps: Positive = Field(1e-8, description="added to √v")
+
+
+register(
+    OpSpec(
+        name="rms",
+        kind=Kind.STATISTICAL,
+        options=RmsOptions,
+        state=(StateBuffer("square_avg", "param", "running average of x²"),),
+        summary="RMSprop scaling (torch.optim.RMSprop semantics)",
+        formula="v ← beta·v + (1−beta)·x²; returns x/(√v + eps)",
+    )
+)
+
+
+class DiagFisherOptions(Options):
+    beta: Beta = Field(0.95, description="decay of the squared-gradient average")
+    eps: Positive = Field(1e-8, description="added to the diagonal")
+
+
+register(
+    OpSpec(
+        name="diag_fisher",
+        kind=Kind.STATISTICAL,
+        options=DiagFisherOptions,
+        state=(StateBuffer("fisher_diag", "param", "running average of g²"),),
+        summary="element-wise empirical Fisher diagonal (the DiagFOG seed formula)",
+        formula="f ← beta·f + (1−beta)·g²; returns x/(f + eps)",
+    )
+)
+
+
+class DiagKfacOptions(Options):
+    decay: Beta = Field(0.95, description="decay of the factor averages")
+    damping: Positive = Field(1e-3, description="added to each factor")
+    update_every: Count = Field(1, description="steps between statistics captures")
+
+
+class KfacOptions(DiagKfacOptions):
+    invert_every: Count = Field(10, description="steps between refreshing the inverses")
+    damping_mode: Literal["factored", "exact"] = Field(
+        "factored", description="π-split damping per factor, or (G⊗A + λI)⁻¹ through the eigenbases"
+    )
+    fisher: Literal["empirical", "mc"] = Field(
+        "empirical", description="output gradients from the labels, or from labels sampled from the model"
+    )
+
+
+class EkfacOptions(DiagKfacOptions):
+    invert_every: Count = Field(10, description="steps between refreshing the eigenbases")
+    fisher: Literal["empirical", "mc"] = Field("empirical", description="as in kfac")
+
+
+def _mc_needs_closure(options) -> Needs:
+    return Needs(closure=True) if options.fisher == "mc" else Needs()
+
+
+_FACTORS = (
+    StateBuffer("A", "in_factor", "E[a aᵀ] of layer inputs (bias as an appended 1)"),
+    StateBuffer("G", "out_factor", "E[δ δᵀ] of output gradients, per example"),
+)
+
+register(
+    OpSpec(
+        name="kfac",
+        kind=Kind.STATISTICAL,
+        options=KfacOptions,
+        applies=Applies.LAYER,
+        needs=Needs(model=True),
+        needs_when=_mc_needs_closure,
+        state=(
+            *_FACTORS,
+            StateBuffer("A_inv", "in_factor", "(A + λ_A I)⁻¹, or A's eigenbasis when damping_mode=exact"),
+            StateBuffer("G_inv", "out_factor", "(G + λ_G I)⁻¹, or G's eigenbasis when damping_mode=exact"),
+        ),
+        summary="Kronecker-factored natural gradient per layer",
+        formula="(G + λ_G I)⁻¹ X (A + λ_A I)⁻¹ with X = [∇W | ∇b]; exact mode: (G⊗A + λI)⁻¹ vec X",
+    )
+)
+
+register(
+    OpSpec(
+        name="diag_kfac",
+        kind=Kind.STATISTICAL,
+        options=DiagKfacOptions,
+        applies=Applies.LAYER,
+        needs=Needs(model=True),
+        state=(
+            StateBuffer("A_diag", "in_diag", "diagonal of A"),
+            StateBuffer("G_diag", "out_diag", "diagonal of G"),
+        ),
+        summary="KFAC with only the factors' diagonals (the DiagFOG code)",
+        formula="X ⊙ 1/((diag G + λ)(diag A + λ)ᵀ)",
+    )
+)
+
+register(
+    OpSpec(
+        name="ekfac",
+        kind=Kind.STATISTICAL,
+        options=EkfacOptions,
+        applies=Applies.LAYER,
+        needs=Needs(model=True),
+        needs_when=_mc_needs_closure,
+        state=(
+            *_FACTORS,
+            StateBuffer("Q_A", "in_factor", "eigenbasis of A"),
+            StateBuffer("Q_G", "out_factor", "eigenbasis of G"),
+            StateBuffer("scale", "param", "corrected eigenvalues E[(Q_Gᵀ ∇W_n Q_A)²] (bias column included)"),
+        ),
+        summary="KFAC eigenbases with eigenvalues re-fitted to per-example gradients",
+        formula="Q_G ((Q_Gᵀ X Q_A) ⊘ (s + λ)) Q_Aᵀ, s = E[(Q_Gᵀ ∇W_n Q_A)²]",
+    )
+)
+
+
+class DiagHessianOptions(Options):
+    beta: Beta = Field(0.999, description="decay of the squared estimate")
+    eps: Positive = Field(1e-4, description="added to the denominator")
+    power: float = Field(1.0, gt=0.0, le=1.0, description="Hessian power k")
+    update_every: Count = Field(1, description="steps between Hutchinson estimates")
+
+
+register(
+    OpSpec(
+        name="diag_hessian",
+        kind=Kind.STATISTICAL,
+        options=DiagHessianOptions,
+        needs=Needs(closure=True, double_backward=True),
+        state=(StateBuffer("hess_sq", "param", "running average of the squared estimate D²"), _STEP),
+        summary="Hutchinson Hessian-diagonal preconditioner (AdaHessian style)",
+        formula="D = z ⊙ Hz, z Rademacher; v ← beta·v + (1−beta)·D²; returns x/((v/(1−beta^t))^(power/2) + eps)",
+    )
+)

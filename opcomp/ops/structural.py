@@ -1,0 +1,120 @@
+"""Structural operators: the geometry of the update."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from opcomp.ops.fields import Beta, Count, Positive
+from opcomp.ops.registry import Applies, Kind, OpSpec, Options, StateBuffer, register
+from opcomp.ops.statistical import AdamOptions
+
+
+class OrthOptions(Options):
+    steps: Count = Field(5, description="Newton–Schulz iterations")
+
+
+register(
+    OpSpec(
+        name="orth",
+        kind=Kind.STRUCTURAL,
+        options=OrthOptions,
+        applies=Applies.MATRIX,
+        summary="approximate polar factor by quintic Newton–Schulz",
+        formula=(
+            "X = x viewed as (rows, −1) / (‖x‖_F + 1e-7), transposed if tall; repeat steps: "
+            "A = XXᵀ; B = bA + cA²; X = aX + BX, (a, b, c) = (3.4445, −4.7750, 2.0315)"
+        ),
+    )
+)
+
+
+class MuonOptions(OrthOptions):
+    beta: Beta = Field(0.95, description="momentum")
+    nesterov: bool = Field(True, description="Nesterov look-ahead")
+
+
+register(
+    OpSpec(
+        name="muon",
+        kind=Kind.STRUCTURAL,
+        options=MuonOptions,
+        applies=Applies.MATRIX,
+        state=(StateBuffer("momentum_buffer", "param", "momentum"),),
+        summary="momentum, orthogonalised (torch.optim.Muon semantics)",
+        formula="m.lerp_(x, 1−beta); u = x.lerp(m, beta) if nesterov else m; returns orth(u)·√max(1, rows/cols)",
+    )
+)
+
+
+class AdaRMSuonOptions(AdamOptions):
+    steps: Count = Field(5, description="Newton–Schulz iterations")
+
+
+register(
+    OpSpec(
+        name="adarmsuon",
+        kind=Kind.STRUCTURAL,
+        options=AdaRMSuonOptions,
+        applies=Applies.MATRIX,
+        state=(
+            StateBuffer("exp_avg", "param", "first moment"),
+            StateBuffer("exp_avg_sq", "param", "second moment"),
+            StateBuffer("step", "scalar", "steps taken"),
+        ),
+        summary="Adam direction orthogonalised with its energy kept",
+        formula="a = adam(x); returns orth(a)·‖a‖_F/‖orth(a)‖_F",
+    )
+)
+
+register(
+    OpSpec(
+        name="sign",
+        kind=Kind.STRUCTURAL,
+        summary="element-wise sign",
+        formula="sign(x) (0 stays 0)",
+    )
+)
+
+register(
+    OpSpec(
+        name="normalize",
+        kind=Kind.STRUCTURAL,
+        summary="scale to unit Frobenius norm per parameter",
+        formula="x/‖x‖_F, and 0 where x = 0",
+    )
+)
+
+
+class ClipOptions(Options):
+    max_norm: Positive = Field(1.0, description="largest allowed norm")
+
+
+register(
+    OpSpec(
+        name="clip",
+        kind=Kind.STRUCTURAL,
+        options=ClipOptions,
+        summary="shrink to at most max_norm per parameter",
+        formula="x·min(1, max_norm/‖x‖_F)",
+    )
+)
+
+register(
+    OpSpec(
+        name="reject",
+        kind=Kind.STRUCTURAL,
+        params=("x", "y"),
+        summary="the part of x orthogonal to y",
+        formula="x − (⟨x, y⟩/‖y‖²)·y per parameter (x when y = 0)",
+    )
+)
+
+register(
+    OpSpec(
+        name="project",
+        kind=Kind.STRUCTURAL,
+        params=("x", "y"),
+        summary="the part of x along y",
+        formula="(⟨x, y⟩/‖y‖²)·y per parameter (0 when y = 0)",
+    )
+)

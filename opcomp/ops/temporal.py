@@ -1,0 +1,49 @@
+"""Temporal operators: state carried from step to step."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from opcomp.ops.fields import Beta
+from opcomp.ops.registry import Kind, OpSpec, Options, StateBuffer, register
+
+
+class EmaOptions(Options):
+    beta: Beta = Field(0.9, description="decay")
+    debias: bool = Field(False, description="divide by 1 - beta^t")
+
+
+register(
+    OpSpec(
+        name="ema",
+        kind=Kind.TEMPORAL,
+        options=EmaOptions,
+        state=(StateBuffer("ema", "param", "running average"), StateBuffer("step", "scalar", "steps taken")),
+        summary="exponential moving average",
+        formula="m ← beta·m + (1−beta)·x; returns m (÷ (1−beta^t) if debias)",
+    )
+)
+
+
+class MomentumOptions(Options):
+    beta: Beta = Field(0.9, description="momentum factor")
+    nesterov: bool = Field(False, description="Nesterov look-ahead")
+    dampening: Beta = Field(0.0, description="damping of the new input")
+
+    @model_validator(mode="after")
+    def _nesterov_needs_plain_momentum(self):
+        if self.nesterov and (self.beta == 0.0 or self.dampening != 0.0):
+            raise ValueError("nesterov needs beta > 0 and dampening=0 (as torch.optim.SGD)")
+        return self
+
+
+register(
+    OpSpec(
+        name="momentum",
+        kind=Kind.TEMPORAL,
+        options=MomentumOptions,
+        state=(StateBuffer("momentum_buffer", "param", "velocity"),),
+        summary="heavy-ball momentum with torch.optim.SGD semantics",
+        formula="b ← x on the first step, else beta·b + (1−dampening)·x; returns x + beta·b if nesterov else b",
+    )
+)

@@ -1,0 +1,68 @@
+"""The `opcomp` command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+from opcomp.cli import main
+
+
+def test_explain_shows_nodes_options_sharing_and_needs(capsys):
+    assert main(["explain", "0.5 * adam(g) + 0.5 * muon(kfac(adam(g)))"]) == 0
+    out = capsys.readouterr().out
+    assert "canonical   0.5 * adam[b1=0.9, b2=0.999, eps=1e-08](g) + 0.5 * muon[" in out
+    assert "#1   adam" in out and "shared by #2, #3 (computed once, one state)" in out
+    assert "damping_mode=factored" in out and "invert_every=10" in out
+    assert "shared      #1 adam" in out
+    assert "needs       the model (build with the nn.Module, not .parameters())" in out
+
+
+def test_explain_marks_options_that_differ_from_their_defaults(capsys):
+    assert main(["explain", "sam[fisher, rho=0.1](adamw)"]) == 0
+    out = capsys.readouterr().out
+    assert "mode=fisher (default plain)" in out and "rho=0.1 (default 0.05)" in out
+    assert "wd=0.01" in out and "wd=0.01 (default" not in out
+    assert "needs       a closure: call opt.step(closure)" in out
+
+
+def test_explain_of_a_fallback_lists_its_branches(capsys):
+    assert main(["explain", "fog"]) == 0
+    out = capsys.readouterr().out
+    assert "branch 1    weights and biases of Linear, Conv2d and Embedding layers that are also matrices" in out
+    assert "branch 2    every parameter: " in out
+
+
+def test_errors_go_to_stderr_with_a_caret_and_exit_2(capsys):
+    assert main(["explain", "muon(kfca(g))"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "unknown operator 'kfca' — did you mean 'kfac'?" in captured.err
+    assert "  muon(kfca(g))\n       ^^^^" in captured.err
+
+
+def test_definitions_file(tmp_path, capsys):
+    defs = tmp_path / "mine.opc"
+    defs.write_text("mine[b=0.9] = muon[beta=b](g) | adamw\n")
+    assert main(["format", "mine[b=0.5]", "--defs", str(defs)]) == 0
+    assert capsys.readouterr().out.startswith("muon[beta=0.5, nesterov=true, steps=5](g) | adamw[")
+    assert main(["format", "mine", "--defs", str(tmp_path / "missing.opc")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_operators_and_presets_listings(capsys):
+    assert main(["operators"]) == 0
+    out = capsys.readouterr().out
+    assert "kfac" in out and "sum" not in out.split()
+    assert main(["presets"]) == 0
+    assert "fog = muon(kfac(g)) | adamw(g)" in capsys.readouterr().out
+
+
+def test_the_console_script_is_installed_and_runs():
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "opcomp"]
+    assert script.value == "opcomp.cli:main"
+    run = subprocess.run(
+        [sys.executable, "-m", "opcomp.cli", "explain", "muon(kfac(g))"], capture_output=True, text=True, check=True
+    )
+    assert "#2   muon" in run.stdout

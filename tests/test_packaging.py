@@ -1,0 +1,47 @@
+"""The wheel carries grammar/ and presets/: parsing and presets work from an install outside the repo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+CHECK = """
+import pathlib, opcomp
+from opcomp._resources import data_dir
+site = pathlib.Path({site!r})
+assert pathlib.Path(opcomp.__file__).is_relative_to(site), opcomp.__file__
+assert data_dir("grammar").is_relative_to(site) and data_dir("presets").is_relative_to(site)
+print(opcomp.format("muon(kfac(grad))"))
+print(opcomp.format("fog"))
+"""
+
+
+@pytest.mark.slow
+def test_wheel_works_outside_the_repository(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("opcomp-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "opcomp/_data/grammar/opcomp.lark" in names
+    assert "opcomp/_data/presets/fog.opc" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    run = subprocess.run(
+        [sys.executable, "-c", CHECK.format(site=str(site))], cwd=outside, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0].startswith("muon[beta=0.95, nesterov=true, steps=5](kfac[")
+    assert " | adamw[" in run.stdout.splitlines()[1]
