@@ -10,7 +10,7 @@ from opcomp.ops.fields import Beta, Count, NonNegative, Positive
 from opcomp.ops.registry import Applies, Kind, Needs, OpSpec, Options, StateBuffer, register
 
 _STEP = StateBuffer("step", "scalar", "steps taken")
-_MOMENTS = (
+MOMENTS = (
     StateBuffer("exp_avg", "param", "first moment"),
     StateBuffer("exp_avg_sq", "param", "second moment"),
     _STEP,
@@ -33,7 +33,7 @@ register(
         aliases=("adarms",),
         kind=Kind.STATISTICAL,
         options=AdamOptions,
-        state=_MOMENTS,
+        state=MOMENTS,
         summary="Adam's bias-corrected moment ratio (torch.optim.Adam semantics)",
         formula="m ← b1·m + (1−b1)·x; v ← b2·v + (1−b2)·x²; returns m̂/(√v̂ + eps)",
     )
@@ -44,7 +44,7 @@ register(
         name="adamw",
         kind=Kind.STATISTICAL,
         options=AdamWOptions,
-        state=_MOMENTS,
+        state=MOMENTS,
         summary="Adam plus decoupled weight decay (identical to torch.optim.AdamW)",
         formula="adam(x) + wd·p",
     )

@@ -6,7 +6,7 @@ from pydantic import Field
 
 from opcomp.ops.fields import Beta, Count, Positive
 from opcomp.ops.registry import Applies, Kind, OpSpec, Options, StateBuffer, register
-from opcomp.ops.statistical import AdamOptions
+from opcomp.ops.statistical import MOMENTS, AdamOptions
 
 
 class OrthOptions(Options):
@@ -56,11 +56,7 @@ register(
         kind=Kind.STRUCTURAL,
         options=AdaRMSuonOptions,
         applies=Applies.MATRIX,
-        state=(
-            StateBuffer("exp_avg", "param", "first moment"),
-            StateBuffer("exp_avg_sq", "param", "second moment"),
-            StateBuffer("step", "scalar", "steps taken"),
-        ),
+        state=MOMENTS,
         summary="Adam direction orthogonalised with its energy kept",
         formula="a = adam(x); returns orth(a)·‖a‖_F/‖orth(a)‖_F",
     )
