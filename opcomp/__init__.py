@@ -29,6 +29,8 @@ from opcomp.resolve import canonicalize
 
 __all__ = [
     "REGISTRY",
+    "Optimizer",
+    "build",
     "ArityError",
     "CompositionError",
     "DefinitionError",
@@ -69,3 +71,16 @@ def format(expr: Expr | str, namespace: Namespace | None = None) -> str:  # noqa
 def lower(expr: Expr | str, namespace: Namespace | None = None) -> Graph:
     """The checked graph of an expression, equal sub-expressions shared (``namespace``: presets by default)."""
     return build_graph(canonicalize(_expr(expr), namespace))
+
+
+def __getattr__(name: str):
+    """``build`` and ``Optimizer`` import torch, so they load on first use: the language alone stays light."""
+    if name == "build":
+        from opcomp.builder import build
+
+        return build
+    if name == "Optimizer":
+        from opcomp.optimizer import Optimizer
+
+        return Optimizer
+    raise AttributeError(f"module 'opcomp' has no attribute {name!r}")

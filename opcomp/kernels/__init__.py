@@ -1,0 +1,32 @@
+"""Kernels: how each operator computes over a bucket of parameters.
+
+A kernel takes a :class:`Ctx` and one list of fp32 tensors per argument, and returns a list of
+fp32 tensors (one per parameter in the bucket). Element-wise work runs as ``torch._foreach_*``
+over the list; work that needs per-parameter reductions or matrix products runs on the bucket
+stacked into one slab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+KERNELS: dict[str, Callable] = {}
+
+
+def kernel(name: str):
+    """Register the kernel of operator ``name``."""
+
+    def register(fn: Callable) -> Callable:
+        if name in KERNELS:
+            raise ValueError(f"kernel {name!r} registered twice")
+        KERNELS[name] = fn
+        return fn
+
+    return register
+
+
+def load() -> dict[str, Callable]:
+    """Import every kernel family once, and return the table."""
+    from opcomp.kernels import elementwise, matrix, reductions  # noqa: F401
+
+    return KERNELS

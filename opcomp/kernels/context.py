@@ -1,0 +1,77 @@
+"""What a kernel sees: its options, its bucket's parameters, their gradients, its own state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from opcomp.ops import Options
+
+
+@dataclass
+class BucketStep:
+    """One step of one bucket: parameters of equal shape, dtype and device that have a gradient.
+
+    Values flowing between kernels are lists of fp32 tensors, one per parameter. Kernels never
+    modify their inputs (a value may be read by several nodes); they own their state and outputs.
+    """
+
+    params: list[Tensor]
+    states: list[dict]  # per parameter: opcomp's state dict, state_key -> {buffer: tensor}
+
+    @cached_property
+    def grads(self) -> list[Tensor]:
+        return [fp32(p.grad) for p in self.params]
+
+    @cached_property
+    def params32(self) -> list[Tensor]:
+        return [fp32(p.detach()) for p in self.params]
+
+
+def fp32(tensor: Tensor) -> Tensor:
+    """The tensor itself when it is fp32 (read-only use), else an fp32 copy."""
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
+
+
+@dataclass
+class Ctx:
+    """A kernel's view of one node over one bucket."""
+
+    options: Options
+    bucket: BucketStep
+    state_key: str
+    _state: list[dict] | None = field(default=None, repr=False)
+
+    @property
+    def params(self) -> list[Tensor]:
+        return self.bucket.params
+
+    @property
+    def state(self) -> list[dict]:
+        """This node's state dict for each parameter (created empty on first use)."""
+        if self._state is None:
+            self._state = [s.setdefault(self.state_key, {}) for s in self.bucket.states]
+        return self._state
+
+    def buffers(self, name: str) -> list[Tensor]:
+        """State buffer ``name`` per parameter: fp32, zero on first use."""
+        out = []
+        for state, param in zip(self.state, self.params):
+            if name not in state:
+                state[name] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
+            out.append(state[name])
+        return out
+
+    def tick(self) -> list[int]:
+        """Advance this node's per-parameter step counter; returns the new counts."""
+        counts = []
+        for state in self.state:
+            step = state.get("step")
+            if step is None:
+                step = state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            step += 1
+            counts.append(int(step.item()))
+        return counts

@@ -1,0 +1,129 @@
+"""Element-wise kernels, each a few ``torch._foreach_*`` calls over the bucket.
+
+Formulas are DESIGN.md §3's; the moment updates follow torch.optim's own op order (``lerp_`` for
+first moments, ``mul_().addcmul_()`` for second moments) so results match it closely.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from opcomp.kernels import kernel
+from opcomp.kernels.context import Ctx
+
+
+@kernel("g")
+def gradient(ctx: Ctx) -> list[Tensor]:
+    return ctx.bucket.grads
+
+
+@kernel("p")
+def parameter(ctx: Ctx) -> list[Tensor]:
+    return ctx.bucket.params32
+
+
+@kernel("scale")
+def scale(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
+    return torch._foreach_mul(x, ctx.options.c)
+
+
+@kernel("sum")
+def total(ctx: Ctx, *terms: list[Tensor]) -> list[Tensor]:
+    out = (
+        torch._foreach_add(terms[0], terms[1]) if ctx.options.ops[0] == "+" else torch._foreach_sub(terms[0], terms[1])
+    )
+    for op, term in zip(ctx.options.ops[1:], terms[2:]):
+        (torch._foreach_add_ if op == "+" else torch._foreach_sub_)(out, term)
+    return out
+
+
+@kernel("sign")
+def sign(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
+    return torch._foreach_sign(x)
+
+
+@kernel("ema")
+def ema(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
+    beta = ctx.options.beta
+    average = ctx.buffers("ema")
+    steps = ctx.tick()
+    torch._foreach_lerp_(average, x, 1.0 - beta)
+    if not ctx.options.debias:
+        return average
+    return torch._foreach_div(average, [1.0 - beta**t for t in steps])
+
+
+@kernel("momentum")
+def momentum(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
+    """torch.optim.SGD: the buffer starts as the first input, then b ← beta·b + (1−dampening)·x."""
+    o = ctx.options
+    fresh = [i for i, s in enumerate(ctx.state) if "momentum_buffer" not in s]
+    for i in fresh:
+        ctx.state[i]["momentum_buffer"] = x[i].detach().clone()
+    started = set(fresh)
+    old = [i for i in range(len(x)) if i not in started]
+    if old:
+        buffers = [ctx.state[i]["momentum_buffer"] for i in old]
+        torch._foreach_mul_(buffers, o.beta)
+        torch._foreach_add_(buffers, [x[i] for i in old], alpha=1.0 - o.dampening)
+    buffers = [s["momentum_buffer"] for s in ctx.state]
+    if o.nesterov:
+        return torch._foreach_add(x, buffers, alpha=o.beta)
+    return buffers
+
+
+def adam_direction(ctx: Ctx, x: list[Tensor], b1: float, b2: float, eps: float) -> list[Tensor]:
+    """m̂/(√v̂ + eps) with torch.optim.Adam's moment updates; the moments live in ctx's state."""
+    exp_avg, exp_avg_sq = ctx.buffers("exp_avg"), ctx.buffers("exp_avg_sq")
+    steps = ctx.tick()
+    torch._foreach_lerp_(exp_avg, x, 1.0 - b1)
+    torch._foreach_mul_(exp_avg_sq, b2)
+    torch._foreach_addcmul_(exp_avg_sq, x, x, 1.0 - b2)
+    denominator = torch._foreach_sqrt(exp_avg_sq)
+    torch._foreach_div_(denominator, [math.sqrt(1.0 - b2**t) for t in steps])
+    torch._foreach_add_(denominator, eps)
+    direction = torch._foreach_div(exp_avg, denominator)
+    torch._foreach_div_(direction, [1.0 - b1**t for t in steps])
+    return direction
+
+
+@kernel("adam")
+def adam(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
+    o = ctx.options
+    return adam_direction(ctx, x, o.b1, o.b2, o.eps)
+
+
+@kernel("adamw")
+def adamw(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
+    o = ctx.options
+    direction = adam_direction(ctx, x, o.b1, o.b2, o.eps)
+    if o.wd:
+        torch._foreach_add_(direction, ctx.bucket.params32, alpha=o.wd)
+    return direction
+
+
+def second_moment(ctx: Ctx, name: str, of: list[Tensor], beta: float) -> list[Tensor]:
+    """v ← beta·v + (1−beta)·of², kept in buffer ``name``."""
+    average = ctx.buffers(name)
+    torch._foreach_mul_(average, beta)
+    torch._foreach_addcmul_(average, of, of, 1.0 - beta)
+    return average
+
+
+@kernel("rms")
+def rms(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
+    o = ctx.options
+    denominator = torch._foreach_sqrt(second_moment(ctx, "square_avg", x, o.beta))
+    torch._foreach_add_(denominator, o.eps)
+    return torch._foreach_div(x, denominator)
+
+
+@kernel("diag_fisher")
+def diag_fisher(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
+    """x / (ema(g²) + eps): the statistic reads the raw gradient whatever x is."""
+    o = ctx.options
+    denominator = torch._foreach_add(second_moment(ctx, "fisher_diag", ctx.bucket.grads, o.beta), o.eps)
+    return torch._foreach_div(x, denominator)

@@ -1,0 +1,84 @@
+"""Matrix kernels: Newton–Schulz orthogonalisation, batched over a bucket's stacked matrices.
+
+The iteration runs in bfloat16, as in the public reference Muon and torch.optim.Muon; the batched
+form (``baddbmm``) reproduces torch.optim.Muon's per-matrix ``addmm`` bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from opcomp.kernels import kernel
+from opcomp.kernels.context import Ctx
+from opcomp.kernels.elementwise import adam_direction
+from opcomp.kernels.reductions import unstack
+
+COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NORM_EPS = 1e-7
+
+
+def newton_schulz(matrices: Tensor, steps: int) -> Tensor:
+    """Approximate polar factors of a (n, rows, cols) batch; returns bfloat16 of the same shape."""
+    a, b, c = COEFFICIENTS
+    x = matrices.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + NORM_EPS)
+    for _ in range(steps):
+        gram = x @ x.mT
+        update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, update, x, beta=a)
+    return x.mT if tall else x
+
+
+def as_matrices(values: list[Tensor]) -> Tensor:
+    """The bucket stacked as (n, rows, rest): each parameter viewed as (rows, −1)."""
+    first = values[0]
+    return torch.stack(values).reshape(len(values), first.shape[0], -1)
+
+
+def orthogonalise(values: list[Tensor], steps: int) -> list[Tensor]:
+    """orth of each value, as fp32 tensors of the values' shape."""
+    result = newton_schulz(as_matrices(values), steps).float()
+    return unstack(result, values)
+
+
+def shape_factor(param: Tensor) -> float:
+    """√max(1, rows/cols) for the parameter viewed as (rows, −1)."""
+    rows = param.shape[0]
+    return math.sqrt(max(1.0, rows / (param.numel() // rows)))
+
+
+@kernel("orth")
+def orth(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
+    return orthogonalise(x, ctx.options.steps)
+
+
+@kernel("muon")
+def muon(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
+    """torch.optim.Muon's update: momentum by lerp, Nesterov look-ahead, orth, shape factor."""
+    o = ctx.options
+    buffers = ctx.buffers("momentum_buffer")
+    torch._foreach_lerp_(buffers, x, 1.0 - o.beta)
+    look = torch._foreach_lerp(x, buffers, o.beta) if o.nesterov else buffers
+    out = orthogonalise(look, o.steps)
+    factor = shape_factor(ctx.params[0])
+    if factor != 1.0:
+        torch._foreach_mul_(out, factor)
+    return out
+
+
+@kernel("adarmsuon")
+def adarmsuon(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
+    """orth(a)·‖a‖/‖orth(a)‖ with a = adam(x): Adam's energy on an orthogonal direction."""
+    o = ctx.options
+    direction = as_matrices(adam_direction(ctx, x, o.b1, o.b2, o.eps))
+    ortho = newton_schulz(direction, o.steps).float()
+    energy = torch.linalg.vector_norm(direction, dim=(-2, -1))
+    spread = torch.linalg.vector_norm(ortho, dim=(-2, -1))
+    ratio = torch.where(spread > 0, energy / spread.clamp_min(torch.finfo(spread.dtype).tiny), 0.0)
+    return unstack(ortho * ratio.view(-1, 1, 1), x)

@@ -1,0 +1,60 @@
+"""Kernels with a norm or inner product per parameter, run on the bucket stacked into one slab."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from opcomp.kernels import kernel
+from opcomp.kernels.context import Ctx
+
+
+def stack(values: list[Tensor]) -> Tensor:
+    """The bucket as one (n, numel) slab; equal shapes are what a bucket guarantees."""
+    return torch.stack(values).reshape(len(values), -1)
+
+
+def unstack(slab: Tensor, like: list[Tensor]) -> list[Tensor]:
+    return [row.reshape(t.shape) for row, t in zip(slab.unbind(0), like)]
+
+
+def per_row(values: Tensor) -> Tensor:
+    """A per-parameter scalar, shaped to broadcast over a slab."""
+    return values.unsqueeze(1)
+
+
+@kernel("normalize")
+def normalize(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
+    """x/‖x‖ per parameter; a zero x stays zero."""
+    slab = stack(x)
+    norms = torch.linalg.vector_norm(slab, dim=1)
+    return unstack(slab / per_row(norms.clamp_min(torch.finfo(slab.dtype).tiny)), x)
+
+
+@kernel("clip")
+def clip(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
+    """x·min(1, max_norm/‖x‖): max_norm/0 is inf, clamped to 1, so zero stays zero."""
+    slab = stack(x)
+    factor = (ctx.options.max_norm / torch.linalg.vector_norm(slab, dim=1)).clamp(max=1.0)
+    return unstack(slab * per_row(factor), x)
+
+
+def along(x: list[Tensor], y: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Slabs of x and y, and the coefficient c = ⟨x, y⟩/‖y‖² per parameter (0 where y = 0)."""
+    xs, ys = stack(x), stack(y)
+    dot = (xs * ys).sum(dim=1)
+    yy = (ys * ys).sum(dim=1)
+    coefficient = torch.where(yy > 0, dot / yy.clamp_min(torch.finfo(ys.dtype).tiny), torch.zeros_like(dot))
+    return xs, ys, per_row(coefficient)
+
+
+@kernel("project")
+def project(ctx: Ctx, x: list[Tensor], y: list[Tensor]) -> list[Tensor]:
+    _, ys, c = along(x, y)
+    return unstack(c * ys, x)
+
+
+@kernel("reject")
+def reject(ctx: Ctx, x: list[Tensor], y: list[Tensor]) -> list[Tensor]:
+    xs, ys, c = along(x, y)
+    return unstack(xs - c * ys, x)

@@ -1,0 +1,177 @@
+"""opcomp expressions against torch.optim's own optimizers, step for step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.optim._muon import _zeropower_via_newtonschulz
+
+import opcomp
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*NumPy.*")
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8), nn.ReLU(), nn.Linear(8, 3)
+    )
+
+
+def batches(count: int, shape=(10,), seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(24, *shape, generator=generator), torch.randint(0, 3, (24,), generator=generator))
+        for _ in range(count)
+    ]
+
+
+def train(model: nn.Module, optimizers, data, schedulers=()) -> None:
+    for x, y in data:
+        for opt in optimizers:
+            opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        for opt in optimizers:
+            opt.step()
+        for scheduler in schedulers:
+            scheduler.step()
+
+
+def max_difference(a: nn.Module, b: nn.Module) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+def two_groups(model: nn.Module, first_lr: float, second_lr: float, **extra):
+    weights = [p for p in model.parameters() if p.ndim == 2]
+    biases = [p for p in model.parameters() if p.ndim == 1]
+    return [{"params": weights, "lr": first_lr, **extra}, {"params": biases, "lr": second_lr, **extra}]
+
+
+def test_adamw_matches_torch_adamw_with_a_scheduler_and_two_groups():
+    ours, theirs = mlp(), mlp()
+    opt = opcomp.build("adamw[wd=0.05](g)", two_groups(ours, 3e-3, 1e-3), lr=1e-3)
+    reference = torch.optim.AdamW(two_groups(theirs, 3e-3, 1e-3), weight_decay=0.05, foreach=False)
+    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=100) for o in (opt, reference)]
+    data = batches(100)
+    for x, y in data:
+        for model, optimizer in ((ours, opt), (theirs, reference)):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        for scheduler in schedulers:
+            scheduler.step()
+    assert max_difference(ours, theirs) <= 1e-6
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in reference.param_groups]
+    assert max_difference(ours, mlp()) > 1e-2  # it did train
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_momentum_matches_torch_sgd(nesterov):
+    ours, theirs = mlp(), mlp()
+    flag = ", nesterov" if nesterov else ""
+    opt = opcomp.build(f"momentum[beta=0.9{flag}](g)", two_groups(ours, 0.05, 0.02), lr=0.05)
+    reference = torch.optim.SGD(two_groups(theirs, 0.05, 0.02), momentum=0.9, nesterov=nesterov)
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=30, gamma=0.5) for o in (opt, reference)]
+    data = batches(100)
+    for x, y in data:
+        for model, optimizer in ((ours, opt), (theirs, reference)):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        for scheduler in schedulers:
+            scheduler.step()
+    assert max_difference(ours, theirs) <= 1e-6
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_muon_matches_torch_muon_on_matrices(weight_decay):
+    torch.manual_seed(3)
+    shapes = [(32, 16), (16, 32), (24, 24), (64, 8)]
+    ours = [nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    expression = f"muon(g) + {weight_decay} * p" if weight_decay else "muon(g)"
+    opt = opcomp.build(expression, ours, lr=0.02)
+    reference = torch.optim.Muon(theirs, lr=0.02, weight_decay=weight_decay)
+    targets = [torch.randn(s) for s in shapes]
+    for _ in range(50):
+        for params, optimizer in ((ours, opt), (theirs, reference)):
+            optimizer.zero_grad()
+            sum(((p - t) ** 3).abs().sum() for p, t in zip(params, targets)).backward()
+            optimizer.step()
+    worst = max((p - q).abs().max().item() for p, q in zip(ours, theirs))
+    assert worst <= 1e-5
+    assert max((p - t).abs().max().item() for p, t in zip(ours, targets)) < 10  # moved, did not blow up
+
+
+def naive_muon_step(param: torch.Tensor, buffer: torch.Tensor, lr: float) -> None:
+    """DESIGN.md's muon on a parameter viewed as (rows, −1), written out for any ndim."""
+    grad = param.grad
+    buffer.lerp_(grad, 0.05)
+    update = grad.lerp(buffer, 0.95).reshape(param.shape[0], -1)
+    rows, cols = update.shape
+    ortho = _zeropower_via_newtonschulz(update, (3.4445, -4.7750, 2.0315), 5, 1e-7).float()
+    param.add_(ortho.reshape(param.shape), alpha=-lr * max(1.0, rows / cols) ** 0.5)
+
+
+def test_muon_or_adamw_gives_each_cnn_parameter_its_branch():
+    ours, theirs = cnn(), cnn()
+    opt = opcomp.build("muon(g) | adamw(g)", ours, lr=0.01)
+    matrices = {n: p for n, p in theirs.named_parameters() if p.ndim >= 2}
+    vectors = [p for p in theirs.parameters() if p.ndim < 2]
+    reference_adamw = torch.optim.AdamW(vectors, lr=0.01, weight_decay=0.01)
+    buffers = {n: torch.zeros_like(p) for n, p in matrices.items()}
+    for x, y in batches(20, shape=(1, 6, 6)):
+        opt.zero_grad()
+        nn.functional.cross_entropy(ours(x), y).backward()
+        opt.step()
+        reference_adamw.zero_grad()
+        for p in matrices.values():
+            p.grad = None
+        nn.functional.cross_entropy(theirs(x), y).backward()
+        reference_adamw.step()
+        with torch.no_grad():
+            for name, p in matrices.items():
+                naive_muon_step(p, buffers[name], 0.01)
+    assert {n for n, p in ours.named_parameters() if p.ndim == 4} == {"0.weight"}
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert (p - q).abs().max().item() <= 1e-5, name
+    sections = opt.explain().split("parameters:")[1]
+    assert "0.weight  (4, 1, 3, 3)     muon" in sections and "0.bias    (4,)             adamw" in sections
+
+
+def test_a_parameter_group_can_carry_its_own_expression():
+    ours, theirs = mlp(), mlp()
+    weights = [p for p in ours.parameters() if p.ndim == 2]
+    biases = [p for p in ours.parameters() if p.ndim == 1]
+    opt = opcomp.build("adamw", [{"params": weights, "expr": "momentum[beta=0.9](g)"}, {"params": biases}], lr=0.01)
+    opt.add_param_group  # noqa: B018 - the API torch schedulers and users rely on
+    reference = [
+        torch.optim.SGD([p for p in theirs.parameters() if p.ndim == 2], lr=0.01, momentum=0.9),
+        torch.optim.AdamW([p for p in theirs.parameters() if p.ndim == 1], lr=0.01, weight_decay=0.01),
+    ]
+    for x, y in batches(30):
+        opt.zero_grad()
+        nn.functional.cross_entropy(ours(x), y).backward()
+        opt.step()
+        train(theirs, reference, [(x, y)])
+    assert max_difference(ours, theirs) <= 1e-6
+    assert opt.param_groups[0]["expr"].startswith("momentum[") and opt.param_groups[1]["expr"].startswith("adamw[")
+
+
+def test_add_param_group_later_and_copying_a_model_does_not_alias():
+    model = mlp()
+    first, *rest = list(model.parameters())
+    opt = opcomp.build("adamw", [first], lr=0.01)
+    opt.add_param_group({"params": rest, "expr": "momentum(g)", "lr": 0.1})
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.1
+    before = copy.deepcopy(model)
+    train(model, [opt], batches(3))
+    assert all((p - q).abs().max() > 0 for p, q in zip(model.parameters(), before.parameters()))

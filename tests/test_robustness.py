@@ -1,0 +1,200 @@
+"""Bad inputs and edge cases: nothing partially applied, no NaN, clear errors at build time."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import opcomp
+
+RUNNABLE = [
+    "g",
+    "p",
+    "ema[debias](g)",
+    "momentum[nesterov](g)",
+    "adam",
+    "adamw",
+    "rms",
+    "diag_fisher(g)",
+    "sign(g)",
+    "normalize(g)",
+    "clip(g)",
+    "reject(g, p)",
+    "project(g, p)",
+    "orth(g) | g",
+    "muon(g) | adamw",
+    "adarmsuon | adam",
+    "0.5 * adam - 2 * sign(g) + p",
+]
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def snapshot(opt: opcomp.Optimizer):
+    return copy.deepcopy(opt.state_dict()["state"])
+
+
+def same_state(a, b) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for index in a:
+        for key in a[index]:
+            for name, tensor in a[index][key].items():
+                if not torch.equal(tensor, b[index][key][name]):
+                    return False
+    return True
+
+
+def backward(model: nn.Module, scale: float = 1.0) -> None:
+    x = torch.linspace(-1, 1, 12).reshape(3, 4)
+    (model(x).square().sum() * scale).backward()
+
+
+@pytest.mark.parametrize("expression", RUNNABLE)
+def test_zero_gradients_and_zero_inputs_never_give_nan(expression):
+    model = net()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    opt = opcomp.build(expression, model, lr=0.1)
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for entries in opt.state_dict()["state"].values():
+        for buffers in entries.values():
+            assert all(torch.isfinite(t).all() for t in buffers.values())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_gradient_skips_the_whole_step_bitwise(bad):
+    model = net()
+    opt = opcomp.build("0.5 * muon(adam(g)) + 0.5 * adam(g) | adamw", model, lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        backward(model)
+        opt.step()
+    params = [p.detach().clone() for p in model.parameters()]
+    state = snapshot(opt)
+    opt.zero_grad()
+    backward(model)
+    list(model.parameters())[-1].grad[0] = bad
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        opt.step()
+    assert opt.skipped_steps == 2
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert same_state(state, snapshot(opt))
+
+
+def test_parameters_without_a_gradient_are_skipped():
+    model = net()
+    opt = opcomp.build("adamw", model, lr=0.1)
+    frozen = list(model.parameters())[0]
+    before = frozen.detach().clone()
+    backward(model)
+    frozen.grad = None
+    opt.step()
+    assert torch.equal(frozen, before)
+    assert not opt.state[frozen]
+    assert all(opt.state[p] for p in list(model.parameters())[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_parameters_keep_fp32_state(dtype):
+    model = net().to(dtype)
+    reference = net()
+    opt = opcomp.build("muon(g) | adamw", model, lr=0.01)
+    opt32 = opcomp.build("muon(g) | adamw", reference, lr=0.01)
+    for _ in range(3):
+        for m, o in ((model, opt), (reference, opt32)):
+            o.zero_grad()
+            x = torch.linspace(-1, 1, 12).reshape(3, 4).to(next(m.parameters()).dtype)
+            m(x).float().square().sum().backward()
+            o.step()
+    for p in model.parameters():
+        assert p.dtype == dtype
+        for buffers in opt.state[p].values():
+            assert all(t.dtype == torch.float32 for name, t in buffers.items())
+    worst = max((a.float() - b).abs().max().item() for a, b in zip(model.parameters(), reference.parameters()))
+    assert worst < 0.05  # the same optimizer, within low-precision rounding
+
+
+def test_an_operator_that_cannot_apply_fails_at_build_naming_the_parameter():
+    with pytest.raises(opcomp.OpcompError) as caught:
+        opcomp.build("muon(g)", net())
+    message = str(caught.value)
+    assert "'muon' cannot apply to parameter '0.bias' (shape (8,), in a Linear)" in message
+    assert "'muon(g) | adamw(g)'" in message and "rule" in message
+
+
+def test_layer_operators_need_the_model_and_say_so():
+    with pytest.raises(opcomp.OpcompError, match=r"build with the module, opcomp.build\(expr, model\)"):
+        opcomp.build("fog", net().parameters())
+
+
+def test_keyword_options_set_options_of_a_bare_name():
+    model = net()
+    opt = opcomp.build("adamw", model, lr=0.01, wd=0.1, b1=0.8)
+    assert opt.param_groups[0]["expr"] == "adamw[b1=0.8, b2=0.999, eps=1e-08, wd=0.1](g)"
+    with pytest.raises(opcomp.OpcompError, match="need a bare operator or preset name"):
+        opcomp.build("muon(g) | adamw", model, wd=0.1)
+    with pytest.raises(opcomp.UnknownOptionError, match="did you mean 'wd'"):
+        opcomp.build("adamw", model, wdd=0.1)
+
+
+@pytest.mark.parametrize("lr", [-1.0, float("nan"), "0.1", None])
+def test_a_bad_learning_rate_is_refused(lr):
+    with pytest.raises(opcomp.OpcompError, match="learning rate"):
+        opcomp.build("adamw", net(), lr=lr)
+
+
+def test_empty_and_frozen_models_are_refused():
+    model = net()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(opcomp.OpcompError, match="no parameters"):
+        opcomp.build("adamw", model)
+
+
+def test_step_with_a_closure_returns_its_loss():
+    model = net()
+    opt = opcomp.build("adamw", model, lr=0.01)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(torch.ones(2, 4)).square().sum()
+        loss.backward()
+        return loss
+
+    first = opt.step(closure)
+    assert isinstance(first, torch.Tensor) and opt.step(closure) < first
+
+
+def test_sparse_gradients_are_a_clear_error():
+    embedding = nn.Embedding(10, 3, sparse=True)
+    opt = opcomp.build("adamw", embedding, lr=0.1)
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(opcomp.OpcompError, match="sparse"):
+        opt.step()
+
+
+def test_huge_but_finite_gradients_are_not_mistaken_for_non_finite_ones():
+    model = net()
+    opt = opcomp.build("sign(g)", model, lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3e38)  # finite, but any sum overflows
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert opt.skipped_steps == 0
+    assert all(torch.equal(b - 0.1, a) for a, b in zip(model.parameters(), before))
