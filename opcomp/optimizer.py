@@ -192,7 +192,9 @@ class Optimizer(torch.optim.Optimizer):
             by_index.update(zip(saved["params"], group["params"]))
         state: defaultdict = defaultdict(dict)
         for index, entries in state_dict["state"].items():
-            param = by_index[index]
+            param = by_index.get(index)
+            if param is None:
+                raise OpcompError(f"the saved state names parameter {index!r}, which no saved param group holds")
             if any(isinstance(v, Tensor) for v in entries.values()):
                 raise OpcompError(
                     "this state_dict was not saved by an opcomp optimizer (its state is not keyed by expression)"

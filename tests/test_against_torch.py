@@ -49,10 +49,10 @@ def max_difference(a: nn.Module, b: nn.Module) -> float:
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
-def two_groups(model: nn.Module, first_lr: float, second_lr: float, **extra):
+def two_groups(model: nn.Module, first_lr: float, second_lr: float):
     weights = [p for p in model.parameters() if p.ndim == 2]
     biases = [p for p in model.parameters() if p.ndim == 1]
-    return [{"params": weights, "lr": first_lr, **extra}, {"params": biases, "lr": second_lr, **extra}]
+    return [{"params": weights, "lr": first_lr}, {"params": biases, "lr": second_lr}]
 
 
 def test_adamw_matches_torch_adamw_with_a_scheduler_and_two_groups():
@@ -152,7 +152,6 @@ def test_a_parameter_group_can_carry_its_own_expression():
     weights = [p for p in ours.parameters() if p.ndim == 2]
     biases = [p for p in ours.parameters() if p.ndim == 1]
     opt = opcomp.build("adamw", [{"params": weights, "expr": "momentum[beta=0.9](g)"}, {"params": biases}], lr=0.01)
-    opt.add_param_group  # noqa: B018 - the API torch schedulers and users rely on
     reference = [
         torch.optim.SGD([p for p in theirs.parameters() if p.ndim == 2], lr=0.01, momentum=0.9),
         torch.optim.AdamW([p for p in theirs.parameters() if p.ndim == 1], lr=0.01, weight_decay=0.01),
@@ -175,3 +174,45 @@ def test_add_param_group_later_and_copying_a_model_does_not_alias():
     before = copy.deepcopy(model)
     train(model, [opt], batches(3))
     assert all((p - q).abs().max() > 0 for p, q in zip(model.parameters(), before.parameters()))
+
+
+SCHEDULERS = {
+    "LambdaLR": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda t: 0.9**t),
+    "MultiplicativeLR": lambda o: torch.optim.lr_scheduler.MultiplicativeLR(o, lambda t: 0.95),
+    "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, 3),
+    "MultiStepLR": lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [2, 5]),
+    "ConstantLR": lambda o: torch.optim.lr_scheduler.ConstantLR(o, 0.5, total_iters=4),
+    "LinearLR": lambda o: torch.optim.lr_scheduler.LinearLR(o, 0.1, total_iters=5),
+    "ExponentialLR": lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.8),
+    "PolynomialLR": lambda o: torch.optim.lr_scheduler.PolynomialLR(o, total_iters=8, power=2.0),
+    "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 8),
+    "CosineAnnealingWarmRestarts": lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, 3),
+    "CyclicLR": lambda o: torch.optim.lr_scheduler.CyclicLR(o, 1e-3, 1e-2, 2, cycle_momentum=False),
+    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, 1e-2, total_steps=10, cycle_momentum=False),
+    "SequentialLR": lambda o: torch.optim.lr_scheduler.SequentialLR(
+        o,
+        [torch.optim.lr_scheduler.LinearLR(o, 0.1, total_iters=3), torch.optim.lr_scheduler.ExponentialLR(o, 0.9)],
+        milestones=[3],
+    ),
+    "ChainedScheduler": lambda o: torch.optim.lr_scheduler.ChainedScheduler(
+        [torch.optim.lr_scheduler.ConstantLR(o, 0.5, total_iters=2), torch.optim.lr_scheduler.ExponentialLR(o, 0.9)]
+    ),
+    "ReduceLROnPlateau": lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=1, factor=0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_lr_scheduler_drives_the_learning_rate_as_for_torch_adamw(name):
+    ours, theirs = mlp(), mlp()
+    opt = opcomp.build("adamw(g)", two_groups(ours, 3e-3, 1e-3), lr=1e-3)
+    reference = torch.optim.AdamW(two_groups(theirs, 3e-3, 1e-3), weight_decay=0.01)
+    schedulers = [SCHEDULERS[name](o) for o in (opt, reference)]
+    for x, y in batches(10):
+        for model, optimizer in ((ours, opt), (theirs, reference)):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        for scheduler in schedulers:  # a flat metric, so ReduceLROnPlateau does reduce
+            scheduler.step(1.0) if name == "ReduceLROnPlateau" else scheduler.step()
+        assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in reference.param_groups]
+    assert max_difference(ours, theirs) <= 1e-6
