@@ -48,12 +48,11 @@ class Optimizer(torch.optim.Optimizer):
         self._graphs: dict[str, Graph] = {}
         self._written: list[str] = []  # each group's expression as the user gave it
         self._buckets: list[list[Bucket]] = []  # per group
-        self._programs: dict[int, Program] = {}  # id(param) -> its program
         self._kernels = load_kernels()
-        self._default_written = expr if isinstance(expr, str) else None
         self.skipped_steps = 0
         self._warned_skip = False
         default = self._lower(expr)
+        self._default = (expr if isinstance(expr, str) else default.canonical, default)
         super().__init__(params, {"lr": lr, "expr": default.canonical})
 
     # -- groups and plans -------------------------------------------------------------------------
@@ -81,17 +80,16 @@ class Optimizer(torch.optim.Optimizer):
         group["params"] = [params] if isinstance(params, Tensor) else list(params)
         if "lr" in group:
             _check_lr(group["lr"], f"param group {len(self.param_groups)}")
-        written = group.get("expr", self._default_written)
-        graph = self._lower(written) if written is not None else self._graphs[self.defaults["expr"]]
-        written = written if isinstance(written, str) else graph.canonical
+        if "expr" in group:
+            graph = self._lower(group["expr"])
+            written = group["expr"] if isinstance(group["expr"], str) else graph.canonical
+        else:
+            written, graph = self._default
         group["expr"] = graph.canonical
         buckets = self._plan(graph, group["params"], len(self.param_groups), written)
         super().add_param_group(group)
         self._written.append(written)
         self._buckets.append(buckets)
-        for bucket in buckets:
-            for param in bucket.params:
-                self._programs[id(param)] = bucket.program
 
     def _plan(self, graph: Graph, params: list[Tensor], index: int, written: str) -> list[Bucket]:
         buckets: dict[tuple, Bucket] = {}
@@ -136,7 +134,7 @@ class Optimizer(torch.optim.Optimizer):
             self._skip()
             return loss
         for group, bucket, params in work:
-            self._run(group["lr"], bucket.program, params)
+            self._run(float(group["lr"]), bucket.program, params)
         return loss
 
     def _run(self, lr: float, program: Program, params: list[Tensor]) -> None:
@@ -190,6 +188,7 @@ class Optimizer(torch.optim.Optimizer):
                     f"this optimizer {len(group['params'])}"
                 )
             by_index.update(zip(saved["params"], group["params"]))
+        programs = {id(p): b.program for buckets in self._buckets for b in buckets for p in b.params}
         state: defaultdict = defaultdict(dict)
         for index, entries in state_dict["state"].items():
             param = by_index.get(index)
@@ -199,8 +198,7 @@ class Optimizer(torch.optim.Optimizer):
                 raise OpcompError(
                     "this state_dict was not saved by an opcomp optimizer (its state is not keyed by expression)"
                 )
-            program = self._programs.get(id(param))
-            keep = {s.node.state_key for s in program.steps} if program else set()
+            keep = {s.node.state_key for s in programs[id(param)].steps}
             state[param] = {
                 key: {name: _restore(name, tensor, param) for name, tensor in buffers.items()}
                 for key, buffers in entries.items()

@@ -45,6 +45,17 @@ def train(model: nn.Module, optimizers, data, schedulers=()) -> None:
             scheduler.step()
 
 
+def side_by_side(pairs, schedulers, data, plateau: bool = False) -> None:
+    """Train every (model, optimizer) pair on the same batches; then step every scheduler."""
+    for x, y in data:
+        for model, optimizer in pairs:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        for scheduler in schedulers:  # ReduceLROnPlateau gets a flat metric, so it does reduce
+            scheduler.step(1.0) if plateau else scheduler.step()
+
+
 def max_difference(a: nn.Module, b: nn.Module) -> float:
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
@@ -60,14 +71,7 @@ def test_adamw_matches_torch_adamw_with_a_scheduler_and_two_groups():
     opt = opcomp.build("adamw[wd=0.05](g)", two_groups(ours, 3e-3, 1e-3), lr=1e-3)
     reference = torch.optim.AdamW(two_groups(theirs, 3e-3, 1e-3), weight_decay=0.05, foreach=False)
     schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=100) for o in (opt, reference)]
-    data = batches(100)
-    for x, y in data:
-        for model, optimizer in ((ours, opt), (theirs, reference)):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-        for scheduler in schedulers:
-            scheduler.step()
+    side_by_side([(ours, opt), (theirs, reference)], schedulers, batches(100))
     assert max_difference(ours, theirs) <= 1e-6
     assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in reference.param_groups]
     assert max_difference(ours, mlp()) > 1e-2  # it did train
@@ -80,14 +84,7 @@ def test_momentum_matches_torch_sgd(nesterov):
     opt = opcomp.build(f"momentum[beta=0.9{flag}](g)", two_groups(ours, 0.05, 0.02), lr=0.05)
     reference = torch.optim.SGD(two_groups(theirs, 0.05, 0.02), momentum=0.9, nesterov=nesterov)
     schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=30, gamma=0.5) for o in (opt, reference)]
-    data = batches(100)
-    for x, y in data:
-        for model, optimizer in ((ours, opt), (theirs, reference)):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-        for scheduler in schedulers:
-            scheduler.step()
+    side_by_side([(ours, opt), (theirs, reference)], schedulers, batches(100))
     assert max_difference(ours, theirs) <= 1e-6
 
 
@@ -207,12 +204,7 @@ def test_every_lr_scheduler_drives_the_learning_rate_as_for_torch_adamw(name):
     opt = opcomp.build("adamw(g)", two_groups(ours, 3e-3, 1e-3), lr=1e-3)
     reference = torch.optim.AdamW(two_groups(theirs, 3e-3, 1e-3), weight_decay=0.01)
     schedulers = [SCHEDULERS[name](o) for o in (opt, reference)]
-    for x, y in batches(10):
-        for model, optimizer in ((ours, opt), (theirs, reference)):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-        for scheduler in schedulers:  # a flat metric, so ReduceLROnPlateau does reduce
-            scheduler.step(1.0) if name == "ReduceLROnPlateau" else scheduler.step()
+    for batch in batches(10):
+        side_by_side([(ours, opt), (theirs, reference)], schedulers, [batch], plateau=name == "ReduceLROnPlateau")
         assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in reference.param_groups]
     assert max_difference(ours, theirs) <= 1e-6

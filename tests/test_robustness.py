@@ -198,3 +198,14 @@ def test_huge_but_finite_gradients_are_not_mistaken_for_non_finite_ones():
     opt.step()
     assert opt.skipped_steps == 0
     assert all(torch.equal(b - 0.1, a) for a, b in zip(model.parameters(), before))
+
+
+def test_a_tensor_learning_rate_works_like_a_float():
+    results = []
+    for lr in (0.1, torch.tensor(0.1)):
+        model = net()
+        opt = opcomp.build("adamw", model, lr=lr)
+        backward(model)
+        opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
