@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from opcomp.capture import Likelihood
 from opcomp.definitions import Namespace
 from opcomp.errors import OpcompError
+from opcomp.kernels.factors import Reduction
 from opcomp.lang.ast import Call, Expr, Name, Option
 from opcomp.lang.parser import parse
 from opcomp.optimizer import Optimizer
@@ -19,6 +21,8 @@ def build(
     *,
     model: nn.Module | None = None,
     namespace: Namespace | None = None,
+    reduction: Reduction = "mean",
+    likelihood: Likelihood | None = None,
     **options,
 ) -> Optimizer:
     """The optimizer for ``expr`` over a model or parameters.
@@ -28,6 +32,11 @@ def build(
     ``"expr"`` and ``"lr"``. Pass ``model=`` with groups when operators need the model's layers.
     Keyword ``options`` set options of a bare operator or preset:
     ``build("adamw", params, lr=1e-3, wd=0.1)`` is ``build("adamw[wd=0.1]", params, lr=1e-3)``.
+
+    Layer statistics (the KFAC family) are per example: ``reduction`` says how the loss combines
+    examples ("mean", torch's default, or "sum"), so captured output gradients can be rescaled.
+    ``likelihood`` ("categorical" for logits, "gaussian" for ½‖f − y‖²) lets ``fisher=mc`` sample
+    labels from the model's output.
     """
     if isinstance(model_or_params, nn.Module):
         model = model_or_params
@@ -42,9 +51,9 @@ def build(
     if all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) for item in params):
         names.update({id(p): n for n, p in params})
         params = [p for _, p in params]
-    layers = {}
+    owners = {}
     if model is not None:
-        layers = {id(p): type(m).__name__ for m in model.modules() for p in m.parameters(recurse=False)}
+        owners = {id(p): (m, role) for m in model.modules() for role, p in m.named_parameters(recurse=False)}
     return Optimizer(
         params,
         with_options(expr, options),
@@ -52,7 +61,9 @@ def build(
         namespace=namespace,
         model=model,
         names=names,
-        layers=layers,
+        owners=owners,
+        reduction=reduction,
+        likelihood=likelihood,
     )
 
 

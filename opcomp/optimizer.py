@@ -10,14 +10,18 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from opcomp.capture import Capture, Likelihood
 from opcomp.definitions import Namespace
 from opcomp.errors import OpcompError
 from opcomp.explain import explain
 from opcomp.graph import Graph
 from opcomp.kernels import load as load_kernels
 from opcomp.kernels.context import BucketStep, Ctx
+from opcomp.kernels.factors import Reduction, check_supported, rows
+from opcomp.kernels.layers import LayerCtx, LayerSlot
 from opcomp.lang.ast import Expr
-from opcomp.plan import Bucket, ParamInfo, Program, bucket_key, check_parameter, select
+from opcomp.ops import Applies
+from opcomp.plan import Bucket, LayerPlan, ParamInfo, Program, bucket_key, check_parameter, select
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -38,13 +42,24 @@ class Optimizer(torch.optim.Optimizer):
         namespace: Namespace | None = None,
         model: torch.nn.Module | None = None,
         names: Mapping[int, str] | None = None,
-        layers: Mapping[int, str] | None = None,
+        owners: Mapping[int, tuple[torch.nn.Module, str]] | None = None,
+        reduction: Reduction = "mean",
+        likelihood: Likelihood | None = None,
     ) -> None:
         _check_lr(lr, "the optimizer")
+        if reduction not in ("mean", "sum"):
+            raise OpcompError(f"reduction must be 'mean' or 'sum' (how the loss combines examples), got {reduction!r}")
+        if likelihood not in (None, "categorical", "gaussian"):
+            raise OpcompError(f"likelihood must be 'categorical' or 'gaussian', got {likelihood!r}")
         self._namespace = namespace
         self._model = model
         self._names = dict(names or {})  # id(param) -> name
-        self._layers = dict(layers or {})  # id(param) -> class name of the owning module
+        self._owners = dict(owners or {})  # id(param) -> (owning module, attribute name)
+        self._reduction = reduction
+        self._likelihood = likelihood
+        self._infos: dict[int, ParamInfo] = {}  # id(param) -> what its plan was made from
+        self._layer_plans: dict[tuple[str, int], list[LayerPlan]] = {}  # (expression, node id) -> layers
+        self._capture: Capture | None = None
         self._graphs: dict[str, Graph] = {}
         self._written: list[str] = []  # each group's expression as the user gave it
         self._buckets: list[list[Bucket]] = []  # per group
@@ -68,6 +83,11 @@ class Optimizer(torch.optim.Optimizer):
                 f"'{needing[0]}' needs the model's layers: build with the module, "
                 f"opcomp.build(expr, model), not with model.parameters()"
             )
+        if self._likelihood is None and any(getattr(n.options, "fisher", None) == "mc" for n in graph.nodes):
+            raise OpcompError(
+                "fisher=mc samples labels from the model's output: say how, with "
+                "opcomp.build(..., likelihood='categorical') for logits or likelihood='gaussian' for ½‖f − y‖²"
+            )
         return graph
 
     def add_param_group(self, param_group: dict) -> None:
@@ -90,13 +110,15 @@ class Optimizer(torch.optim.Optimizer):
         super().add_param_group(group)
         self._written.append(written)
         self._buckets.append(buckets)
+        self._plan_layers()
 
     def _plan(self, graph: Graph, params: list[Tensor], index: int, written: str) -> list[Bucket]:
         buckets: dict[tuple, Bucket] = {}
         for position, param in enumerate(params):
             name = self._names.get(id(param), f"#{position} of param group {index}")
             check_parameter(param, name)
-            info = ParamInfo(name, tuple(param.shape), self._layers.get(id(param)))
+            info = ParamInfo(name, tuple(param.shape), *self._owners.get(id(param), (None, None)))
+            self._infos[id(param)] = info
             program = select(graph, info, written)
             for step in program.steps:
                 if step.node.op not in self._kernels:
@@ -109,6 +131,41 @@ class Optimizer(torch.optim.Optimizer):
             bucket.params.append(param)
             bucket.names.append(name)
         return list(buckets.values())
+
+    def _plan_layers(self) -> None:
+        """Which layers run each layer node, per expression, and the hooks that feed them."""
+        plans: dict[tuple[str, int], dict[torch.nn.Module, LayerPlan]] = defaultdict(dict)
+        for group, buckets in zip(self.param_groups, self._buckets):
+            for bucket in buckets:
+                for step in bucket.program.steps:
+                    if step.node.spec.applies is not Applies.LAYER:
+                        continue
+                    for param in bucket.params:
+                        info = self._infos[id(param)]
+                        layers = plans[(group["expr"], step.node.id)]
+                        plan = layers.setdefault(info.module, LayerPlan(info.module, _layer_name(info), step.node))
+                        setattr(plan, info.role, param)
+        self._layer_plans = {key: list(layers.values()) for key, layers in plans.items()}
+        modules = list(dict.fromkeys(plan.module for layers in self._layer_plans.values() for plan in layers))
+        for plan in (p for layers in self._layer_plans.values() for p in layers):
+            check_supported(plan.module, plan.name)
+        if self._capture is not None:
+            self._capture.close()
+        self._capture = Capture(self._model, modules, self._likelihood) if modules else None
+        self._arm()
+
+    def _arm(self) -> None:
+        """Record layer inputs and output gradients only for a step where some node's statistics are due."""
+        if self._capture is None:
+            return
+        due = [
+            plan
+            for plans in self._layer_plans.values()
+            for plan in plans
+            if plan.steps_taken(self.state) % plan.node.options.update_every == 0
+        ]
+        self._capture.armed = bool(due)
+        self._capture.sample = any(getattr(p.node.options, "fisher", None) == "mc" for p in due)
 
     # -- the step ---------------------------------------------------------------------------------
 
@@ -131,19 +188,76 @@ class Optimizer(torch.optim.Optimizer):
         if any(g.is_sparse for g in grads):
             raise OpcompError("sparse gradients are not supported; use nn.Embedding(sparse=False)")
         if not _all_finite(grads):
+            if self._capture is not None:
+                self._capture.clear()
             self._skip()
             return loss
+        families: dict[str, list] = defaultdict(list)
         for group, bucket, params in work:
-            self._run(float(group["lr"]), bucket.program, params)
+            families[group["expr"]].append((group, bucket, params))
+        statistics = self._statistics()
+        for expression, items in families.items():
+            self._run(expression, items, statistics)
+        if self._capture is not None:
+            self._capture.clear()
+            self._arm()
         return loss
 
-    def _run(self, lr: float, program: Program, params: list[Tensor]) -> None:
-        bucket = BucketStep(params, [self.state[p] for p in params])
-        values: dict[int, list[Tensor]] = {}
-        for step in program.steps:
-            ctx = Ctx(step.node.options, bucket, step.node.state_key)
-            values[step.node.id] = self._kernels[step.node.op](ctx, *(values[i] for i in step.inputs))
-        update = values[program.output]
+    def _statistics(self):
+        """This step's captured rows per (layer, bias folded, sampled), computed on first use."""
+        if self._capture is None:
+            return None
+        entries = {module: self._capture.take(module) for module in self._capture.modules}
+        cache: dict[tuple, object] = {}
+
+        def rows_of(layer: LayerSlot, sampled: bool):
+            key = (layer.module, layer.with_bias, sampled)
+            if key not in cache:
+                usable = [e for e in entries[layer.module] if not sampled or e.sampled is not None]
+                cache[key] = rows(layer.module, usable, self._reduction, layer.with_bias, sampled) if usable else None
+            return cache[key]
+
+        return rows_of
+
+    def _run(self, expression: str, items: list, statistics) -> None:
+        """Every bucket of one expression, node by node: a layer node sees all its parameters at once."""
+        graph = self._graphs[expression]
+        buckets = [BucketStep(params, [self.state[p] for p in params]) for _, _, params in items]
+        values: list[dict[int, list[Tensor]]] = [{} for _ in items]
+        for node in graph.nodes:
+            running = [(i, item[1].program.step_of(node.id)) for i, item in enumerate(items)]
+            running = [(i, step) for i, step in running if step is not None]
+            if not running:
+                continue
+            kernel = self._kernels[node.op]
+            if node.spec.applies is Applies.LAYER:
+                self._run_layers(expression, node, running, buckets, values, statistics)
+                continue
+            for i, step in running:
+                ctx = Ctx(node.options, buckets[i], node.state_key)
+                values[i][node.id] = kernel(ctx, *(values[i][j] for j in step.inputs))
+        for (group, bucket, params), bucket_step, value in zip(items, buckets, values):
+            self._apply(float(group["lr"]), bucket.program, params, bucket_step, value[bucket.program.output])
+
+    def _run_layers(self, expression, node, running, buckets, values, statistics) -> None:
+        """One call of a layer kernel over the flat list of every parameter running ``node``."""
+        slots: list[tuple[int, int]] = [(i, k) for i, _ in running for k in range(len(buckets[i].params))]
+        position = {id(buckets[i].params[k]): n for n, (i, k) in enumerate(slots)}
+        layers = []
+        for plan in self._layer_plans[(expression, node.id)]:
+            weight = position.get(id(plan.weight)) if plan.weight is not None else None
+            bias = position.get(id(plan.bias)) if plan.bias is not None else None
+            if weight is None and bias is None:
+                continue  # no gradient this step
+            state = self.state[plan.owner].setdefault(node.state_key, {})
+            layers.append(LayerSlot(plan.module, plan.name, weight, bias, plan.with_bias, state))
+        steps = dict(running)
+        arguments = [[values[i][steps[i].inputs[a]][k] for i, k in slots] for a in range(len(node.inputs))]
+        out = self._kernels[node.op](LayerCtx(node.options, layers, statistics), *arguments)
+        for i, _ in running:
+            values[i][node.id] = [out[position[id(p)]] for p in buckets[i].params]
+
+    def _apply(self, lr: float, program: Program, params: list[Tensor], bucket: BucketStep, update) -> None:
         if params[0].dtype == torch.float32:
             if program.decay:
                 torch._foreach_mul_(params, 1.0 - lr * program.decay)
@@ -207,21 +321,33 @@ class Optimizer(torch.optim.Optimizer):
         for saved, group in zip(saved_groups, self.param_groups):
             group.update({k: v for k, v in saved.items() if k not in ("params", "expr")})
         self.state = state
+        self._arm()
 
     # -- people -----------------------------------------------------------------------------------
+
+    def assignments(self) -> dict[str, str]:
+        """Parameter name -> the operators it runs, outermost first (``'muon ← kfac'``)."""
+        return {n: b.program.describe() for buckets in self._buckets for b in buckets for n in b.names}
 
     def explain(self) -> str:
         """Each group's graph and what every parameter runs."""
         parts = []
+        runs = self.assignments()
         for index, (group, buckets) in enumerate(zip(self.param_groups, self._buckets)):
             parts.append(f"param group {index}  lr={group['lr']}")
             parts.append(explain(self._graphs[group["expr"]], self._written[index]))
             parts.append("parameters:")
-            rows = [(n, tuple(p.shape), b.program.describe()) for b in buckets for n, p in zip(b.names, b.params)]
-            width = max((len(n) for n, _, _ in rows), default=0)
-            parts.extend(f"  {n:<{width}}  {str(s):<16} {d}" for n, s, d in rows)
+            rows = [(n, str(tuple(p.shape))) for b in buckets for n, p in zip(b.names, b.params)]
+            width = max((len(n) for n, _ in rows), default=0)
+            parts.extend(f"  {n:<{width}}  {s:<16} {runs[n]}" for n, s in rows)
             parts.append("")
         return "\n".join(parts).rstrip()
+
+
+def _layer_name(info: ParamInfo) -> str:
+    """The layer's name: its parameter's name without the attribute."""
+    suffix = f".{info.role}"
+    return info.name[: -len(suffix)] if info.name.endswith(suffix) else info.name
 
 
 def _check_lr(lr, where: str) -> None:

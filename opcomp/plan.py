@@ -11,13 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from opcomp.errors import OpcompError
 from opcomp.graph import Graph, Node
 from opcomp.ops import Applies
 
-SUPPORTED_LAYERS = ("Linear", "Conv2d", "Embedding")
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
+"""Exact types: a subclass may never call its own forward (MultiheadAttention's out_proj), so it falls back."""
 
 APPLIES_NEEDS = {
     Applies.MATRIX: "a matrix (ndim >= 2)",
@@ -31,17 +32,23 @@ class ParamInfo:
 
     name: str
     shape: tuple[int, ...]
-    layer: str | None = None  # class name of the owning module, when a model was given
+    module: nn.Module | None = None  # the module owning the parameter, when a model was given
+    role: str | None = None  # its attribute name there: 'weight', 'bias', …
+
+    @property
+    def layer(self) -> bool:
+        """A weight or bias of a layer whose statistics opcomp captures."""
+        return type(self.module) in SUPPORTED_LAYERS and self.role in ("weight", "bias")
 
     def satisfies(self, applies: Applies) -> bool:
         if applies is Applies.MATRIX:
             return len(self.shape) >= 2
         if applies is Applies.LAYER:
-            return self.layer in SUPPORTED_LAYERS
+            return self.layer
         return True
 
     def describe(self) -> str:
-        owner = f", in a {self.layer}" if self.layer else ""
+        owner = f", in a {type(self.module).__name__}" if self.module is not None else ""
         return f"'{self.name}' (shape {tuple(self.shape)}{owner})"
 
 
@@ -68,6 +75,9 @@ class Program:
     @property
     def output(self) -> int:
         return self.steps[-1].node.id
+
+    def step_of(self, node_id: int) -> Step | None:
+        return next((step for step in self.steps if step.node.id == node_id), None)
 
     def describe(self) -> str:
         ops = " ← ".join(step.node.op for step in reversed(self.steps) if step.node.op not in ("g", "p"))
@@ -158,6 +168,32 @@ def _refusal(info: ParamInfo, culprit: Node, written: str) -> OpcompError:
         f"'{example}', or give this parameter its own param group or rule",
         culprit.span,
     )
+
+
+@dataclass
+class LayerPlan:
+    """A layer running a layer node: its weight and bias, if they run the node too."""
+
+    module: nn.Module
+    name: str
+    node: Node
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+
+    @property
+    def with_bias(self) -> bool:
+        """The bias is folded into the statistics (as an appended 1) when it runs the node."""
+        return self.bias is not None and not isinstance(self.module, nn.Embedding)
+
+    @property
+    def owner(self) -> Tensor:
+        """The parameter whose state holds the layer's statistics."""
+        return self.weight if self.weight is not None else self.bias
+
+    def steps_taken(self, state) -> int:
+        entry = state[self.owner].get(self.node.state_key, {}) if self.owner in state else {}
+        step = entry.get("step")
+        return 0 if step is None else int(step.item())
 
 
 @dataclass

@@ -27,6 +27,6 @@ def kernel(name: str):
 
 def load() -> dict[str, Callable]:
     """Import every kernel family once, and return the table."""
-    from opcomp.kernels import elementwise, matrix, reductions  # noqa: F401
+    from opcomp.kernels import elementwise, layers, matrix, reductions  # noqa: F401
 
     return KERNELS

@@ -111,8 +111,14 @@ def _mc_needs_closure(options) -> Needs:
 
 
 _FACTORS = (
-    StateBuffer("A", "in_factor", "E[a aᵀ] of layer inputs (bias as an appended 1)"),
+    StateBuffer("A", "in_factor", "E[a aᵀ] of layer inputs (bias as an appended 1; a diagonal for an Embedding)"),
     StateBuffer("G", "out_factor", "E[δ δᵀ] of output gradients, per example"),
+)
+_EIGENBASES = (
+    StateBuffer("Q_A", "in_factor", "eigenbasis of A (none for an Embedding)"),
+    StateBuffer("Q_G", "out_factor", "eigenbasis of G"),
+    StateBuffer("A_eigenvalues", "in_diag", "eigenvalues of A"),
+    StateBuffer("G_eigenvalues", "out_diag", "eigenvalues of G"),
 )
 
 register(
@@ -125,8 +131,10 @@ register(
         needs_when=_mc_needs_closure,
         state=(
             *_FACTORS,
-            StateBuffer("A_inv", "in_factor", "(A + λ_A I)⁻¹, or A's eigenbasis when damping_mode=exact"),
-            StateBuffer("G_inv", "out_factor", "(G + λ_G I)⁻¹, or G's eigenbasis when damping_mode=exact"),
+            StateBuffer("A_inv", "in_factor", "(A + λ_A I)⁻¹, damping_mode=factored"),
+            StateBuffer("G_inv", "out_factor", "(G + λ_G I)⁻¹, damping_mode=factored"),
+            *(StateBuffer(b.name, b.shape, b.doc + ", damping_mode=exact") for b in _EIGENBASES),
+            _STEP,
         ),
         summary="Kronecker-factored natural gradient per layer",
         formula="(G + λ_G I)⁻¹ X (A + λ_A I)⁻¹ with X = [∇W | ∇b]; exact mode: (G⊗A + λI)⁻¹ vec X",
@@ -143,6 +151,7 @@ register(
         state=(
             StateBuffer("A_diag", "in_diag", "diagonal of A"),
             StateBuffer("G_diag", "out_diag", "diagonal of G"),
+            _STEP,
         ),
         summary="KFAC with only the factors' diagonals (the DiagFOG code)",
         formula="X ⊙ 1/((diag G + λ)(diag A + λ)ᵀ)",
@@ -159,9 +168,9 @@ register(
         needs_when=_mc_needs_closure,
         state=(
             *_FACTORS,
-            StateBuffer("Q_A", "in_factor", "eigenbasis of A"),
-            StateBuffer("Q_G", "out_factor", "eigenbasis of G"),
+            *_EIGENBASES,
             StateBuffer("scale", "param", "corrected eigenvalues E[(Q_Gᵀ ∇W_n Q_A)²] (bias column included)"),
+            _STEP,
         ),
         summary="KFAC eigenbases with eigenvalues re-fitted to per-example gradients",
         formula="Q_G ((Q_Gᵀ X Q_A) ⊘ (s + λ)) Q_Aᵀ, s = E[(Q_Gᵀ ∇W_n Q_A)²]",

@@ -1,0 +1,278 @@
+"""Layer kernels: KFAC, diagonal KFAC and EKFAC.
+
+A layer kernel sees every parameter of an expression that runs its node, at once, because a
+layer's weight and bias share one preconditioner: X = [x_W | x_b] (the bias folded in as the
+last input column, when the bias runs the node too). Statistics are per layer and live in the
+state of the layer's weight (or its bias when only the bias runs the node).
+
+Conventions (row-major): X is (out, in) — an Embedding's weight (vocabulary, dim) is transposed to
+(dim, vocabulary) — and F ≈ G ⊗ A, so (G ⊗ A + λI)⁻¹ vec X = Q_G ((Q_Gᵀ X Q_A) ⊘ (λ_G λ_Aᵀ + λ)) Q_Aᵀ.
+Factor averages start at the first batch's statistics and then decay:
+S ← decay·S + (1 − decay)·S_batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from opcomp.errors import OpcompError
+from opcomp.kernels import kernel
+from opcomp.kernels.factors import Rows
+from opcomp.ops import Options
+
+
+@dataclass
+class LayerSlot:
+    """One layer running the node: where its weight and bias sit in the flat value lists."""
+
+    module: nn.Module
+    name: str
+    weight: int | None
+    bias: int | None
+    with_bias: bool  # the bias runs this node, so it is folded into X and A
+    state: dict  # the node's state for this layer
+
+    @property
+    def embedding(self) -> bool:
+        return isinstance(self.module, nn.Embedding)
+
+
+@dataclass
+class LayerCtx:
+    """A layer kernel's view of one node over all the layers that run it this step."""
+
+    options: Options
+    layers: list[LayerSlot]
+    statistics: Callable[[LayerSlot, bool], Rows | None]  # (layer, sampled) -> this step's rows
+
+
+def step_counts(ctx: LayerCtx) -> list[int]:
+    """Each layer's count of steps taken by this node before this one (then advanced)."""
+    counts = []
+    for layer in ctx.layers:
+        step = layer.state.setdefault("step", torch.tensor(0.0))
+        counts.append(int(step.item()))
+        step += 1
+    return counts
+
+
+def average(state: dict, name: str, value: Tensor, decay: float) -> None:
+    if name not in state:
+        state[name] = value.clone()
+    else:
+        state[name].mul_(decay).add_(value, alpha=1.0 - decay)
+
+
+def fresh_rows(ctx: LayerCtx, layer: LayerSlot, count: int, needed: str) -> Rows | None:
+    """This step's rows when statistics are due; an error if a layer never had any."""
+    if count % ctx.options.update_every:
+        return None
+    rows = ctx.statistics(layer, getattr(ctx.options, "fisher", "empirical") == "mc")
+    if rows is None and needed not in layer.state:
+        raise OpcompError(
+            f"layer '{layer.name}' has no statistics: its forward and backward must run on the model given "
+            "to opcomp.build, with gradients enabled, before opt.step()"
+        )
+    return rows
+
+
+def matrix_of(layer: LayerSlot, x: list[Tensor]) -> Tensor:
+    """X for the layer: (out, in), Embedding transposed, the bias as a last column when folded in."""
+    weight = x[layer.weight] if layer.weight is not None else None
+    if layer.embedding:
+        return weight.T
+    if weight is None:  # only the bias runs the node: X is its column alone
+        return x[layer.bias].reshape(-1, 1)
+    matrix = weight.reshape(weight.shape[0], -1)
+    if layer.with_bias:
+        bias = x[layer.bias] if layer.bias is not None else torch.zeros_like(matrix[:, 0])
+        matrix = torch.cat([matrix, bias.reshape(-1, 1)], dim=1)
+    return matrix
+
+
+def scatter(layer: LayerSlot, direction: Tensor, like: list[Tensor], out: list) -> None:
+    if layer.embedding:
+        out[layer.weight] = direction.T.reshape(like[layer.weight].shape)
+        return
+    if layer.weight is None:
+        out[layer.bias] = direction.reshape(like[layer.bias].shape)
+        return
+    columns = direction[:, :-1] if layer.with_bias else direction
+    out[layer.weight] = columns.reshape(like[layer.weight].shape)
+    if layer.with_bias and layer.bias is not None:
+        out[layer.bias] = direction[:, -1].reshape(like[layer.bias].shape)
+
+
+def by_size(matrices: list[Tensor], operation: Callable[[Tensor], tuple]) -> list[tuple]:
+    """``operation`` over a batch, once per distinct matrix size; results back in the original order."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for index, matrix in enumerate(matrices):
+        groups[tuple(matrix.shape)].append(index)
+    results: list = [None] * len(matrices)
+    for indices in groups.values():
+        batch = operation(torch.stack([matrices[i] for i in indices]))
+        for position, index in enumerate(indices):
+            results[index] = tuple(part[position] for part in batch)
+    return results
+
+
+def eigen(batch: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (clamped at 0: factors are PSD) and eigenvectors of symmetric matrices."""
+    values, vectors = torch.linalg.eigh(batch)
+    return values.clamp_min(0.0), vectors
+
+
+def damped_inverse(batch: Tensor) -> tuple[Tensor]:
+    """Inverses of SPD matrices by Cholesky, through the eigendecomposition where that fails."""
+    factor, info = torch.linalg.cholesky_ex(batch)
+    inverse = torch.cholesky_inverse(factor)
+    if bool((info != 0).any()):
+        values, vectors = torch.linalg.eigh(batch)
+        fallback = vectors @ torch.diag_embed(1.0 / values.clamp_min(torch.finfo(values.dtype).tiny)) @ vectors.mT
+        inverse = torch.where((info != 0).reshape(-1, 1, 1), fallback, inverse)
+    return (inverse,)
+
+
+def pi_split(a: Tensor, g: Tensor, damping: float) -> tuple[float, float]:
+    """Martens & Grosse's factored damping: λ_A = π√λ, λ_G = √λ/π, π² = (tr A/dim A)/(tr G/dim G)."""
+    trace_a = float(a.sum() if a.ndim == 1 else a.diagonal().sum()) / a.shape[0]
+    trace_g = float(g.diagonal().sum()) / g.shape[0]
+    pi = math.sqrt(trace_a / trace_g) if trace_a > 0 and trace_g > 0 else 1.0
+    root = math.sqrt(damping)
+    return pi * root, root / pi
+
+
+@dataclass
+class Refresh:
+    """Layers whose cached factors are due, collected so decompositions batch across layers."""
+
+    layers: list[LayerSlot] = field(default_factory=list)
+
+    def eigenbases(self) -> None:
+        """Q and eigenvalues of A (diagonal for an Embedding: Q_A = I) and of G, per layer."""
+        dense = [layer for layer in self.layers if not layer.embedding]
+        for layer, (values, vectors) in zip(dense, by_size([layer.state["A"] for layer in dense], eigen)):
+            layer.state["A_eigenvalues"], layer.state["Q_A"] = values, vectors
+        for layer in self.layers:
+            if layer.embedding:
+                layer.state["A_eigenvalues"] = layer.state["A"].clamp_min(0.0)
+        for layer, (values, vectors) in zip(self.layers, by_size([layer.state["G"] for layer in self.layers], eigen)):
+            layer.state["G_eigenvalues"], layer.state["Q_G"] = values, vectors
+
+
+def in_eigenbasis(layer: LayerSlot, matrix: Tensor, scale: Tensor, damping: float) -> Tensor:
+    """Q_G ((Q_Gᵀ X Q_A) ⊘ (scale + λ)) Q_Aᵀ, with Q_A = I for an Embedding."""
+    q_g = layer.state["Q_G"]
+    rotated = q_g.T @ matrix
+    if not layer.embedding:
+        rotated = rotated @ layer.state["Q_A"]
+    rotated = rotated / (scale + damping)
+    result = q_g @ rotated
+    return result if layer.embedding else result @ layer.state["Q_A"].T
+
+
+def kronecker_eigenvalues(layer: LayerSlot) -> Tensor:
+    return layer.state["G_eigenvalues"].unsqueeze(1) * layer.state["A_eigenvalues"].unsqueeze(0)
+
+
+def update_factors(ctx: LayerCtx, layer: LayerSlot, count: int) -> Rows | None:
+    rows = fresh_rows(ctx, layer, count, "G")
+    if rows is not None:
+        decay = ctx.options.decay
+        average(layer.state, "A", rows.A_diagonal() if layer.embedding else rows.A(), decay)
+        average(layer.state, "G", rows.G(), decay)
+    return rows
+
+
+@kernel("kfac")
+def kfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
+    o = ctx.options
+    due = Refresh()
+    for layer, count in zip(ctx.layers, step_counts(ctx)):
+        update_factors(ctx, layer, count)
+        if count % o.invert_every == 0:
+            due.layers.append(layer)
+    if o.damping_mode == "exact":
+        due.eigenbases()
+    else:
+        invert_factored(due.layers, o.damping)
+    out: list = [None] * len(x)
+    for layer in ctx.layers:
+        matrix = matrix_of(layer, x)
+        if o.damping_mode == "exact":
+            direction = in_eigenbasis(layer, matrix, kronecker_eigenvalues(layer), o.damping)
+        elif layer.embedding:
+            direction = layer.state["G_inv"] @ matrix * layer.state["A_inv"]
+        else:
+            direction = layer.state["G_inv"] @ matrix @ layer.state["A_inv"]
+        scatter(layer, direction, x, out)
+    return out
+
+
+def invert_factored(layers: list[LayerSlot], damping: float) -> None:
+    """A_inv = (A + λ_A I)⁻¹, G_inv = (G + λ_G I)⁻¹ with π-split damping, batched by size."""
+    splits = [pi_split(layer.state["A"], layer.state["G"], damping) for layer in layers]
+    damped_a, damped_g = [], []
+    for layer, (lambda_a, lambda_g) in zip(layers, splits):
+        a, g = layer.state["A"], layer.state["G"]
+        damped_g.append(g + lambda_g * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
+        if layer.embedding:
+            layer.state["A_inv"] = 1.0 / (a + lambda_a)
+        else:
+            damped_a.append(a + lambda_a * torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
+    dense = [layer for layer in layers if not layer.embedding]
+    for layer, (inverse,) in zip(dense, by_size(damped_a, damped_inverse)):
+        layer.state["A_inv"] = inverse
+    for layer, (inverse,) in zip(layers, by_size(damped_g, damped_inverse)):
+        layer.state["G_inv"] = inverse
+
+
+@kernel("diag_kfac")
+def diag_kfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
+    """X ⊙ 1/((diag G + λ)(diag A + λ)ᵀ), the DiagFOG code's outer product of factor diagonals."""
+    o = ctx.options
+    out: list = [None] * len(x)
+    for layer, count in zip(ctx.layers, step_counts(ctx)):
+        rows = fresh_rows(ctx, layer, count, "G_diag")
+        if rows is not None:
+            average(layer.state, "A_diag", rows.A_diagonal(), o.decay)
+            average(layer.state, "G_diag", rows.G_diagonal(), o.decay)
+        denominator = (layer.state["G_diag"] + o.damping).unsqueeze(1) * (layer.state["A_diag"] + o.damping)
+        scatter(layer, matrix_of(layer, x) / denominator, x, out)
+    return out
+
+
+@kernel("ekfac")
+def ekfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
+    """KFAC's eigenbasis with its eigenvalues refitted to per-example gradients.
+
+    A refresh recomputes the eigenbases and resets the scale to the Kronecker eigenvalues, so
+    right after one EKFAC is KFAC with exact damping; every later statistics step moves the scale
+    towards E[(Q_Gᵀ ∇W_n Q_A)²] of its batch.
+    """
+    o = ctx.options
+    due = Refresh()
+    correct: list[tuple[LayerSlot, Rows]] = []
+    for layer, count in zip(ctx.layers, step_counts(ctx)):
+        rows = update_factors(ctx, layer, count)
+        if count % o.invert_every == 0:
+            due.layers.append(layer)
+        elif rows is not None:
+            correct.append((layer, rows))
+    due.eigenbases()
+    for layer in due.layers:
+        layer.state["scale"] = kronecker_eigenvalues(layer)
+    for layer, rows in correct:
+        q_a = None if layer.embedding else layer.state["Q_A"]
+        average(layer.state, "scale", rows.eigen_scale(layer.state["Q_G"], q_a), o.decay)
+    out: list = [None] * len(x)
+    for layer in ctx.layers:
+        direction = in_eigenbasis(layer, matrix_of(layer, x), layer.state["scale"], o.damping)
+        scatter(layer, direction, x, out)
+    return out
