@@ -201,3 +201,21 @@ def test_resume_with_kfac_statistics_is_bitwise():
     opt.load_state_dict(saved)
     train(resumed, opt, batches[4:])
     assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_accumulated_micro_batches_give_the_factors_of_the_whole_batch(reduction):
+    x, y = data(12, seed=7)
+    factors = []
+    for halves in (False, True):
+        model = mlp()
+        opt = opcomp.build("kfac(g)", model, lr=0.0, reduction=reduction)
+        for part in ((x[:6], y[:6]), (x[6:], y[6:])) if halves else ((x, y),):
+            F.cross_entropy(model(part[0]), part[1], reduction=reduction).backward()
+        opt.step()
+        state = node_state(opt, model[0].weight, "kfac")
+        factors.append((state["A"], state["G"]))
+    torch.testing.assert_close(factors[0][0], factors[1][0])
+    # with a mean, each half's loss averages its own 6 examples; rescaled per micro-batch, the
+    # per-example gradients, and so G, are those of the whole batch
+    torch.testing.assert_close(factors[0][1], factors[1][1])

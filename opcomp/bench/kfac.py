@@ -1,0 +1,125 @@
+"""What layer statistics cost: hooks, factor updates and inversions, beside a plain Muon step.
+
+    python -m opcomp.bench.kfac [--model mlp|transformer] [--steps 30]
+
+Each row is a full training step (forward, backward, opt.step) on the same model and batch,
+rows interleaved round by round; medians in milliseconds. Then two parts of fog's step alone:
+the capture hooks (forward + backward, armed against disarmed) and one batched refresh of every
+factor inverse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import opcomp
+from opcomp.bench import models
+from opcomp.kernels.layers import invert_factored
+
+CONFIGURATIONS = {
+    "muon(g) | adamw": "muon_adamw",
+    "fog, invert_every=1": "muon(kfac[invert_every=1](g)) | adamw",
+    "fog, invert_every=10": "fog",
+    "fog, invert_every=100": "muon(kfac[invert_every=100](g)) | adamw",
+    "fog, update_every=10, invert_every=10": "muon(kfac[update_every=10](g)) | adamw",
+    "fog, exact damping, invert_every=10": "muon(kfac[damping_mode=exact](g)) | adamw",
+    "muon(ekfac) | adamw, invert_every=10": "muon(ekfac(g)) | adamw",
+    "diagfog": "diagfog",
+}
+
+
+def task(kind: str, seed: int = 0):
+    """A model factory and one fixed batch with its loss."""
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "mlp":
+        x = torch.randn(256, 784, generator=generator)
+        y = torch.randint(0, 10, (256,), generator=generator)
+        return (lambda: models.mlp(784, 512, 10)), (lambda m: F.cross_entropy(m(x), y))
+    tokens = torch.randint(0, 96, (16, 64), generator=generator)
+
+    def loss(model: nn.Module) -> torch.Tensor:
+        return F.cross_entropy(model(tokens[:, :-1]).reshape(-1, 96), tokens[:, 1:].reshape(-1))
+
+    return (lambda: models.CharTransformer(96, width=128, heads=4, depth=2, length=64)), loss
+
+
+def training_step(model: nn.Module, opt: torch.optim.Optimizer, loss) -> None:
+    opt.zero_grad()
+    loss(model).backward()
+    opt.step()
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e3
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["mlp", "transformer"], default="mlp")
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args(argv)
+    make, loss = task(args.model)
+    runs = {}
+    for label, expression in CONFIGURATIONS.items():
+        torch.manual_seed(0)
+        model = make()
+        runs[label] = (model, opcomp.build(expression, model, lr=0.01))
+    for model, opt in runs.values():  # warm up: state, first factors and inverses
+        training_step(model, opt, loss)
+    samples: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(args.steps):
+        for label, (model, opt) in runs.items():
+            start = time.perf_counter()
+            training_step(model, opt, loss)
+            samples[label].append(time.perf_counter() - start)
+    count = sum(p.numel() for p in next(iter(runs.values()))[0].parameters())
+    print(
+        f"model {args.model} ({count / 1e6:.2f}M parameters), median of {args.steps} steps, "
+        f"{torch.get_num_threads()} threads"
+    )
+    baseline = median_ms(samples["muon(g) | adamw"])
+    print("| optimizer | ms / training step | × muon(g) \\| adamw |")
+    print("| --- | --- | --- |")
+    for label, values in samples.items():
+        escaped = label.replace("|", "\\|")
+        print(f"| {escaped} | {median_ms(values):.1f} | {median_ms(values) / baseline:.2f} |")
+
+    model, opt = runs["fog, invert_every=10"]
+    armed, disarmed = [], []
+    for _ in range(args.steps):
+        for flag, bucket in ((True, armed), (False, disarmed)):
+            opt._capture.armed = flag
+            opt.zero_grad()
+            start = time.perf_counter()
+            loss(model).backward()
+            bucket.append(time.perf_counter() - start)
+            opt._capture.clear()
+    layers = [
+        entry
+        for param, state in opt.state.items()
+        for key, entry in state.items()
+        if key.startswith("kfac[") and "A_inv" in entry
+    ]
+    slots = [SimpleNamespace(state=entry, embedding=entry["A"].ndim == 1) for entry in layers]
+    inversions = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        invert_factored(slots, 1e-3)
+        inversions.append(time.perf_counter() - start)
+    print()
+    print("| part of fog's step | ms |")
+    print("| --- | --- |")
+    print(f"| forward + backward, hooks disarmed | {median_ms(disarmed):.1f} |")
+    print(f"| forward + backward, hooks recording | {median_ms(armed):.1f} |")
+    print(f"| refresh of all {len(slots)} layers' factor inverses (batched by size) | {median_ms(inversions):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
