@@ -219,3 +219,32 @@ def test_accumulated_micro_batches_give_the_factors_of_the_whole_batch(reduction
     # with a mean, each half's loss averages its own 6 examples; rescaled per micro-batch, the
     # per-example gradients, and so G, are those of the whole batch
     torch.testing.assert_close(factors[0][1], factors[1][1])
+
+
+def test_conv2d_factors_with_stride_dilation_and_padding_match_patches_taken_by_hand():
+    torch.manual_seed(8)
+    conv = nn.Conv2d(2, 3, kernel_size=2, stride=2, dilation=2, padding=1)
+    model = nn.Sequential(conv, nn.Flatten(), nn.LazyLinear(4))
+    x = torch.randn(3, 2, 7, 7)
+    model(x)  # materialise the lazy layer before building
+    opt = opcomp.build("kfac(g) | g", model, lr=0.0)
+    outputs = []
+    conv.register_forward_hook(lambda module, args, output: (output.retain_grad(), outputs.append(output)))
+    F.cross_entropy(model(x), torch.tensor([0, 1, 3])).backward()
+    opt.step()
+    (out,) = outputs
+    padded = F.pad(x, (1, 1, 1, 1))
+    rows = []
+    for n in range(3):  # every output position's patch, read off the padded input by hand
+        patches = []
+        for i in range(out.shape[2]):
+            for j in range(out.shape[3]):
+                top, left = 2 * i, 2 * j
+                patch = padded[n, :, top : top + 3 : 2, left : left + 3 : 2]  # 2×2 taps, dilation 2
+                patches.append(torch.cat([patch.flatten(), torch.ones(1)]))
+        rows.append(torch.stack(patches).mean(0))
+    a = torch.stack(rows)
+    d = (out.grad * 3).flatten(2).sum(2)  # per-example (mean over 3), summed over positions
+    state = node_state(opt, conv.weight, "kfac")
+    torch.testing.assert_close(state["A"], a.T @ a / 3)
+    torch.testing.assert_close(state["G"], d.T @ d / 3)
