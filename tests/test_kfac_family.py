@@ -229,7 +229,12 @@ def test_conv2d_factors_with_stride_dilation_and_padding_match_patches_taken_by_
     model(x)  # materialise the lazy layer before building
     opt = opcomp.build("kfac(g) | g", model, lr=0.0)
     outputs = []
-    conv.register_forward_hook(lambda module, args, output: (output.retain_grad(), outputs.append(output)))
+
+    def keep(module, args, output):  # returns None, so the output is left as it is
+        output.retain_grad()
+        outputs.append(output)
+
+    conv.register_forward_hook(keep)
     F.cross_entropy(model(x), torch.tensor([0, 1, 3])).backward()
     opt.step()
     (out,) = outputs
