@@ -46,8 +46,8 @@ def operator_section(spec: OpSpec) -> list[str]:
     if spec.applies is not Applies.ANY:
         lines.append(f"- applies to: {APPLIES_TEXT[spec.applies]}; elsewhere use a fallback `| adamw(g)` or a rule")
     needs = spec.needs.describe()
-    if spec.needs_when is not None:
-        needs.append("a closure when fisher=mc")
+    if spec.cost_when is not None and "fisher" in spec.option_fields():
+        needs.append("with fisher=mc, a likelihood at build (opcomp.build(..., likelihood=...))")
     if needs:
         lines.append("- needs: " + "; ".join(needs))
     if spec.binds_gradient:

@@ -78,4 +78,24 @@ def explain(graph: Graph, written: str | None = None) -> str:
         lines.append("applies to  " + applies_text(graph, root.id))
     needs = graph.needs.describe()
     lines.append("needs       " + ("; ".join(needs) if needs else "nothing beyond loss.backward(); opt.step()"))
+    lines.append("cost        " + cost_text(graph))
     return "\n".join(lines)
+
+
+def passes(cost) -> str:
+    def count(n: float, what: str) -> str:
+        n = int(n) if float(n).is_integer() else n
+        return f"{n} {what}{'' if n == 1 else 'es'}"
+
+    return f"{count(cost.forward, 'forward pass')}, {count(cost.backward, 'backward pass')}"
+
+
+def cost_text(graph: Graph) -> str:
+    """Passes per step and what is held meanwhile, e.g. '2 forward passes, 2 backward passes'."""
+    fixed, per_layer, memory = graph.cost()
+    text = passes(fixed) + " per step"
+    if per_layer.forward or per_layer.backward:
+        text += f", plus {passes(per_layer)} per layer"
+    if memory:
+        text += "; holds " + "; ".join(memory)
+    return text

@@ -19,7 +19,7 @@ from opcomp.errors import CompositionError
 from opcomp.lang.ast import Call, Expr, Fallback, Name, Product, Sum, children
 from opcomp.lang.printer import Printed, render
 from opcomp.lang.source import Span
-from opcomp.ops import REGISTRY, Applies, Kind, Needs, OpSpec, Options
+from opcomp.ops import REGISTRY, Applies, Cost, Kind, Needs, OpSpec, Options
 from opcomp.ops.combinators import ScaleOptions, SumOptions
 from opcomp.ops.registry import NoOptions
 from opcomp.resolve import literal
@@ -88,8 +88,25 @@ class Graph:
         """What the whole expression asks of the training loop and of build."""
         total = Needs()
         for node in self.nodes:
-            total = total | node.spec.needs_for(node.options)
+            total = total | node.spec.needs
         return total
+
+    def cost(self) -> tuple[Cost, Cost, list[str]]:
+        """Passes per step: (once per step, once per layer, what is held in memory meanwhile).
+
+        Training itself is one forward, and one backward when some node reads the gradient.
+        """
+        reads = any(node.spec.reads_gradient for node in self.nodes)
+        fixed, per_layer, memory = Cost(forward=1, backward=1 if reads else 0), Cost(), []
+        for node in self.nodes:
+            cost = node.spec.cost_for(node.options)
+            if cost.per_layer:
+                per_layer = per_layer + cost
+            else:
+                fixed = fixed + cost
+            if cost.memory:
+                memory.append(f"{node.op}: {cost.memory}")
+        return fixed, per_layer, memory
 
     def restrictions(self, node_id: int) -> frozenset[Applies]:
         """Restrictions on which parameters the sub-graph at ``node_id`` applies to; empty: all.

@@ -6,6 +6,7 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -13,15 +14,16 @@ from torch import Tensor
 from opcomp.capture import Capture, Likelihood
 from opcomp.definitions import Namespace
 from opcomp.errors import OpcompError
+from opcomp.execute import FamilyStep, apply
 from opcomp.explain import explain
 from opcomp.graph import Graph
 from opcomp.kernels import load as load_kernels
-from opcomp.kernels.context import BucketStep, Ctx
 from opcomp.kernels.factors import Reduction, check_supported, rows
-from opcomp.kernels.layers import LayerCtx, LayerSlot
+from opcomp.kernels.layers import LayerSlot
 from opcomp.lang.ast import Expr
 from opcomp.ops import Applies
-from opcomp.plan import Bucket, LayerPlan, ParamInfo, Program, bucket_key, check_parameter, select
+from opcomp.plan import Bucket, LayerPlan, ParamInfo, bucket_key, check_parameter, select
+from opcomp.probe import CLOSURE_SHAPE, NonFinite, Probe, check_loss
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -78,7 +80,7 @@ class Optimizer(torch.optim.Optimizer):
         graph = lower(expr, self._namespace)
         self._graphs.setdefault(graph.canonical, graph)
         if graph.needs.model and self._model is None:
-            needing = sorted({n.op for n in graph.nodes if n.spec.needs_for(n.options).model})
+            needing = sorted({n.op for n in graph.nodes if n.spec.needs.model})
             raise OpcompError(
                 f"'{needing[0]}' needs the model's layers: build with the module, "
                 f"opcomp.build(expr, model), not with model.parameters()"
@@ -171,37 +173,97 @@ class Optimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One optimization step; ``closure`` (optional) re-evaluates the loss and returns it."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        """One optimization step; returns the loss when given a closure.
+
+        Expressions with probes need ``opt.step(closure)`` with a closure that returns the loss and
+        calls no backward (see :mod:`opcomp.probe`); others accept that closure too, a torch-style
+        closure that calls backward itself, or none after ``loss.backward()``.
+        """
+        graphs = [self._graphs[group["expr"]] for group in self.param_groups]
+        probing = [n for graph in graphs for n in graph.nodes if n.spec.needs.closure]
+        if closure is None and probing:
+            raise OpcompError(
+                f"'{probing[0].op}' evaluates the loss again during the step: call opt.step(closure) "
+                f"with {CLOSURE_SHAPE}"
+            )
+        loss, probe = (None, None) if closure is None else self._evaluate(closure, graphs, bool(probing))
         work = []
         for group, buckets in zip(self.param_groups, self._buckets):
             for bucket in buckets:
-                params = [p for p in bucket.params if p.grad is not None]
+                takes = bucket.program.reads_gradient
+                params = [p for p in bucket.params if p.grad is not None or not takes]
                 if params:
                     work.append((group, bucket, params))
-        grads = [p.grad for _, _, params in work for p in params]
-        if not grads:
+        grads = [p.grad for _, _, params in work for p in params if p.grad is not None]
+        if not work:
             return loss
         if any(g.is_sparse for g in grads):
             raise OpcompError("sparse gradients are not supported; use nn.Embedding(sparse=False)")
-        if not _all_finite(grads):
-            if self._capture is not None:
-                self._capture.clear()
-            self._skip()
-            return loss
+        if grads and not _all_finite(grads):
+            return self._skip(loss)
         families: dict[str, list] = defaultdict(list)
         for group, bucket, params in work:
             families[group["expr"]].append((group, bucket, params))
+        saved = _snapshot(self.state, work) if probing else None
         statistics = self._statistics()
-        for expression, items in families.items():
-            self._run(expression, items, statistics)
+        try:
+            updates = [
+                u
+                for expression, items in families.items()
+                for u in FamilyStep(self, expression, items, statistics, probe).run()
+            ]
+        except NonFinite:
+            self.state = saved
+            return self._skip(loss)
+        for update in updates:
+            apply(update)
         if self._capture is not None:
             self._capture.clear()
             self._arm()
         return loss
+
+    def _evaluate(self, closure, graphs: list[Graph], probing: bool) -> tuple[Tensor, Probe | None]:
+        """The closure's first call, at the current parameters, and opcomp's own backward pass."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        nodes = [n for graph in graphs for n in graph.nodes]
+        double = any(n.spec.needs.double_backward for n in nodes)
+        outputs = probing and any(n.op in ("gnvp", "lgn") for n in nodes)
+        for param in params:
+            param.grad = None
+        recorder = _ModelCall(self._model if outputs else None)
+        with torch.enable_grad(), recorder:
+            loss = closure()
+        loss = check_loss(loss, probing=probing, params=params)
+        if not probing and any(p.grad is not None for p in params):
+            return loss.detach(), None  # a torch-style closure ran its own backward
+        graph_grads = {}
+        if loss.requires_grad and any(n.spec.reads_gradient for n in nodes):
+            trainable = [p for p in params if p.requires_grad]
+            with torch.enable_grad():
+                grads = torch.autograd.grad(
+                    loss, trainable, create_graph=double, retain_graph=probing, allow_unused=True
+                )
+            for param, grad in zip(trainable, grads):
+                param.grad = None if grad is None else grad.detach()
+                if double and grad is not None:
+                    graph_grads[id(param)] = grad
+        if not probing:
+            return loss.detach(), None
+        probe = Probe(closure, self._model, self._disarmed, loss, graph_grads, *recorder.recorded())
+        return loss.detach(), probe
+
+    @contextmanager
+    def _disarmed(self):
+        """Probe passes feed no layer statistics."""
+        if self._capture is None:
+            yield
+            return
+        armed, sample = self._capture.armed, self._capture.sample
+        self._capture.armed = self._capture.sample = False
+        try:
+            yield
+        finally:
+            self._capture.armed, self._capture.sample = armed, sample
 
     def _statistics(self):
         """This step's captured rows per (layer, bias folded, sampled), computed on first use."""
@@ -219,56 +281,9 @@ class Optimizer(torch.optim.Optimizer):
 
         return rows_of
 
-    def _run(self, expression: str, items: list, statistics) -> None:
-        """Every bucket of one expression, node by node: a layer node sees all its parameters at once."""
-        graph = self._graphs[expression]
-        buckets = [BucketStep(params, [self.state[p] for p in params]) for _, _, params in items]
-        values: list[dict[int, list[Tensor]]] = [{} for _ in items]
-        for node in graph.nodes:
-            running = [(i, item[1].program.step_of(node.id)) for i, item in enumerate(items)]
-            running = [(i, step) for i, step in running if step is not None]
-            if not running:
-                continue
-            kernel = self._kernels[node.op]
-            if node.spec.applies is Applies.LAYER:
-                self._run_layers(expression, node, running, buckets, values, statistics)
-                continue
-            for i, step in running:
-                ctx = Ctx(node.options, buckets[i], node.state_key)
-                values[i][node.id] = kernel(ctx, *(values[i][j] for j in step.inputs))
-        for (group, bucket, params), bucket_step, value in zip(items, buckets, values):
-            self._apply(float(group["lr"]), bucket.program, params, bucket_step, value[bucket.program.output])
-
-    def _run_layers(self, expression, node, running, buckets, values, statistics) -> None:
-        """One call of a layer kernel over the flat list of every parameter running ``node``."""
-        slots: list[tuple[int, int]] = [(i, k) for i, _ in running for k in range(len(buckets[i].params))]
-        position = {id(buckets[i].params[k]): n for n, (i, k) in enumerate(slots)}
-        layers = []
-        for plan in self._layer_plans[(expression, node.id)]:
-            weight = position.get(id(plan.weight)) if plan.weight is not None else None
-            bias = position.get(id(plan.bias)) if plan.bias is not None else None
-            if weight is None and bias is None:
-                continue  # no gradient this step
-            state = self.state[plan.owner].setdefault(node.state_key, {})
-            layers.append(LayerSlot(plan.module, plan.name, weight, bias, plan.with_bias, state))
-        steps = dict(running)
-        arguments = [[values[i][steps[i].inputs[a]][k] for i, k in slots] for a in range(len(node.inputs))]
-        out = self._kernels[node.op](LayerCtx(node.options, layers, statistics), *arguments)
-        for i, _ in running:
-            values[i][node.id] = [out[position[id(p)]] for p in buckets[i].params]
-
-    def _apply(self, lr: float, program: Program, params: list[Tensor], bucket: BucketStep, update) -> None:
-        if params[0].dtype == torch.float32:
-            if program.decay:
-                torch._foreach_mul_(params, 1.0 - lr * program.decay)
-            torch._foreach_add_(params, update, alpha=-lr)
-        else:  # low precision: update in fp32, round once
-            new = torch._foreach_mul(bucket.params32, 1.0 - lr * program.decay)
-            torch._foreach_add_(new, update, alpha=-lr)
-            for param, value in zip(params, new):
-                param.copy_(value)
-
-    def _skip(self) -> None:
+    def _skip(self, loss):
+        if self._capture is not None:
+            self._capture.clear()
         self.skipped_steps += 1
         if not self._warned_skip:
             self._warned_skip = True
@@ -278,6 +293,7 @@ class Optimizer(torch.optim.Optimizer):
                 RuntimeWarning,
                 stacklevel=3,
             )
+        return loss
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -371,6 +387,42 @@ def _all_finite(grads: list[Tensor]) -> bool:
             if not all(bool(torch.stack(torch.aminmax(g)).isfinite().all()) for g in same):
                 return False
     return True
+
+
+def _snapshot(state, work) -> defaultdict:
+    """A copy of the optimizer state, with the tensors of the parameters this step touches cloned."""
+    touched = {id(p) for _, _, params in work for p in params}
+    copy: defaultdict = defaultdict(dict)
+    for param, entries in state.items():
+        if id(param) in touched:
+            copy[param] = {key: {n: t.clone() for n, t in buffers.items()} for key, buffers in entries.items()}
+        else:
+            copy[param] = entries
+    return copy
+
+
+class _ModelCall:
+    """Records what the model's forward received and returned, while active (for Gauss–Newton products)."""
+
+    def __init__(self, model: torch.nn.Module | None) -> None:
+        self.model = model
+        self.handle = None
+        self.call: tuple = ((), {}, None)
+
+    def __enter__(self):
+        if self.model is not None:
+            self.handle = self.model.register_forward_hook(self._keep, with_kwargs=True)
+        return self
+
+    def _keep(self, module, args, kwargs, output) -> None:
+        self.call = (args, kwargs, output if isinstance(output, Tensor) else None)
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+    def recorded(self) -> tuple:
+        return self.call
 
 
 def _restore(name: str, tensor: Tensor, param: Tensor) -> Tensor:

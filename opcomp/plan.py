@@ -79,6 +79,11 @@ class Program:
     def step_of(self, node_id: int) -> Step | None:
         return next((step for step in self.steps if step.node.id == node_id), None)
 
+    @property
+    def reads_gradient(self) -> bool:
+        """Whether it needs the training backward; zeroth-order programs step without one."""
+        return any(step.node.spec.reads_gradient for step in self.steps)
+
     def describe(self) -> str:
         ops = " ← ".join(step.node.op for step in reversed(self.steps) if step.node.op not in ("g", "p"))
         return ops + (f" (weight decay {self.decay:g})" if self.decay else "")

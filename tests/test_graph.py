@@ -81,7 +81,7 @@ def test_nested_gradient_probes_are_refused_even_through_definitions():
     [
         ("adamw", False, False, False),
         ("fog", False, True, False),
-        ("kfac[fisher=mc](g) | g", True, True, False),
+        ("kfac[fisher=mc](g) | g", False, True, False),  # sampled in the model's own forward
         ("f3eo", True, False, True),
         ("fs_adarmsuon", True, False, False),
         ("adagnoema", True, True, False),

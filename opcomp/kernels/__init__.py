@@ -4,22 +4,30 @@ A kernel takes a :class:`Ctx` and one list of fp32 tensors per argument, and ret
 fp32 tensors (one per parameter in the bucket). Element-wise work runs as ``torch._foreach_*``
 over the list; work that needs per-parameter reductions or matrix products runs on the bucket
 stacked into one slab.
+
+A *collective* kernel runs once over every parameter of an expression that runs its node, not per
+bucket: layer kernels (a layer's weight and bias share statistics) and probe kernels (a product
+with the Hessian or a shifted evaluation couples all parameters).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 KERNELS: dict[str, Callable] = {}
+COLLECTIVE: dict[str, Literal["layers", "probe"]] = {}
 
 
-def kernel(name: str):
+def kernel(name: str, collective: Literal["layers", "probe"] | None = None):
     """Register the kernel of operator ``name``."""
 
     def register(fn: Callable) -> Callable:
         if name in KERNELS:
             raise ValueError(f"kernel {name!r} registered twice")
         KERNELS[name] = fn
+        if collective is not None:
+            COLLECTIVE[name] = collective
         return fn
 
     return register
@@ -27,6 +35,6 @@ def kernel(name: str):
 
 def load() -> dict[str, Callable]:
     """Import every kernel family once, and return the table."""
-    from opcomp.kernels import elementwise, layers, matrix, reductions  # noqa: F401
+    from opcomp.kernels import elementwise, layers, matrix, probes, reductions  # noqa: F401
 
     return KERNELS

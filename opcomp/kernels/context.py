@@ -21,6 +21,7 @@ class BucketStep:
 
     params: list[Tensor]
     states: list[dict]  # per parameter: opcomp's state dict, state_key -> {buffer: tensor}
+    probed: dict[str, list[Tensor]] = field(default_factory=dict)  # sam's key -> g_sam per parameter
 
     @cached_property
     def grads(self) -> list[Tensor]:
@@ -43,6 +44,7 @@ class Ctx:
     options: Options
     bucket: BucketStep
     state_key: str
+    scope: str | None = None  # the sam whose probed gradient this node's g is
     _state: list[dict] | None = field(default=None, repr=False)
 
     @property

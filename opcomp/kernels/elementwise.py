@@ -17,7 +17,8 @@ from opcomp.kernels.context import Ctx
 
 @kernel("g")
 def gradient(ctx: Ctx) -> list[Tensor]:
-    return ctx.bucket.grads
+    """The gradient; inside sam, the gradient at sam's probed point."""
+    return ctx.bucket.probed[ctx.scope] if ctx.scope is not None else ctx.bucket.grads
 
 
 @kernel("p")
@@ -76,15 +77,22 @@ def momentum(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
 
 
 def adam_direction(ctx: Ctx, x: list[Tensor], b1: float, b2: float, eps: float) -> list[Tensor]:
-    """m̂/(√v̂ + eps) with torch.optim.Adam's moment updates; the moments live in ctx's state."""
+    """m̂/(√v̂ + eps) with torch.optim.Adam's moment updates; the moments live in ctx's state.
+
+    Inside sam (FS-AdaRMSuon, ADR-0007) both moments keep reading the raw gradient and the
+    probed input replaces m̂ as the numerator: x/(√v̂ + eps).
+    """
     exp_avg, exp_avg_sq = ctx.buffers("exp_avg"), ctx.buffers("exp_avg_sq")
     steps = ctx.tick()
-    torch._foreach_lerp_(exp_avg, x, 1.0 - b1)
+    source = ctx.bucket.grads if ctx.scope is not None else x
+    torch._foreach_lerp_(exp_avg, source, 1.0 - b1)
     torch._foreach_mul_(exp_avg_sq, b2)
-    torch._foreach_addcmul_(exp_avg_sq, x, x, 1.0 - b2)
+    torch._foreach_addcmul_(exp_avg_sq, source, source, 1.0 - b2)
     denominator = torch._foreach_sqrt(exp_avg_sq)
     torch._foreach_div_(denominator, [math.sqrt(1.0 - b2**t) for t in steps])
     torch._foreach_add_(denominator, eps)
+    if ctx.scope is not None:
+        return torch._foreach_div(x, denominator)
     direction = torch._foreach_div(exp_avg, denominator)
     torch._foreach_div_(direction, [1.0 - b1**t for t in steps])
     return direction
@@ -115,8 +123,10 @@ def second_moment(ctx: Ctx, name: str, of: list[Tensor], beta: float) -> list[Te
 
 @kernel("rms")
 def rms(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
+    """x/(√v + eps); inside sam, v keeps reading the raw gradient."""
     o = ctx.options
-    denominator = torch._foreach_sqrt(second_moment(ctx, "square_avg", x, o.beta))
+    source = ctx.bucket.grads if ctx.scope is not None else x
+    denominator = torch._foreach_sqrt(second_moment(ctx, "square_avg", source, o.beta))
     torch._foreach_add_(denominator, o.eps)
     return torch._foreach_div(x, denominator)
 

@@ -190,7 +190,7 @@ def update_factors(ctx: LayerCtx, layer: LayerSlot, count: int) -> Rows | None:
     return rows
 
 
-@kernel("kfac")
+@kernel("kfac", collective="layers")
 def kfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
     o = ctx.options
     due = Refresh()
@@ -233,7 +233,7 @@ def invert_factored(layers: list[LayerSlot], damping: float) -> None:
         layer.state["G_inv"] = inverse
 
 
-@kernel("diag_kfac")
+@kernel("diag_kfac", collective="layers")
 def diag_kfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
     """X ⊙ 1/((diag G + λ)(diag A + λ)ᵀ), the DiagFOG code's outer product of factor diagonals."""
     o = ctx.options
@@ -248,7 +248,7 @@ def diag_kfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
     return out
 
 
-@kernel("ekfac")
+@kernel("ekfac", collective="layers")
 def ekfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
     """KFAC's eigenbasis with its eigenvalues refitted to per-example gradients.
 

@@ -7,13 +7,15 @@ from typing import Literal
 from pydantic import Field
 
 from opcomp.ops.fields import Count, NonNegative, Positive
-from opcomp.ops.registry import Kind, Needs, OpSpec, Options, StateBuffer, register
+from opcomp.ops.registry import Cost, Kind, Needs, OpSpec, Options, StateBuffer, register
 
 register(
     OpSpec(
         name="hvp",
         kind=Kind.PROBE,
         needs=Needs(closure=True, double_backward=True),
+        reads_gradient=True,
+        cost=Cost(backward=1, memory="the first backward's graph (create_graph)"),
         summary="Hessian-vector product by double backward",
         formula="H·x, H = ∇²L(p)",
     )
@@ -24,6 +26,7 @@ register(
         name="gnvp",
         kind=Kind.PROBE,
         needs=Needs(closure=True, model=True),
+        cost=Cost(forward=3, backward=1, memory="the loss graph, kept for the loss Hessian"),
         summary="Gauss–Newton-vector product (torch.func jvp + vjp)",
         formula="Jᵀ H_L J x, J = ∂outputs/∂p, H_L = ∂²loss/∂outputs²",
     )
@@ -45,6 +48,8 @@ register(
         options=SamOptions,
         needs=Needs(closure=True),
         binds_gradient=True,
+        reads_gradient=True,
+        cost=Cost(forward=1, backward=1, memory="a copy of the parameters and the probed gradient"),
         state=(StateBuffer("grad_sq", "param", "EMA of g², only for mode=fisher when the inner keeps none"),),
         summary="sharpness-aware minimisation around any inner optimizer",
         formula=(
@@ -68,6 +73,9 @@ register(
         kind=Kind.PROBE,
         options=LgnOptions,
         needs=Needs(closure=True, model=True),
+        cost_when=lambda o: Cost(
+            forward=1 + 2 * o.steps, backward=1 + o.steps, memory="the loss graph", per_layer=True
+        ),  # noqa: E501
         summary="layerwise Gauss–Newton step from matrix-free products",
         formula="per layer l: −d*, d* ≈ argmin_d xᵀd + ½dᵀ(G_l + λI)d, i.e. (G_l + λI)⁻¹x",
     )
@@ -87,7 +95,9 @@ register(
         kind=Kind.PROBE,
         params=(),
         options=ZoOptions,
+        state=(StateBuffer("step", "scalar", "steps taken: seeds the noise"),),
         needs=Needs(closure=True, forward_only=True),
+        cost=Cost(forward=2, memory="a copy of the parameters and the step's noise"),
         summary="zeroth-order gradient estimate from loss values (SPSA)",
         formula=(
             "(L(p + eps·z) − L(p − eps·z))/(2·eps)·z, z seeded; relative: z ← z⊙p; newton: ÷ |L⁺ + L⁻ − 2L₀|/eps²"

@@ -71,6 +71,19 @@ def _astuple(needs: Needs) -> tuple[bool, ...]:
     return (needs.closure, needs.model, needs.double_backward, needs.forward_only)
 
 
+@dataclass(frozen=True)
+class Cost:
+    """Extra work an operator adds to a step, beyond the one forward (and backward) of training."""
+
+    forward: float = 0.0
+    backward: float = 0.0
+    memory: str = ""  # what it holds while the step runs
+    per_layer: bool = False  # the passes repeat for every layer
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.forward + other.forward, self.backward + other.backward)
+
+
 StateShape = Literal["param", "scalar", "in_factor", "out_factor", "in_diag", "out_diag"]
 
 
@@ -101,9 +114,11 @@ class OpSpec:
     aliases: tuple[str, ...] = ()
     applies: Applies = Applies.ANY
     needs: Needs = Needs()
-    needs_when: Callable[[Any], Needs] | None = None  # extra needs that depend on the options
     state: tuple[StateBuffer, ...] = ()
     binds_gradient: bool = False  # its argument sees `g` as a probed gradient (sam)
+    reads_gradient: bool = False  # needs the training backward (the raw gradient or its graph)
+    cost: Cost = Cost()
+    cost_when: Callable[[Any], Cost] | None = None  # the cost, when it depends on the options
     symbol: str | None = None  # combinators: written with a symbol, not called by name
     variadic: bool = False  # combinators taking two or more inputs
 
@@ -115,8 +130,8 @@ class OpSpec:
     def callable(self) -> bool:
         return self.symbol is None
 
-    def needs_for(self, options: Options) -> Needs:
-        return self.needs | self.needs_when(options) if self.needs_when else self.needs
+    def cost_for(self, options: Options) -> Cost:
+        return self.cost_when(options) if self.cost_when else self.cost
 
     def option_fields(self) -> dict[str, Any]:
         return dict(self.options.model_fields)

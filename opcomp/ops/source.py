@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from opcomp.ops.fields import Positive
-from opcomp.ops.registry import Kind, Needs, OpSpec, Options, register
+from opcomp.ops.registry import Cost, Kind, Needs, OpSpec, Options, register
 
 register(
     OpSpec(
@@ -13,6 +13,7 @@ register(
         aliases=("grad",),
         kind=Kind.SOURCE,
         params=(),
+        reads_gradient=True,
         summary="the gradient of the loss",
         formula="g = ∇L(p) (inside `sam`, the gradient at the perturbed point)",
     )
@@ -41,6 +42,7 @@ register(
         params=("d",),
         options=GradAtOptions,
         needs=Needs(closure=True),
+        cost=Cost(forward=1, backward=1, memory="a copy of the parameters while probing"),
         summary="the gradient at a point shifted along d",
         formula="∇L(p + rho·d/‖d‖), ‖·‖ the global norm over the parameters",
     )

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from opcomp.ops.fields import Beta, Count, NonNegative, Positive
-from opcomp.ops.registry import Applies, Kind, Needs, OpSpec, Options, StateBuffer, register
+from opcomp.ops.registry import Applies, Cost, Kind, Needs, OpSpec, Options, StateBuffer, register
 
 _STEP = StateBuffer("step", "scalar", "steps taken")
 MOMENTS = (
@@ -78,6 +78,7 @@ register(
         name="diag_fisher",
         kind=Kind.STATISTICAL,
         options=DiagFisherOptions,
+        reads_gradient=True,
         state=(StateBuffer("fisher_diag", "param", "running average of g²"),),
         summary="element-wise empirical Fisher diagonal (the DiagFOG seed formula)",
         formula="f ← beta·f + (1−beta)·g²; returns x/(f + eps)",
@@ -106,8 +107,8 @@ class EkfacOptions(DiagKfacOptions):
     fisher: Literal["empirical", "mc"] = Field("empirical", description="as in kfac")
 
 
-def _mc_needs_closure(options) -> Needs:
-    return Needs(closure=True) if options.fisher == "mc" else Needs()
+def _mc_cost(options) -> Cost:
+    return Cost(backward=1, memory="the sampled-label gradients at layer outputs") if options.fisher == "mc" else Cost()
 
 
 _FACTORS = (
@@ -128,7 +129,8 @@ register(
         options=KfacOptions,
         applies=Applies.LAYER,
         needs=Needs(model=True),
-        needs_when=_mc_needs_closure,
+        reads_gradient=True,
+        cost_when=_mc_cost,
         state=(
             *_FACTORS,
             StateBuffer("A_inv", "in_factor", "(A + λ_A I)⁻¹, damping_mode=factored"),
@@ -148,6 +150,7 @@ register(
         options=DiagKfacOptions,
         applies=Applies.LAYER,
         needs=Needs(model=True),
+        reads_gradient=True,
         state=(
             StateBuffer("A_diag", "in_diag", "diagonal of A"),
             StateBuffer("G_diag", "out_diag", "diagonal of G"),
@@ -165,7 +168,8 @@ register(
         options=EkfacOptions,
         applies=Applies.LAYER,
         needs=Needs(model=True),
-        needs_when=_mc_needs_closure,
+        reads_gradient=True,
+        cost_when=_mc_cost,
         state=(
             *_FACTORS,
             *_EIGENBASES,
@@ -191,7 +195,13 @@ register(
         kind=Kind.STATISTICAL,
         options=DiagHessianOptions,
         needs=Needs(closure=True, double_backward=True),
-        state=(StateBuffer("hess_sq", "param", "running average of the squared estimate D²"), _STEP),
+        reads_gradient=True,
+        cost=Cost(backward=1, memory="the first backward's graph (create_graph)"),
+        state=(
+            StateBuffer("hess_sq", "param", "running average of the squared estimate D²"),
+            StateBuffer("estimates", "scalar", "estimates taken"),
+            _STEP,
+        ),
         summary="Hutchinson Hessian-diagonal preconditioner (AdaHessian style)",
         formula="D = z ⊙ Hz, z Rademacher; v ← beta·v + (1−beta)·D²; returns x/((v/(1−beta^t))^(power/2) + eps)",
     )

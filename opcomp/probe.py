@@ -1,0 +1,129 @@
+"""The closure protocol: opcomp evaluates the loss, runs the backward passes, and probes around p.
+
+One training loop fits every expression::
+
+    def closure():
+        return loss_fn(model(x), y)      # the loss; no zero_grad, no backward
+
+    loss = opt.step(closure)
+
+opcomp calls the closure once at the current parameters (that pass is the training pass: it
+updates BatchNorm statistics and feeds layer statistics), differentiates it itself, and calls it
+again only to probe shifted points (SAM, ``grad_at``, zeroth-order estimates). A probe shifts the
+parameters, evaluates with the layer-statistics capture disarmed, then restores every parameter
+by copying it back (bit for bit) and every buffer of the model (running statistics) likewise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from opcomp.errors import OpcompError
+
+CLOSURE_SHAPE = "def closure(): return loss_fn(model(x), y)"
+
+
+class NonFinite(Exception):
+    """A probe met inf or NaN: the step is abandoned and nothing it changed is kept."""
+
+
+def check_loss(loss, *, probing: bool, params: Sequence[Tensor]) -> Tensor:
+    """The closure's return value, checked: a scalar loss tensor with a graph to the parameters."""
+    if not isinstance(loss, Tensor):
+        got = "None" if loss is None else type(loss).__name__
+        raise OpcompError(f"the closure returned {got}; it must return the loss tensor: {CLOSURE_SHAPE}")
+    if loss.numel() != 1:
+        raise OpcompError(
+            f"the closure returned a tensor of shape {tuple(loss.shape)}; the loss must be a scalar "
+            "(reduce it with .mean() or .sum())"
+        )
+    if probing and any(p.grad is not None for p in params):
+        raise OpcompError(
+            "the closure called backward(); with probe operators opcomp runs every backward pass itself, "
+            f"so the closure only returns the loss: {CLOSURE_SHAPE}"
+        )
+    if not loss.requires_grad and not probing:
+        return loss
+    if not loss.requires_grad:
+        raise OpcompError(
+            "the closure's loss does not depend on the parameters (computed under torch.no_grad() or "
+            "detached); return the loss as the model computed it"
+        )
+    return loss
+
+
+@dataclass
+class Probe:
+    """One step's closure and what its first evaluation left behind."""
+
+    closure: Callable[[], Tensor]
+    model: nn.Module | None
+    disarm: Callable[[], Iterator[None]]  # context manager that silences statistics capture
+    loss: Tensor
+    graph_grads: dict[int, Tensor] = field(default_factory=dict)  # id(param) -> ∇L with its graph
+    inputs: tuple = ()  # what the model's forward received in the first evaluation
+    input_kwargs: dict = field(default_factory=dict)
+    output: Tensor | None = None  # and what it returned, inside the loss graph
+    evaluations: int = 1  # forward passes through the closure this step
+    _loss_gradient: Tensor | None = None
+
+    @contextmanager
+    def shifted(self, shifts: Sequence[tuple[Tensor, Tensor]]):
+        """Parameters moved by their shifts for the duration; restored exactly afterwards."""
+        saved = [(param, param.detach().clone()) for param, _ in shifts]
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()] if self.model is not None else []
+        try:
+            with torch.no_grad():
+                for param, shift in shifts:
+                    param.add_(shift.to(param.dtype))
+            with self.disarm():
+                yield
+        finally:
+            with torch.no_grad():
+                for param, value in saved:
+                    param.copy_(value)
+                for buffer, value in buffers:
+                    buffer.copy_(value)
+
+    def evaluate(self) -> Tensor:
+        self.evaluations += 1
+        with torch.enable_grad():
+            loss = check_loss(self.closure(), probing=False, params=())
+        if not bool(torch.isfinite(loss.detach())):
+            raise NonFinite
+        return loss
+
+    def loss_at(self, shifts: Sequence[tuple[Tensor, Tensor]]) -> float:
+        with self.shifted(shifts), torch.no_grad():
+            self.evaluations += 1
+            loss = check_loss(self.closure(), probing=False, params=())
+            value = float(loss)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise NonFinite
+        return value
+
+    def gradient_at(self, shifts: Sequence[tuple[Tensor, Tensor]], params: Sequence[Tensor]) -> list[Tensor]:
+        """∇L at the shifted point for ``params`` (zeros where the loss does not reach one)."""
+        with self.shifted(shifts):
+            loss = self.evaluate()
+            grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+        out = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+        if not all(bool(torch.isfinite(g).all()) for g in out):
+            raise NonFinite
+        return out
+
+    def loss_gradient(self) -> Tensor:
+        """∂L/∂f at the model's output f, with its graph (for products with the loss Hessian)."""
+        if self.output is None:
+            raise OpcompError(
+                "Gauss–Newton products need the model's output: the closure must call the model given to "
+                "opcomp.build, and the model must return the prediction tensor"
+            )
+        if self._loss_gradient is None:
+            (self._loss_gradient,) = torch.autograd.grad(self.loss, self.output, create_graph=True, retain_graph=True)
+        return self._loss_gradient

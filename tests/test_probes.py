@@ -1,0 +1,426 @@
+"""Probe operators against independent references: torch.autograd.functional, explicit matrices,
+and the SAM / FS-AdaRMSuon / F3EO formulas computed naively."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd.functional import hessian, hvp
+from torch.func import functional_call, jacrev
+from torch.nn import functional as F
+from torch.optim._muon import _zeropower_via_newtonschulz
+
+import opcomp
+
+
+def tiny(seed: int = 0, bias: bool = True) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4, bias=bias), nn.Tanh(), nn.Linear(4, 2, bias=bias))
+
+
+def batch(seed: int = 1, size: int = 6):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(size, 3, generator=generator), torch.randint(0, 2, (size,), generator=generator)
+
+
+def loss_of(model, x, y):
+    return F.cross_entropy(model(x), y)
+
+
+def flat_loss(model, x, y):
+    """The loss as a function of all parameters, flattened into one vector."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+
+    def loss(vector):
+        values, start = {}, 0
+        for name, shape in zip(names, shapes):
+            count = shape.numel()
+            values[name] = vector[start : start + count].reshape(shape)
+            start += count
+        return F.cross_entropy(functional_call(model, values, (x,)), y)
+
+    return loss
+
+
+def flatten(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def direction_of(expression: str, model: nn.Module, x, y, lr: float = 1e-2, **build) -> torch.Tensor:
+    """u of one step (flattened), read as (p_before − p_after)/lr."""
+    opt = opcomp.build(expression, model, lr=lr, **build)
+    before = flatten([p.detach().clone() for p in model.parameters()])
+    opt.step(lambda: loss_of(model, x, y))
+    return (before - flatten([p.detach() for p in model.parameters()])) / lr
+
+
+def gradient(model, x, y) -> torch.Tensor:
+    return flatten(torch.autograd.grad(loss_of(model, x, y), list(model.parameters())))
+
+
+def test_hvp_equals_torch_autograd_functional_hvp():
+    model, (x, y) = tiny(), batch()
+    reference_model = copy.deepcopy(model)
+    g = gradient(reference_model, x, y)
+    params = flatten([p.detach() for p in reference_model.parameters()])
+    _, expected = hvp(flat_loss(reference_model, x, y), params, g)
+    torch.testing.assert_close(direction_of("hvp(g)", model, x, y), expected, rtol=1e-3, atol=1e-5)
+
+
+def test_gnvp_equals_an_explicit_jacobian_times_loss_hessian_times_jacobian():
+    model, (x, y) = tiny(), batch()
+    reference_model = copy.deepcopy(model)
+    g = gradient(reference_model, x, y)
+    params = flatten([p.detach() for p in reference_model.parameters()])
+    names = [n for n, _ in reference_model.named_parameters()]
+    shapes = [p.shape for _, p in reference_model.named_parameters()]
+
+    def outputs(vector):
+        values, start = {}, 0
+        for name, shape in zip(names, shapes):
+            values[name] = vector[start : start + shape.numel()].reshape(shape)
+            start += shape.numel()
+        return functional_call(reference_model, values, (x,)).reshape(-1)
+
+    jacobian = jacrev(outputs)(params)  # (N·C, P)
+    logits = outputs(params).detach()
+    loss_hessian = hessian(lambda f: F.cross_entropy(f.reshape(len(y), -1), y), logits)  # (N·C, N·C)
+    expected = jacobian.T @ loss_hessian @ jacobian @ g
+    torch.testing.assert_close(direction_of("gnvp(g)", model, x, y), expected, rtol=1e-3, atol=1e-5)
+
+
+def test_f3eo_direction_against_an_explicit_hessian():
+    model, (x, y) = tiny(), batch()
+    reference_model = copy.deepcopy(model)
+    params = flatten([p.detach() for p in reference_model.parameters()])
+    full = hessian(flat_loss(reference_model, x, y), params)
+    g = gradient(reference_model, x, y)
+    hg = full @ g
+    expected, start = [], 0
+    for p in reference_model.parameters():  # reject per parameter, as the operator is defined
+        size = p.numel()
+        gi, hi = g[start : start + size], hg[start : start + size]
+        expected.append(gi + hi - (hi @ gi) / (gi @ gi) * gi)
+        start += size
+    torch.testing.assert_close(
+        direction_of("g + reject(hvp(g), g)", model, x, y), torch.cat(expected), rtol=1e-3, atol=1e-5
+    )
+
+
+def test_plain_sam_around_sgd_equals_the_two_step_formula():
+    model, (x, y) = tiny(), batch()
+    reference = copy.deepcopy(model)
+    rho, lr = 0.1, 0.05
+    opt = opcomp.build(f"sam[rho={rho}](g)", model, lr=lr)
+    for _ in range(3):
+        opt.step(lambda: loss_of(model, x, y))
+        params = list(reference.parameters())
+        g = torch.autograd.grad(loss_of(reference, x, y), params)
+        norm = torch.sqrt(sum((gi**2).sum() for gi in g))
+        with torch.no_grad():
+            for p, gi in zip(params, g):
+                p.add_(rho * gi / norm)
+        g_sam = torch.autograd.grad(loss_of(reference, x, y), params)
+        with torch.no_grad():
+            for p, gi, si in zip(params, g, g_sam):
+                p.sub_(rho * gi / norm).sub_(lr * si)
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fs_adarmsuon_follows_the_four_steps_of_its_adr():
+    """ADR-0007: (1) moments from the raw gradient; (2) ε = ρ·(g ⊙ √v̂)/‖g ⊙ √v̂‖;
+    (3) g_sam = ∇L(w + ε); (4) a = g_sam/(√v̂ + eps), update orth(a)·‖a‖/‖orth(a)‖."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8, bias=False), nn.Tanh(), nn.Linear(8, 4, bias=False))
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(10, 6, generator=generator), torch.randint(0, 4, (10,), generator=generator)
+    rho, lr, b1, b2, eps = 0.05, 0.01, 0.9, 0.999, 1e-8
+    opt = opcomp.build(f"sam[fisher, rho={rho}](adarmsuon)", model, lr=lr)
+    reference = copy.deepcopy(model)
+    m = [torch.zeros_like(p) for p in reference.parameters()]
+    v = [torch.zeros_like(p) for p in reference.parameters()]
+    for t in range(1, 4):
+        closure = Recording(model, x, y)
+        start = [p.detach().clone() for p in model.parameters()]
+        opt.step(closure)
+        visited = closure.visited
+        params = list(reference.parameters())
+        g = torch.autograd.grad(loss_of(reference, x, y), params)
+        # (1) the moments read the raw gradient
+        for i, gi in enumerate(g):
+            m[i] = b1 * m[i] + (1 - b1) * gi
+            v[i] = b2 * v[i] + (1 - b2) * gi * gi
+        state = next(iter(opt.state[model[0].weight].values()))
+        torch.testing.assert_close(state["exp_avg"], m[0])
+        torch.testing.assert_close(state["exp_avg_sq"], v[0])
+        v_hat = [vi / (1 - b2**t) for vi in v]
+        # (2) the probed point is w + ε
+        d = [gi * vh.sqrt() for gi, vh in zip(g, v_hat)]
+        norm = torch.sqrt(sum((di**2).sum() for di in d))
+        epsilon = [rho * di / norm for di in d]
+        assert len(visited) == 2 and all(torch.equal(a, b) for a, b in zip(visited[0], start))
+        for seen, w, e in zip(visited[1], start, epsilon):
+            torch.testing.assert_close(seen, w + e, rtol=1e-6, atol=1e-7)
+        # (3) g_sam at that point
+        with torch.no_grad():
+            for p, e in zip(params, epsilon):
+                p.add_(e)
+        g_sam = torch.autograd.grad(loss_of(reference, x, y), params)
+        with torch.no_grad():
+            for p, w in zip(params, start):
+                p.copy_(w)
+            # (4) energy-preserving orthogonalisation of g_sam / (√v̂ + eps)
+            for p, gs, vh in zip(params, g_sam, v_hat):
+                a = gs / (vh.sqrt() + eps)
+                o = _zeropower_via_newtonschulz(a, (3.4445, -4.7750, 2.0315), 5, 1e-7).float()
+                p.sub_(lr * o * a.norm() / o.norm())
+        for a, b in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+class Recording:
+    """A closure that remembers the parameters it was evaluated at."""
+
+    def __init__(self, model: nn.Module, x, y) -> None:
+        self.model, self.x, self.y = model, x, y
+        self.visited: list[list[torch.Tensor]] = []
+
+    def __call__(self) -> torch.Tensor:
+        self.visited.append([p.detach().clone() for p in self.model.parameters()])
+        return loss_of(self.model, self.x, self.y)
+
+
+def least_squares(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(40, 5, generator=generator)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0], [0.0]]) + 0.1 * torch.randn(40, 1, generator=generator)
+    return x, y
+
+
+def test_lgn_with_cg_lands_on_the_least_squares_optimum_in_one_step():
+    x, y = least_squares()
+    torch.manual_seed(1)
+    model = nn.Linear(5, 1)
+    opt = opcomp.build("lgn[solver=cg, steps=12, damping=0.0](g)", model, lr=1.0)
+    opt.step(lambda: F.mse_loss(model(x), y))
+    design = torch.cat([x, torch.ones(40, 1)], 1).double()
+    optimum = torch.linalg.lstsq(design, y.double()).solution.squeeze(1)
+    found = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()]).double()
+    assert (found - optimum).abs().max() < 1e-6
+
+
+def test_lgn_with_adam_lowers_the_quadratic_model_every_step():
+    x, y = least_squares(2)
+    torch.manual_seed(3)
+    model = nn.Linear(5, 1)
+    damping = 1e-4
+    opt = opcomp.build(f"lgn[solver=adam, steps=5, damping={damping}, inner_lr=0.05](g)", model, lr=1.0)
+    design = torch.cat([x, torch.ones(40, 1)], 1)
+    curvature = 2 * design.T @ design / 40 + damping * torch.eye(6)  # Gauss–Newton of the mean squared error
+    for _ in range(5):
+        params = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
+        g = 2 * design.T @ (design @ params - y.squeeze(1)) / 40
+        opt.step(lambda: F.mse_loss(model(x), y))
+        d = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()]) - params  # = −u at lr 1
+        assert float(g @ d + 0.5 * d @ curvature @ d) < 0
+
+
+def test_zeroth_order_estimate_points_along_the_gradient_on_average():
+    model, (x, y) = tiny(), batch()
+    start = [p.detach().clone() for p in model.parameters()]
+    true = gradient(copy.deepcopy(model), x, y)
+    opt = opcomp.build("zo[eps=1e-3]", model, lr=1.0)
+    total = torch.zeros_like(true)
+    for _ in range(1500):
+        opt.step(lambda: loss_of(model, x, y))
+        with torch.no_grad():
+            total += flatten([w - p for w, p in zip(start, model.parameters())])
+            for p, w in zip(model.parameters(), start):
+                p.copy_(w)
+    cosine = F.cosine_similarity(total, true, dim=0)
+    assert cosine > 0.9
+
+
+def separable_quadratic():
+    curvatures = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    theta = nn.Parameter(torch.tensor([1.0, -1.0, 0.5, 2.0]))
+    return theta, curvatures, lambda: 0.5 * (curvatures * theta**2).sum()
+
+
+def test_zeroth_order_newton_converges_on_a_separable_quadratic():
+    theta, _, loss = separable_quadratic()
+    opt = opcomp.build("zo[newton, eps=0.1]", [theta], lr=1.0)
+    start = loss().item()
+    for _ in range(150):
+        opt.step(loss)
+    assert loss().item() < 1e-3 * start
+
+
+def test_diag_hessian_is_exact_on_a_diagonal_quadratic():
+    theta, curvatures, loss = separable_quadratic()
+    opt = opcomp.build("diag_hessian[beta=0.0, eps=1e-12](g)", [theta], lr=1.0)
+    opt.step(loss)  # direction g/|diag H| = θ: one Newton step to the minimum
+    assert theta.detach().abs().max() < 1e-6
+    estimate = opt.state[theta][next(iter(opt.state[theta]))]["hess_sq"].sqrt()
+    torch.testing.assert_close(estimate, curvatures)
+
+
+def test_hutchinson_estimates_the_diagonal_in_expectation_off_the_diagonal_too():
+    theta = nn.Parameter(torch.tensor([1.0, -1.0, 0.5]))
+    h = torch.tensor([[3.0, 1.0, -0.5], [1.0, 2.0, 0.3], [-0.5, 0.3, 1.0]])
+
+    def loss():
+        return 0.5 * theta @ h @ theta
+
+    opt = opcomp.build("diag_hessian[beta=0.999, eps=1e-12](g)", [theta], lr=0.0)
+    for _ in range(3000):
+        opt.step(loss)
+    second = opt.state[theta][next(iter(opt.state[theta]))]["hess_sq"] / (1 - 0.999**3000)
+    expected = torch.diagonal(h) ** 2 + (h**2).sum(1) - torch.diagonal(h) ** 2  # E[(z⊙Hz)²] = Σ_j h_ij²
+    torch.testing.assert_close(second, expected, rtol=0.1, atol=0.0)
+
+
+@pytest.mark.parametrize("expression", ["sam(g)", "grad_at(g)", "zo", "sam[adaptive](momentum(g))"])
+def test_probes_restore_parameters_and_buffers_exactly(expression):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = batch()
+    plain = copy.deepcopy(model)
+    loss_of(plain, x, y)  # the one training forward: running statistics move once
+    opt = opcomp.build(expression, model, lr=0.0)
+    opt.step(lambda: loss_of(model, x, y))
+    for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_sam_with_batchnorm_equals_a_reference_computed_without_the_probe_machinery():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
+    reference = copy.deepcopy(model)
+    x, y = batch()
+    rho, lr = 0.05, 0.1
+    opt = opcomp.build(f"sam_sgd[rho={rho}]", model, lr=lr)
+    opt.step(lambda: loss_of(model, x, y))
+    params = list(reference.parameters())
+    g = torch.autograd.grad(loss_of(reference, x, y), params)  # the training forward
+    buffers = {k: v.clone() for k, v in reference.named_buffers()}
+    start = [p.detach().clone() for p in params]
+    norm = torch.sqrt(sum((gi**2).sum() for gi in g))
+    with torch.no_grad():
+        for p, gi in zip(params, g):
+            p.add_(rho * gi / norm)
+    g_sam = torch.autograd.grad(loss_of(reference, x, y), params)
+    with torch.no_grad():
+        for p, w, gs in zip(params, start, g_sam):
+            p.copy_(w - lr * gs)  # momentum's first step: the buffer is the input
+        for name, value in reference.named_buffers():
+            value.copy_(buffers[name])
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+class TestClosureProtocol:
+    def test_probes_need_a_closure(self):
+        model = tiny()
+        opt = opcomp.build("sam_sgd", model)
+        loss_of(model, *batch()).backward()
+        with pytest.raises(opcomp.OpcompError, match=r"'sam' evaluates the loss again .* opt.step\(closure\)"):
+            opt.step()
+
+    def test_a_closure_that_calls_backward_is_refused_for_probes(self):
+        model = tiny()
+        opt = opcomp.build("f3eo", model)
+
+        def closure():
+            loss = loss_of(model, *batch())
+            loss.backward()
+            return loss
+
+        with pytest.raises(opcomp.OpcompError, match="the closure called backward"):
+            opt.step(closure)
+
+    @pytest.mark.parametrize(
+        ("returned", "words"),
+        [
+            (None, "returned None"),
+            ((1, 2), "returned tuple"),
+            ("vector", "must be a scalar"),
+            ("detached", "does not depend"),
+        ],
+    )
+    def test_a_closure_returning_the_wrong_thing_is_named(self, returned, words):
+        model = tiny()
+        opt = opcomp.build("sam_sgd", model)
+        x, y = batch()
+
+        def closure():
+            if returned == "vector":
+                return F.cross_entropy(model(x), y, reduction="none")
+            if returned == "detached":
+                return loss_of(model, x, y).detach()
+            return returned
+
+        with pytest.raises(opcomp.OpcompError, match=words):
+            opt.step(closure)
+
+    @staticmethod
+    def one_step(style: str):
+        model = tiny()
+        opt = opcomp.build("adamw", model, lr=0.01)
+        x, y = batch()
+        if style == "opcomp closure":
+            loss = opt.step(lambda: loss_of(model, x, y))
+        elif style == "torch closure":
+
+            def closure():
+                opt.zero_grad()
+                loss = loss_of(model, x, y)
+                loss.backward()
+                return loss
+
+            loss = opt.step(closure)
+        else:
+            opt.zero_grad()
+            loss = loss_of(model, x, y)
+            loss.backward()
+            opt.step()
+        return float(loss.detach()), [p.detach().clone() for p in model.parameters()]
+
+    @pytest.mark.parametrize("style", ["torch closure", "backward then step"])
+    def test_one_loop_shape_or_torchs_for_expressions_without_probes(self, style):
+        (reference_loss, reference), (loss, params) = self.one_step("opcomp closure"), self.one_step(style)
+        assert loss == reference_loss
+        assert all(torch.equal(a, b) for a, b in zip(reference, params))
+
+    def test_explain_states_the_cost_per_step(self):
+        text = opcomp.build("fs_adarmsuon", tiny()).explain()
+        assert "cost        2 forward passes, 2 backward passes per step" in text
+        assert "a copy of the parameters" in text
+
+
+def test_a_non_finite_probe_skips_the_whole_step_and_restores_state():
+    model, (x, y) = tiny(), batch()
+    opt = opcomp.build("adam(g) + sam(g)", model, lr=0.01)
+    opt.step(lambda: loss_of(model, x, y))
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    calls = []
+
+    def closure():  # finite at p, infinite at the probed point
+        calls.append(1)
+        loss = loss_of(model, x, y)
+        return loss if len(calls) == 1 else loss * float("inf")
+
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    after = opt.state_dict()["state"]
+    for index in state:
+        for key in state[index]:
+            for name, tensor in state[index][key].items():
+                assert torch.equal(tensor, after[index][key][name]), (index, key, name)
