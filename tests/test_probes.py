@@ -111,6 +111,26 @@ def test_f3eo_direction_against_an_explicit_hessian():
     )
 
 
+def naive_sam_gradient(model, x, y, rho: float) -> list[torch.Tensor]:
+    """g_sam written out: ∇L at p + rho·g/‖g‖; parameters and buffers are put back afterwards, so
+    only the first (training) forward moves running statistics."""
+    params = list(model.parameters())
+    g = torch.autograd.grad(loss_of(model, x, y), params)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    start = [p.detach().clone() for p in params]
+    norm = torch.sqrt(sum((gi**2).sum() for gi in g))
+    with torch.no_grad():
+        for p, gi in zip(params, g):
+            p.add_(rho * gi / norm)
+    g_sam = torch.autograd.grad(loss_of(model, x, y), params)
+    with torch.no_grad():
+        for p, w in zip(params, start):
+            p.copy_(w)
+        for name, value in model.named_buffers():
+            value.copy_(buffers[name])
+    return list(g_sam)
+
+
 def test_plain_sam_around_sgd_equals_the_two_step_formula():
     model, (x, y) = tiny(), batch()
     reference = copy.deepcopy(model)
@@ -118,16 +138,10 @@ def test_plain_sam_around_sgd_equals_the_two_step_formula():
     opt = opcomp.build(f"sam[rho={rho}](g)", model, lr=lr)
     for _ in range(3):
         opt.step(lambda: loss_of(model, x, y))
-        params = list(reference.parameters())
-        g = torch.autograd.grad(loss_of(reference, x, y), params)
-        norm = torch.sqrt(sum((gi**2).sum() for gi in g))
+        g_sam = naive_sam_gradient(reference, x, y, rho)
         with torch.no_grad():
-            for p, gi in zip(params, g):
-                p.add_(rho * gi / norm)
-        g_sam = torch.autograd.grad(loss_of(reference, x, y), params)
-        with torch.no_grad():
-            for p, gi, si in zip(params, g, g_sam):
-                p.sub_(rho * gi / norm).sub_(lr * si)
+            for p, gs in zip(reference.parameters(), g_sam):
+                p.sub_(lr * gs)
     for a, b in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -306,20 +320,10 @@ def test_sam_with_batchnorm_equals_a_reference_computed_without_the_probe_machin
     rho, lr = 0.05, 0.1
     opt = opcomp.build(f"sam_sgd[rho={rho}]", model, lr=lr)
     opt.step(lambda: loss_of(model, x, y))
-    params = list(reference.parameters())
-    g = torch.autograd.grad(loss_of(reference, x, y), params)  # the training forward
-    buffers = {k: v.clone() for k, v in reference.named_buffers()}
-    start = [p.detach().clone() for p in params]
-    norm = torch.sqrt(sum((gi**2).sum() for gi in g))
+    g_sam = naive_sam_gradient(reference, x, y, rho)
     with torch.no_grad():
-        for p, gi in zip(params, g):
-            p.add_(rho * gi / norm)
-    g_sam = torch.autograd.grad(loss_of(reference, x, y), params)
-    with torch.no_grad():
-        for p, w, gs in zip(params, start, g_sam):
-            p.copy_(w - lr * gs)  # momentum's first step: the buffer is the input
-        for name, value in reference.named_buffers():
-            value.copy_(buffers[name])
+        for p, gs in zip(reference.parameters(), g_sam):
+            p.sub_(lr * gs)  # momentum's first step: the buffer is the input
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
