@@ -5,19 +5,24 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from opcomp.capture import Likelihood
-from opcomp.definitions import Namespace
+from opcomp.definitions import Namespace, presets
 from opcomp.errors import OpcompError
+from opcomp.graph import build_graph
 from opcomp.kernels.factors import Reduction
 from opcomp.lang.ast import Call, Expr, Name, Option
 from opcomp.lang.parser import parse
 from opcomp.optimizer import Optimizer
-from opcomp.resolve import option_expr
+from opcomp.resolve import canonicalize, option_expr
+from opcomp.rules import Rules, is_rule_file
+from opcomp.rules import load as load_rules
+
+DEFAULT_LR = 1e-3
 
 
 def build(
     expr: str | Expr,
     model_or_params,
-    lr: float = 1e-3,
+    lr: float | None = None,
     *,
     model: nn.Module | None = None,
     namespace: Namespace | None = None,
@@ -25,8 +30,9 @@ def build(
     likelihood: Likelihood | None = None,
     **options,
 ) -> Optimizer:
-    """The optimizer for ``expr`` over a model or parameters.
+    """The optimizer for ``expr`` (an expression, a preset, or a ``.toml`` rule file) over a model.
 
+    ``lr`` defaults to a preset's recommended learning rate (``opcomp presets``), else 1e-3.
     ``model_or_params`` is an ``nn.Module`` (its trainable parameters, named), an iterable of
     tensors, of ``(name, tensor)`` pairs, or of param-group dicts; a group may carry its own
     ``"expr"`` and ``"lr"``. Pass ``model=`` with groups when operators need the model's layers.
@@ -38,6 +44,7 @@ def build(
     ``likelihood`` ("categorical" for logits, "gaussian" for ½‖f − y‖²) lets ``fisher=mc`` sample
     labels from the model's output.
     """
+    namespace = presets() if namespace is None else namespace
     if isinstance(model_or_params, nn.Module):
         model = model_or_params
         params = [p for p in model.parameters() if p.requires_grad]
@@ -54,10 +61,20 @@ def build(
     owners = {}
     if model is not None:
         owners = {id(p): (m, role) for m in model.modules() for role, p in m.named_parameters(recurse=False)}
+    if is_rule_file(expr):
+        if model is None or options:
+            raise OpcompError(
+                "a rule file matches parameters by name and module: build it with the model, "
+                "opcomp.build('rules.toml', model), and put options in the file"
+            )
+        rules = load_rules(expr)
+        params, expr = rule_groups(rules, params, names, owners, lr, namespace), rules.file.default.use
+    else:
+        expr, lr = with_options(expr, options), recommended_lr(expr, namespace) if lr is None else lr
     return Optimizer(
         params,
-        with_options(expr, options),
-        lr,
+        expr,
+        lr if lr is not None else DEFAULT_LR,
         namespace=namespace,
         model=model,
         names=names,
@@ -67,15 +84,65 @@ def build(
     )
 
 
+def recommended_lr(expr, namespace: Namespace) -> float:
+    """The recommended learning rate of a bare preset name (``fog``, ``sam_sgd[rho=0.1]``), else 1e-3."""
+    try:
+        tree = parse(expr) if isinstance(expr, str) else expr
+    except OpcompError:
+        return DEFAULT_LR  # the optimizer reports the mistake where it lowers the expression
+    name = tree.name if _bare(tree) else None
+    lr = namespace.note(name).lr if name in namespace else None
+    return DEFAULT_LR if lr is None else lr
+
+
+def rule_groups(rules: Rules, params, names, owners, lr, namespace: Namespace) -> list[dict]:
+    """One param group per rule that matched, in rule order; each ``use`` is checked up front."""
+    choices = [(f"rule {i}", rule) for i, rule in enumerate(rules.file.rule, 1)] + [("default", rules.file.default)]
+    expressions = {label: _checked(rules, label, choice, namespace) for label, choice in choices}
+    groups: dict[str, dict] = {}
+    for param in params:
+        module = owners.get(id(param), (None, None))[0]
+        assigned = rules.assign(names.get(id(param), ""), param, module)
+        choice = assigned.choice
+        base = recommended_lr(choice.use, namespace) if lr is None else lr
+        group = groups.setdefault(
+            assigned.label,
+            {"params": [], "expr": expressions[assigned.label], "lr": base * choice.lr_scale, "rule": assigned.label},
+        )
+        group["params"].append(param)
+    order = [label for label, _ in choices]
+    return [groups[label] for label in order if label in groups]
+
+
+def _checked(rules: Rules, label: str, choice, namespace: Namespace):
+    """The choice's expression with its options, lowered once to report mistakes at their place."""
+    try:
+        tree = parse(choice.use, f"{rules.path} ({label}, use)")
+        if choice.options and not _bare(tree):
+            raise OpcompError(
+                "options apply to a bare operator or preset name, and 'use' is an expression — "
+                "write them in brackets inside it"
+            )
+        expr = with_options(tree, choice.options)
+        build_graph(canonicalize(expr, namespace))
+    except OpcompError as error:
+        # options from the table carry no source position; everything else was written in `use`
+        field = "options" if choice.options and error.span is None else "use"
+        raise OpcompError(f"{rules.where(label, field)}: {error.message}", error.span) from None
+    return expr
+
+
+def _bare(tree: Expr) -> bool:
+    return isinstance(tree, Name) or (isinstance(tree, Call) and not tree.args)
+
+
 def with_options(expr: str | Expr, options: dict) -> str | Expr:
     """``expr`` with keyword options added to its bare operator or preset name."""
     if not options:
         return expr
     tree = parse(expr) if isinstance(expr, str) else expr
-    if isinstance(tree, Name):
-        tree = Call(tree.name, _options(options), (), tree.span)
-    elif isinstance(tree, Call) and not tree.args:
-        tree = Call(tree.name, tree.options + _options(options), (), tree.span)
+    if _bare(tree):
+        tree = Call(tree.name, getattr(tree, "options", ()) + _options(options), (), tree.span)
     else:
         raise OpcompError(
             f"keyword options ({', '.join(options)}) need a bare operator or preset name such as 'adamw'; "

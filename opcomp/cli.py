@@ -21,7 +21,28 @@ def _explain(args: argparse.Namespace) -> str:
     from opcomp import lower
     from opcomp.explain import explain
 
+    if args.model is not None:
+        import opcomp
+
+        opt = opcomp.build(args.expr, _model(args.model), namespace=_namespace(args.defs))
+        return opt.explain()
     return explain(lower(args.expr, _namespace(args.defs)), args.expr)
+
+
+def _model(spec: str):
+    """MODULE:FACTORY -> the model the factory returns (e.g. opcomp.bench.models:cnn)."""
+    import importlib
+
+    module_name, colon, factory = spec.partition(":")
+    if not colon or not module_name or not factory:
+        raise OpcompError(f"--model takes MODULE:FACTORY, e.g. opcomp.bench.models:cnn; got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise OpcompError(f"--model: cannot import {module_name!r}: {error}") from None
+    if not hasattr(module, factory):
+        raise OpcompError(f"--model: {module_name!r} has no {factory!r}")
+    return getattr(module, factory)()
 
 
 def _format(args: argparse.Namespace) -> str:
@@ -40,10 +61,9 @@ def _operators(args: argparse.Namespace) -> str:
 
 
 def _presets(args: argparse.Namespace) -> str:
-    from opcomp.lang.printer import definition_source
+    from opcomp.bench.footprint import preset_table
 
-    namespace = presets()
-    return "\n".join(definition_source(namespace.get(name)) for name in namespace.names())
+    return preset_table()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,8 +73,11 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
 
     explain = commands.add_parser("explain", help="show the graph of an expression and what it needs")
-    explain.add_argument("expr", help='an expression or preset, e.g. "muon(kfac(g))"')
+    explain.add_argument("expr", help='an expression, a preset, or a rule file, e.g. "muon(kfac(g))"')
     explain.add_argument("--defs", action="append", default=[], metavar="FILE", help="a .opc file of definitions")
+    explain.add_argument(
+        "--model", metavar="MODULE:FACTORY", help="build on this model and show what each parameter runs"
+    )
     explain.set_defaults(run=_explain)
 
     fmt = commands.add_parser("format", help="print an expression in canonical form")
@@ -66,7 +89,9 @@ def parser() -> argparse.ArgumentParser:
     operators.add_argument("--markdown", action="store_true", help="the full catalogue (docs/operators.md)")
     operators.set_defaults(run=_operators)
 
-    listing = commands.add_parser("presets", help="list the presets and their definitions")
+    listing = commands.add_parser(
+        "presets", help="list the presets: definition, recommended lr, passes per step, state bytes per parameter"
+    )
     listing.set_defaults(run=_presets)
     return root
 

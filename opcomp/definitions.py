@@ -8,7 +8,7 @@ Definitions never shadow an operator or each other, so a name means one thing ev
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from types import MappingProxyType
 
@@ -31,10 +31,48 @@ def constant(value) -> Constant | None:
 
 
 @dataclass(frozen=True)
+class Note:
+    """What the comment block right above a definition says: prose, and ``key: value`` lines."""
+
+    text: str = ""
+    fields: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def lr(self) -> float | None:
+        value = self.fields.get("lr")
+        return float(value) if value is not None else None
+
+
+def note_above(source: str, line: int) -> Note:
+    """The contiguous '#' comment lines ending right above 1-based ``line``."""
+    lines = source.splitlines()
+    block: list[str] = []
+    index = line - 2
+    while index >= 0 and lines[index].lstrip().startswith("#"):
+        block.insert(0, lines[index].lstrip()[1:].strip())
+        index -= 1
+    fields, prose = {}, []
+    for entry in block:
+        key, colon, value = entry.partition(":")
+        if colon and key.strip().isidentifier() and key.strip() in NOTE_FIELDS:
+            fields[key.strip()] = value.strip()
+        else:
+            prose.append(entry)
+    return Note(" ".join(prose).strip(), MappingProxyType(fields))
+
+
+NOTE_FIELDS = ("lr", "seed")
+
+
+@dataclass(frozen=True)
 class Namespace:
     """Name -> definition. Build one with :meth:`load` or use :func:`presets`."""
 
     definitions: Mapping[str, Definition]
+    notes: Mapping[str, Note] = field(default_factory=dict)
+
+    def note(self, name: str) -> Note:
+        return self.notes.get(name, Note())
 
     def get(self, name: str) -> Definition | None:
         return self.definitions.get(name)
@@ -49,17 +87,19 @@ class Namespace:
         """The option defaults of definition ``name``."""
         return {p.name: constant(p.value) for p in self.definitions[name].params}
 
-    def extend(self, definitions: Iterable[Definition]) -> Namespace:
+    def extend(self, definitions: Iterable[Definition], notes: Mapping[str, Note] | None = None) -> Namespace:
         """This namespace plus ``definitions``, checked: no operator names, no repeats."""
         table = dict(self.definitions)
         for definition in definitions:
             _check(definition, table)
             table[definition.name] = definition
-        return Namespace(MappingProxyType(table))
+        return Namespace(MappingProxyType(table), MappingProxyType({**self.notes, **(notes or {})}))
 
     def load(self, text: str, name: str = "<definitions>") -> Namespace:
         """This namespace plus the definitions in the .opc ``text`` (``name`` labels errors)."""
-        return self.extend(parse_file(text, name))
+        definitions = parse_file(text, name)
+        notes = {d.name: note_above(text, d.span.line) for d in definitions if d.span is not None}
+        return self.extend(definitions, notes)
 
 
 EMPTY = Namespace(MappingProxyType({}))

@@ -6,10 +6,11 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from opcomp.capture import Capture, Likelihood
 from opcomp.definitions import Namespace
@@ -17,6 +18,7 @@ from opcomp.errors import OpcompError
 from opcomp.execute import FamilyStep, apply
 from opcomp.explain import explain
 from opcomp.graph import Graph
+from opcomp.kernels import COLLECTIVE
 from opcomp.kernels import load as load_kernels
 from opcomp.kernels.factors import Reduction, check_supported, rows
 from opcomp.kernels.layers import LayerSlot
@@ -204,7 +206,11 @@ class Optimizer(torch.optim.Optimizer):
         families: dict[str, list] = defaultdict(list)
         for group, bucket, params in work:
             families[group["expr"]].append((group, bucket, params))
-        saved = _snapshot(self.state, work) if probing else None
+        # kernels that can meet inf or NaN mid-step (layer statistics, probes) need a way back
+        fallible = bool(probing) or any(
+            COLLECTIVE.get(n.op) for expression in families for n in self._graphs[expression].nodes
+        )
+        saved = _snapshot(self.state, work) if fallible else None
         statistics = self._statistics()
         try:
             updates = [
@@ -231,7 +237,9 @@ class Optimizer(torch.optim.Optimizer):
         for param in params:
             param.grad = None
         recorder = _ModelCall(self._model if outputs else None)
-        with torch.enable_grad(), recorder:
+        # fused attention kernels have no second derivative: differentiate through the math one
+        backend = sdpa_kernel([SDPBackend.MATH]) if double else nullcontext()
+        with torch.enable_grad(), recorder, backend:
             loss = closure()
         loss = check_loss(loss, probing=probing, params=params)
         if not probing and any(p.grad is not None for p in params):
@@ -345,17 +353,28 @@ class Optimizer(torch.optim.Optimizer):
         """Parameter name -> the operators it runs, outermost first (``'muon ← kfac'``)."""
         return {n: b.program.describe() for buckets in self._buckets for b in buckets for n in b.names}
 
+    def rules(self) -> dict[str, str]:
+        """Parameter name -> the rule of the rule file that chose its expression ('rule 2', 'default')."""
+        return {
+            n: group["rule"]
+            for group, buckets in zip(self.param_groups, self._buckets)
+            if "rule" in group
+            for b in buckets
+            for n in b.names
+        }
+
     def explain(self) -> str:
         """Each group's graph and what every parameter runs."""
         parts = []
         runs = self.assignments()
         for index, (group, buckets) in enumerate(zip(self.param_groups, self._buckets)):
-            parts.append(f"param group {index}  lr={group['lr']}")
+            rule = f"  ({group['rule']})" if "rule" in group else ""
+            parts.append(f"param group {index}  lr={group['lr']}{rule}")
             parts.append(explain(self._graphs[group["expr"]], self._written[index]))
             parts.append("parameters:")
             rows = [(n, str(tuple(p.shape))) for b in buckets for n, p in zip(b.names, b.params)]
             width = max((len(n) for n, _ in rows), default=0)
-            parts.extend(f"  {n:<{width}}  {s:<16} {runs[n]}" for n, s in rows)
+            parts.extend(f"  {n:<{width}}  {s:<16} {runs[n]}{rule}" for n, s in rows)
             parts.append("")
         return "\n".join(parts).rstrip()
 

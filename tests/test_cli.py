@@ -51,12 +51,29 @@ def test_definitions_file(tmp_path, capsys):
     assert "cannot read" in capsys.readouterr().err
 
 
-def test_operators_and_presets_listings(capsys):
+def test_operators_listing(capsys):
     assert main(["operators"]) == 0
     out = capsys.readouterr().out
     assert "kfac" in out and "sum" not in out.split()
+
+
+def test_presets_listing_measures_cost_and_state(capsys):
     assert main(["presets"]) == 0
-    assert "fog = muon(kfac(g)) | adamw(g)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| fog | 0.03 | 1 forward, 1 backward |" in out
+    assert "| sam_sgd | 0.1 | 2 forward, 2 backward | 4.0 |" in out  # one momentum buffer: 4 bytes
+    assert "| sgd | 0.1 | 1 forward, 1 backward | 0.0 |" in out
+    assert "`muon(kfac(g)) \\| adamw(g)`" in out
+
+
+def test_explain_on_a_model_shows_each_parameters_rule(capsys, tmp_path):
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\nmatch = { type = "Conv2d" }\nuse = "fog"\n[default]\nuse = "adamw"\n')
+    assert main(["explain", str(rules), "--model", "opcomp.bench.models:cnn"]) == 0
+    out = capsys.readouterr().out
+    assert "param group 0  lr=0.03  (rule 1)" in out and "param group 1  lr=0.001  (default)" in out
+    assert main(["explain", "fog", "--model", "opcomp.bench.models:nothing"]) == 2
+    assert "has no 'nothing'" in capsys.readouterr().err
 
 
 def test_the_console_script_is_installed_and_runs():

@@ -253,3 +253,20 @@ def test_conv2d_factors_with_stride_dilation_and_padding_match_patches_taken_by_
     state = node_state(opt, conv.weight, "kfac")
     torch.testing.assert_close(state["A"], a.T @ a / 3)
     torch.testing.assert_close(state["G"], d.T @ d / 3)
+
+
+def test_overflowing_layer_statistics_skip_the_step_and_change_nothing():
+    model = mlp()
+    opt = opcomp.build("muon(kfac(g)) | adamw", model, lr=0.01)
+    train(model, opt, [data(8, seed=9)])
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in node_state(opt, model[0].weight, "kfac").items()}
+    x, y = data(8, seed=10)
+    opt.zero_grad()
+    F.cross_entropy(model(x * 1e25), y).backward()  # a aᵀ overflows; the gradient stays finite
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    after = node_state(opt, model[0].weight, "kfac")
+    assert all(torch.equal(state[k], after[k]) for k in state)

@@ -153,7 +153,14 @@ def test_keyword_options_set_options_of_a_bare_name():
         opcomp.build("adamw", model, wdd=0.1)
 
 
-@pytest.mark.parametrize("lr", [-1.0, float("nan"), "0.1", None])
+def test_the_learning_rate_defaults_to_the_presets_recommendation():
+    assert opcomp.build("fog", net()).param_groups[0]["lr"] == opcomp.presets().note("fog").lr == 0.03
+    assert opcomp.build("sam_sgd[rho=0.1]", net()).param_groups[0]["lr"] == 0.1
+    assert opcomp.build("adamw", net()).param_groups[0]["lr"] == 1e-3
+    assert opcomp.build("fog", net(), lr=0.5).param_groups[0]["lr"] == 0.5
+
+
+@pytest.mark.parametrize("lr", [-1.0, float("nan"), "0.1"])
 def test_a_bad_learning_rate_is_refused(lr):
     with pytest.raises(opcomp.OpcompError, match="learning rate"):
         opcomp.build("adamw", net(), lr=lr)

@@ -25,6 +25,7 @@ from opcomp.errors import OpcompError
 from opcomp.kernels import kernel
 from opcomp.kernels.factors import Rows
 from opcomp.ops import Options
+from opcomp.probe import NonFinite
 
 
 @dataclass
@@ -63,6 +64,10 @@ def step_counts(ctx: LayerCtx) -> list[int]:
 
 
 def average(state: dict, name: str, value: Tensor, decay: float) -> None:
+    """S ← decay·S + (1 − decay)·value; the first value starts it. A non-finite batch statistic
+    abandons the step before anything changes."""
+    if not bool(torch.isfinite(value).all()):
+        raise NonFinite
     if name not in state:
         state[name] = value.clone()
     else:
@@ -143,7 +148,9 @@ def pi_split(a: Tensor, g: Tensor, damping: float) -> tuple[float, float]:
     """Martens & Grosse's factored damping: λ_A = π√λ, λ_G = √λ/π, π² = (tr A/dim A)/(tr G/dim G)."""
     trace_a = float(a.sum() if a.ndim == 1 else a.diagonal().sum()) / a.shape[0]
     trace_g = float(g.diagonal().sum()) / g.shape[0]
-    pi = math.sqrt(trace_a / trace_g) if trace_a > 0 and trace_g > 0 else 1.0
+    ratio = trace_a / trace_g if trace_g > 0 else 0.0
+    pi = math.sqrt(ratio) if 0.0 < ratio < math.inf else 0.0
+    pi = pi if 0.0 < pi < math.inf else 1.0  # degenerate factors: split the damping evenly
     root = math.sqrt(damping)
     return pi * root, root / pi
 

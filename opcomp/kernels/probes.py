@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from torch.func import functional_call, jvp, vjp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from opcomp.kernels import kernel
 from opcomp.kernels.context import Ctx
@@ -85,7 +86,8 @@ class GaussNewton:
 
         def forward(*values: Tensor) -> Tensor:
             arguments = {**fixed, **dict(zip(self.keys, values)), **buffers}
-            return functional_call(model, arguments, probe.inputs, probe.input_kwargs)
+            with sdpa_kernel([SDPBackend.MATH]):  # fused attention kernels have no forward-mode derivative
+                return functional_call(model, arguments, probe.inputs, probe.input_kwargs)
 
         self.forward = forward
         self.probe = probe

@@ -1,0 +1,58 @@
+"""What a preset costs: passes per step and optimizer state per parameter, measured on a small CNN.
+
+State depends on shapes (KFAC factors), not data, so random inputs of the digits CNN's shape do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+import opcomp
+from opcomp.bench import models
+
+
+def state_bytes(opt: opcomp.Optimizer) -> int:
+    def size(value) -> int:
+        if isinstance(value, Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(size(v) for v in value.values())
+        return 0
+
+    return sum(size(entries) for entries in opt.state.values())
+
+
+def measure(expression: str, steps: int = 2) -> tuple[float, str]:
+    """(state bytes per parameter, passes per step) of ``expression`` on the digits CNN."""
+    torch.manual_seed(0)
+    model = models.cnn()
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    opt = opcomp.build(expression, model, likelihood="categorical")
+    for _ in range(steps):
+        opt.step(lambda: F.cross_entropy(model(x), y))
+    parameters = sum(p.numel() for p in model.parameters())
+    graph = opcomp.lower(expression)
+    fixed, per_layer, _ = graph.cost()
+    layers = sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
+    forward, backward = fixed.forward + layers * per_layer.forward, fixed.backward + layers * per_layer.backward
+    return state_bytes(opt) / parameters, f"{forward:g} forward, {backward:g} backward"
+
+
+def preset_table() -> str:
+    presets = opcomp.presets()
+    lines = [
+        "| preset | lr | passes per step | state bytes / parameter | definition |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name in presets.names():
+        per_parameter, passes = measure(name)
+        definition = opcomp.to_source(presets.get(name).body).replace("|", "\\|")
+        lines.append(f"| {name} | {presets.note(name).lr:g} | {passes} | {per_parameter:.1f} | `{definition}` |")
+    count = sum(p.numel() for p in models.cnn().parameters())
+    lines.append("")
+    lines.append(
+        f"Passes and bytes measured on the small digits CNN (2 convolutions, 1 linear layer, {count:,} parameters)."
+    )
+    return "\n".join(lines)
