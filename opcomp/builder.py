@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import Tensor, nn
 
 from opcomp.capture import Likelihood
@@ -28,6 +30,7 @@ def build(
     namespace: Namespace | None = None,
     reduction: Reduction = "mean",
     likelihood: Likelihood | None = None,
+    compile: Literal["auto", "on", "off"] = "auto",  # noqa: A002 - the option's documented name
     **options,
 ) -> Optimizer:
     """The optimizer for ``expr`` (an expression, a preset, or a ``.toml`` rule file) over a model.
@@ -43,6 +46,10 @@ def build(
     examples ("mean", torch's default, or "sum"), so captured output gradients can be rescaled.
     ``likelihood`` ("categorical" for logits, "gaussian" for ½‖f − y‖²) lets ``fisher=mc`` sample
     labels from the model's output.
+
+    ``compile``: run element-wise expressions as one ``torch.compile``d step (fused kernels, the
+    learning rate a 0-d tensor so schedules never recompile): "on", "off", or "auto" — on CUDA, or
+    on the CPU from a million parameters, where a cold compile's seconds pay off.
     """
     namespace = presets() if namespace is None else namespace
     if isinstance(model_or_params, nn.Module):
@@ -81,6 +88,7 @@ def build(
         owners=owners,
         reduction=reduction,
         likelihood=likelihood,
+        compile=compile,
     )
 
 

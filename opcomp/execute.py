@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from opcomp.graph import Graph, Node
-from opcomp.kernels import COLLECTIVE
+from opcomp.kernels import COLLECTIVE, KERNELS
 from opcomp.kernels.context import BucketStep, Ctx
 from opcomp.kernels.layers import LayerCtx, LayerSlot
 from opcomp.kernels.probes import SECOND_MOMENTS, ProbeCtx, own_second_moment, probed_gradients, upcoming_second_moment
@@ -150,14 +150,45 @@ class Flat:
 
 
 def apply(update: Update) -> None:
-    """p ← p·(1 − lr·decay) − lr·u, in fp32 and rounded once for low-precision parameters."""
+    """p ← p·(1 − lr·decay) − lr·u, in fp32 and rounded once for low-precision parameters.
+
+    ``lr`` is a float when eager and a 0-d tensor when compiled (so schedules never recompile).
+    """
     params, lr, decay = update.bucket.params, update.lr, update.program.decay
-    if params[0].dtype == torch.float32:
-        if decay:
-            torch._foreach_mul_(params, 1.0 - lr * decay)
-        torch._foreach_add_(params, update.direction, alpha=-lr)
-        return
-    new = torch._foreach_mul(update.bucket.params32, 1.0 - lr * decay)
-    torch._foreach_add_(new, update.direction, alpha=-lr)
-    for param, value in zip(params, new):
-        param.copy_(value)
+    target = params if params[0].dtype == torch.float32 else torch._foreach_mul(update.bucket.params32, 1.0)
+    if decay:
+        torch._foreach_mul_(target, 1.0 - lr * decay)
+    if isinstance(lr, Tensor):
+        torch._foreach_sub_(target, torch._foreach_mul(update.direction, lr))
+    else:
+        torch._foreach_add_(target, update.direction, alpha=-lr)
+    if target is not params:
+        for param, value in zip(params, target):
+            param.copy_(value)
+
+
+def simple(programs) -> bool:
+    """Programs with no layer statistics, probes or probed gradients: one function can run them."""
+    return not any(
+        COLLECTIVE.get(s.node.op) or s.node.scope or s.node.spec.binds_gradient for p in programs for s in p.steps
+    )
+
+
+def run_elementwise(programs: list[Program], buckets: list[BucketStep], lrs: list) -> None:
+    """Every bucket's program and its update, in place — the function torch.compile fuses."""
+    for program, bucket, lr in zip(programs, buckets, lrs):
+        values: dict[int, list[Tensor]] = {}
+        for step in program.steps:
+            node = step.node
+            ctx = Ctx(node.options, bucket, node.state_key, scope=node.scope)
+            values[node.id] = KERNELS[node.op](ctx, *(values[i] for i in step.inputs))
+        apply(Update(lr, program, bucket, values[program.output]))
+
+
+def compiled(programs: list[Program]):
+    """``run_elementwise`` for these programs, compiled: inductor fuses each chain into few kernels."""
+
+    def step(buckets: list[BucketStep], lrs: list[Tensor]) -> None:
+        run_elementwise(programs, buckets, lrs)
+
+    return torch.compile(step)

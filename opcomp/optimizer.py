@@ -7,6 +7,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -15,11 +16,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from opcomp.capture import Capture, Likelihood
 from opcomp.definitions import Namespace
 from opcomp.errors import OpcompError
-from opcomp.execute import FamilyStep, apply
+from opcomp.execute import FamilyStep, apply, compiled, run_elementwise, simple
 from opcomp.explain import explain
 from opcomp.graph import Graph
-from opcomp.kernels import COLLECTIVE
 from opcomp.kernels import load as load_kernels
+from opcomp.kernels.context import BucketStep
 from opcomp.kernels.factors import Reduction, check_supported, rows
 from opcomp.kernels.layers import LayerSlot
 from opcomp.lang.ast import Expr
@@ -49,8 +50,14 @@ class Optimizer(torch.optim.Optimizer):
         owners: Mapping[int, tuple[torch.nn.Module, str]] | None = None,
         reduction: Reduction = "mean",
         likelihood: Likelihood | None = None,
+        compile: Literal["auto", "on", "off"] = "auto",  # noqa: A002 - the option's documented name
     ) -> None:
         _check_lr(lr, "the optimizer")
+        if compile not in ("auto", "on", "off"):
+            raise OpcompError(f"compile must be 'auto', 'on' or 'off', got {compile!r}")
+        self._compile = compile
+        self._runners: dict[tuple, object] = {}  # compiled steps, per family and participation
+        self._lr_tensors: dict[tuple, Tensor] = {}
         if reduction not in ("mean", "sum"):
             raise OpcompError(f"reduction must be 'mean' or 'sum' (how the loss combines examples), got {reduction!r}")
         if likelihood not in (None, "categorical", "gaussian"):
@@ -206,16 +213,16 @@ class Optimizer(torch.optim.Optimizer):
         families: dict[str, list] = defaultdict(list)
         for group, bucket, params in work:
             families[group["expr"]].append((group, bucket, params))
-        # kernels that can meet inf or NaN mid-step (layer statistics, probes) need a way back
-        fallible = bool(probing) or any(
-            COLLECTIVE.get(n.op) for expression in families for n in self._graphs[expression].nodes
-        )
-        saved = _snapshot(self.state, work) if fallible else None
+        plain = {e: items for e, items in families.items() if simple([b.program for _, b, _ in items])}
+        # the others (layer statistics, probes) can meet inf or NaN mid-step: they need a way back,
+        # and they run first, so nothing has been applied when one gives up
+        fallible = {e: items for e, items in families.items() if e not in plain}
+        saved = _snapshot(self.state, work) if fallible or probing else None
         statistics = self._statistics()
         try:
             updates = [
                 u
-                for expression, items in families.items()
+                for expression, items in fallible.items()
                 for u in FamilyStep(self, expression, items, statistics, probe).run()
             ]
         except NonFinite:
@@ -223,10 +230,42 @@ class Optimizer(torch.optim.Optimizer):
             return self._skip(loss)
         for update in updates:
             apply(update)
+        for expression, items in plain.items():
+            self._run_plain(expression, items)
         if self._capture is not None:
             self._capture.clear()
             self._arm()
         return loss
+
+    def _run_plain(self, expression: str, items: list) -> None:
+        """A family of element-wise programs: one function, compiled when ``compile`` says so."""
+        programs = [bucket.program for _, bucket, _ in items]
+        buckets = [BucketStep(params, [self.state[p] for p in params]) for _, _, params in items]
+        if not self._compiling(items):
+            run_elementwise(programs, buckets, [float(group["lr"]) for group, _, _ in items])
+            return
+        key = (expression, tuple((id(bucket), len(params)) for _, bucket, params in items))
+        runner = self._runners.get(key)
+        if runner is None:
+            runner = self._runners[key] = compiled(programs)
+        lrs = [self._lr_tensor(group, params[0].device) for group, _, params in items]
+        runner(buckets, lrs)
+
+    def _compiling(self, items: list) -> bool:
+        """auto: on CUDA, or on the CPU from a million parameters (a cold compile there takes seconds)."""
+        if self._compile != "auto":
+            return self._compile == "on"
+        params = [p for _, _, params in items for p in params]
+        return any(p.is_cuda for p in params) or sum(p.numel() for p in params) >= 1_000_000
+
+    def _lr_tensor(self, group: dict, device: torch.device) -> Tensor:
+        """The group's learning rate as a 0-d tensor, refreshed every step: schedules never recompile."""
+        key = (id(group), device)
+        if key not in self._lr_tensors:
+            self._lr_tensors[key] = torch.zeros((), dtype=torch.float32, device=device)
+        tensor = self._lr_tensors[key]
+        tensor.fill_(float(group["lr"]))
+        return tensor
 
     def _evaluate(self, closure, graphs: list[Graph], probing: bool) -> tuple[Tensor, Probe | None]:
         """The closure's first call, at the current parameters, and opcomp's own backward pass."""
@@ -338,7 +377,7 @@ class Optimizer(torch.optim.Optimizer):
                 )
             keep = {s.node.state_key for s in programs[id(param)].steps}
             state[param] = {
-                key: {name: _restore(name, tensor, param) for name, tensor in buffers.items()}
+                key: {name: _restore(tensor, param) for name, tensor in buffers.items()}
                 for key, buffers in entries.items()
                 if key in keep
             }
@@ -444,8 +483,6 @@ class _ModelCall:
         return self.call
 
 
-def _restore(name: str, tensor: Tensor, param: Tensor) -> Tensor:
-    """A saved buffer, copied onto the parameter's device; step counters stay on the CPU."""
-    if name == "step":
-        return tensor.detach().clone().cpu()
+def _restore(tensor: Tensor, param: Tensor) -> Tensor:
+    """A saved buffer, copied onto its parameter's device (step counters included), dtype kept."""
     return tensor.detach().clone().to(device=param.device)

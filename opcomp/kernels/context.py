@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -22,14 +21,23 @@ class BucketStep:
     params: list[Tensor]
     states: list[dict]  # per parameter: opcomp's state dict, state_key -> {buffer: tensor}
     probed: dict[str, list[Tensor]] = field(default_factory=dict)  # sam's key -> g_sam per parameter
+    _grads: list[Tensor] | None = field(default=None, repr=False)
+    _params32: list[Tensor] | None = field(default=None, repr=False)
 
-    @cached_property
+    # plain properties caching into fields (torch.compile traces these; functools.cached_property it does not)
+    @property
     def grads(self) -> list[Tensor]:
-        return [fp32(p.grad) for p in self.params]
+        if self._grads is None:
+            self._grads = [fp32(p.grad) for p in self.params]
+        return self._grads
 
-    @cached_property
+    @property
     def params32(self) -> list[Tensor]:
-        return [fp32(p.detach()) for p in self.params]
+        """The parameters in fp32: themselves when fp32 (steps run under no_grad, and a detached
+        view would hand a compiled step two aliases of one tensor), else fp32 copies."""
+        if self._params32 is None:
+            self._params32 = [fp32(p) for p in self.params]
+        return self._params32
 
 
 def fp32(tensor: Tensor) -> Tensor:
@@ -67,13 +75,16 @@ class Ctx:
             out.append(state[name])
         return out
 
-    def tick(self) -> list[int]:
-        """Advance this node's per-parameter step counter; returns the new counts."""
-        counts = []
-        for state in self.state:
-            step = state.get("step")
-            if step is None:
-                step = state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            step += 1
-            counts.append(int(step.item()))
-        return counts
+    def tick(self) -> list[Tensor]:
+        """Advance this node's per-parameter step counters; returns them (0-d fp32 tensors).
+
+        Counters live on the parameter's device and bias corrections are computed from them as
+        tensors, so a compiled step neither synchronises nor recompiles as they grow.
+        """
+        steps = []
+        for state, param in zip(self.state, self.params):
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            steps.append(state["step"])
+        torch._foreach_add_(steps, 1.0)
+        return steps

@@ -54,7 +54,7 @@ def ema(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
     torch._foreach_lerp_(average, x, 1.0 - beta)
     if not ctx.options.debias:
         return average
-    return torch._foreach_div(average, [1.0 - beta**t for t in steps])
+    return torch._foreach_div(average, [correction(beta, t) for t in steps])
 
 
 @kernel("momentum")
@@ -76,6 +76,16 @@ def momentum(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
     return buffers
 
 
+def correction(beta: float, step: Tensor) -> Tensor:
+    """1 − β^t in fp32 without cancellation, as −expm1(t·log β).
+
+    Written naively, 1 − 0.999^t loses about 1e-5 of its value in fp32 (torch computes it in
+    double); in double, a compiled step would evaluate it once per element. This form is exact to
+    ~1e-7 in fp32 and cheap to inline. β = 0 gives log β = −∞ and a correction of 1, as it should.
+    """
+    return -torch.expm1(step * (math.log(beta) if beta > 0 else -math.inf))
+
+
 def adam_direction(ctx: Ctx, x: list[Tensor], b1: float, b2: float, eps: float) -> list[Tensor]:
     """m̂/(√v̂ + eps) with torch.optim.Adam's moment updates; the moments live in ctx's state.
 
@@ -89,12 +99,12 @@ def adam_direction(ctx: Ctx, x: list[Tensor], b1: float, b2: float, eps: float) 
     torch._foreach_mul_(exp_avg_sq, b2)
     torch._foreach_addcmul_(exp_avg_sq, source, source, 1.0 - b2)
     denominator = torch._foreach_sqrt(exp_avg_sq)
-    torch._foreach_div_(denominator, [math.sqrt(1.0 - b2**t) for t in steps])
+    torch._foreach_div_(denominator, [torch.sqrt(correction(b2, t)) for t in steps])
     torch._foreach_add_(denominator, eps)
     if ctx.scope is not None:
         return torch._foreach_div(x, denominator)
     direction = torch._foreach_div(exp_avg, denominator)
-    torch._foreach_div_(direction, [1.0 - b1**t for t in steps])
+    torch._foreach_div_(direction, [correction(b1, t) for t in steps])
     return direction
 
 

@@ -57,7 +57,8 @@ def step_counts(ctx: LayerCtx) -> list[int]:
     """Each layer's count of steps taken by this node before this one (then advanced)."""
     counts = []
     for layer in ctx.layers:
-        step = layer.state.setdefault("step", torch.tensor(0.0))
+        device = layer.module.weight.device if hasattr(layer.module, "weight") else None
+        step = layer.state.setdefault("step", torch.zeros((), device=device))
         counts.append(int(step.item()))
         step += 1
     return counts

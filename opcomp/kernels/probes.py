@@ -39,8 +39,8 @@ class ProbeCtx:
     def tick(self) -> int:
         """Steps this node took before this one (all parameters step together); then advance."""
         counts = []
-        for state in self.states:
-            step = state.setdefault("step", torch.tensor(0.0))
+        for state, param in zip(self.states, self.params):
+            step = state.setdefault("step", torch.zeros((), device=param.device))
             counts.append(int(step.item()))
             step += 1
         return max(counts)
@@ -224,7 +224,7 @@ def diag_hessian(ctx: ProbeCtx, x: list[Tensor]) -> list[Tensor]:
     averages = [
         s.setdefault("hess_sq", torch.zeros_like(p, dtype=torch.float32)) for s, p in zip(ctx.states, ctx.params)
     ]  # noqa: E501
-    counts = [s.setdefault("estimates", torch.tensor(0.0)) for s in ctx.states]
+    counts = [s.setdefault("estimates", torch.zeros((), device=p.device)) for s, p in zip(ctx.states, ctx.params)]
     if step % o.update_every == 0:
         z = noise(ctx, step, gaussian=False)
         grads = [ctx.probe.graph_grads[id(p)] for p in ctx.params]
@@ -278,7 +278,7 @@ def upcoming_second_moment(spec_name: str, options, state: dict, grad: Tensor) -
 
 def own_second_moment(state: dict, grad: Tensor) -> Tensor:
     average = state.setdefault("grad_sq", torch.zeros_like(grad))
-    count = state.setdefault("step", torch.tensor(0.0))
+    count = state.setdefault("step", torch.zeros((), device=grad.device))
     average.mul_(OWN_BETA).addcmul_(grad, grad, value=1 - OWN_BETA)
     count += 1
     return average / (1 - OWN_BETA ** int(count.item()))
