@@ -66,6 +66,13 @@ def _presets(args: argparse.Namespace) -> str:
     return preset_table()
 
 
+def _bench(args: argparse.Namespace) -> str:
+    from opcomp.bench import step
+
+    step.main(args.rest)
+    return ""
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="opcomp", description="Optimizers written as expressions over preconditioning operators."
@@ -93,13 +100,20 @@ def parser() -> argparse.ArgumentParser:
         "presets", help="list the presets: definition, recommended lr, passes per step, state bytes per parameter"
     )
     listing.set_defaults(run=_presets)
+
+    bench = commands.add_parser("bench", help="benchmarks: 'opcomp bench step --help'")
+    bench.add_argument("what", choices=["step"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=_bench)
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        print(args.run(args))
+        output = args.run(args)
+        if output:
+            print(output)
     except OpcompError as error:
         print(f"opcomp: {error}", file=sys.stderr)
         return 2
