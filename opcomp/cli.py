@@ -66,11 +66,23 @@ def _presets(args: argparse.Namespace) -> str:
     return preset_table()
 
 
-def _bench(args: argparse.Namespace) -> str:
+def _compare(rest: list[str]) -> str:
+    from opcomp.bench import compare
+
+    return compare.main(rest)
+
+
+def _bench(rest: list[str]) -> str:
     from opcomp.bench import step
 
-    step.main(args.rest)
+    if rest[:1] != ["step"]:
+        raise OpcompError("opcomp bench has one benchmark: opcomp bench step [--shapes ...] (see --help)")
+    step.main(rest[1:])
     return ""
+
+
+DELEGATED = {"compare": _compare, "bench": _bench}
+"""Subcommands that parse their own arguments."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -101,17 +113,17 @@ def parser() -> argparse.ArgumentParser:
     )
     listing.set_defaults(run=_presets)
 
-    bench = commands.add_parser("bench", help="benchmarks: 'opcomp bench step --help'")
-    bench.add_argument("what", choices=["step"])
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
-    bench.set_defaults(run=_bench)
+    commands.add_parser("compare", help="train optimizers side by side on real data: opcomp compare --help")
+    commands.add_parser("bench", help="step time and memory against torch.optim: opcomp bench step --help")
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    delegated = DELEGATED.get(argv[0]) if argv else None
+    args = None if delegated else parser().parse_args(argv)
     try:
-        output = args.run(args)
+        output = delegated(argv[1:]) if delegated else args.run(args)
         if output:
             print(output)
     except OpcompError as error:

