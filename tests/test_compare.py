@@ -49,3 +49,12 @@ def test_rule_files_and_expressions_compare_alike(tmp_path, capsys):
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert [r["optimizer"] for r in runs] == [str(rules), "muon(g) | rms(g)"]
     assert all(r["finished"] and math.isfinite(r["validation_loss"]) for r in runs)
+
+
+def test_debian_data_sets_and_the_mlp_train_through_compare(tmp_path):
+    for task, model in (("fashion", "mlp"), ("charlm-kjv", None), ("mnist", "cnn")):
+        out = tmp_path / task
+        extra = ["--model", model] if model else []
+        assert main(["compare", "adamw", "--task", task, "--steps", "3", "--out", str(out), *extra]) == 0
+        run = json.loads((out / "results.json").read_text())["runs"][0]
+        assert run["finished"] and math.isfinite(run["validation_loss"]), task
