@@ -249,7 +249,19 @@ class Optimizer(torch.optim.Optimizer):
         if runner is None:
             runner = self._runners[key] = compiled(programs)
         lrs = [self._lr_tensor(group, params[0].device) for group, _, params in items]
-        runner(buckets, lrs)
+        try:
+            runner(buckets, lrs)
+        except Exception as error:  # a compiler that cannot run here (no C compiler, an unsupported op)
+            if self._compile == "on":
+                raise
+            self._compile = "off"
+            warnings.warn(
+                f"opcomp: torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                "this optimizer steps eagerly from now on (compile='off' silences this)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            run_elementwise(programs, buckets, [float(group["lr"]) for group, _, _ in items])
 
     def _compiling(self, items: list) -> bool:
         """auto: on CUDA, or on the CPU from a million parameters (a cold compile there takes seconds)."""

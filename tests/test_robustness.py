@@ -216,3 +216,31 @@ def test_a_tensor_learning_rate_works_like_a_float():
         opt.step()
         results.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_automatic_compilation_falls_back_to_eager_when_the_compiler_fails(monkeypatch):
+    from opcomp import optimizer
+
+    def broken(programs):
+        def run(buckets, lrs):
+            raise RuntimeError("no C compiler here")
+
+        return run
+
+    monkeypatch.setattr(optimizer, "compiled", broken)
+    # "auto" leaves models this small eager: let it compile them, as it would a large one
+    monkeypatch.setattr(optimizer.Optimizer, "_compiling", lambda self, items: self._compile != "off")
+    reference, model = net(), net()
+    eager = opcomp.build("adamw", reference, lr=0.01, compile="off")
+    automatic = opcomp.build("adamw", model, lr=0.01, compile="auto")
+    backward(reference)
+    eager.step()
+    backward(model)
+    with pytest.warns(RuntimeWarning, match="no C compiler here"):
+        automatic.step()
+    assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), model.parameters()))
+    forced_model = net()
+    forced = opcomp.build("adamw", forced_model, lr=0.01, compile="on")
+    backward(forced_model)
+    with pytest.raises(RuntimeError, match="no C compiler here"):
+        forced.step()

@@ -60,10 +60,6 @@ class Rows:
         return d.T @ (self.a @ q_a).square() / self.d_count
 
 
-def layer_kind(module: nn.Module) -> str:
-    return type(module).__name__
-
-
 def check_supported(module: nn.Module, name: str) -> None:
     """Refuse, at build time, layer configurations the statistics do not cover."""
     if isinstance(module, nn.Conv2d):

@@ -10,7 +10,7 @@ graph reuses :func:`render` to build each node's key from its inputs' keys witho
 
 from __future__ import annotations
 
-from opcomp.lang.ast import Call, Definition, Expr, Fallback, Name, Neg, Num, Product, Sum, children
+from opcomp.lang.ast import Call, Expr, Fallback, Name, Neg, Num, Product, Sum, children
 
 # Binding strength, loosest first. A child printed inside a parent of precedence P needs
 # parentheses when its own precedence is not above P (all binary forms are flat, never nested).
@@ -74,11 +74,3 @@ def to_source(expr: Expr) -> str:
             stack.append((node, True))
             stack.extend((k, False) for k in reversed(kids))
     return done[id(expr)][0]
-
-
-def definition_source(definition: Definition) -> str:
-    """One definition as it would be written in a .opc file."""
-    head = definition.name
-    if definition.params:
-        head += "[" + ", ".join(f"{p.name}={to_source(p.value)}" for p in definition.params) + "]"
-    return f"{head} = {to_source(definition.body)}"
