@@ -61,7 +61,7 @@ class FamilyStep:
         ]
 
     def _run(self, node: Node, running) -> None:
-        kernel = self.optimizer._kernels[node.op]
+        kernel = KERNELS[node.op]
         collective = COLLECTIVE.get(node.op)
         if collective is None:
             for i, step in running:

@@ -74,7 +74,7 @@ class Optimizer(torch.optim.Optimizer):
         self._graphs: dict[str, Graph] = {}
         self._written: list[str] = []  # each group's expression as the user gave it
         self._buckets: list[list[Bucket]] = []  # per group
-        self._kernels = load_kernels()
+        load_kernels()  # registers every kernel family
         self.skipped_steps = 0
         self._warned_skip = False
         default = self._lower(expr)
@@ -131,13 +131,6 @@ class Optimizer(torch.optim.Optimizer):
             info = ParamInfo(name, tuple(param.shape), *self._owners.get(id(param), (None, None)))
             self._infos[id(param)] = info
             program = select(graph, info, written)
-            for step in program.steps:
-                if step.node.op not in self._kernels:
-                    raise OpcompError(
-                        f"'{step.node.op}' is in the catalogue but opcomp.build cannot run it yet "
-                        f"(needed for parameter {info.describe()})",
-                        step.node.span,
-                    )
             bucket = buckets.setdefault(bucket_key(program, param), Bucket(program))
             bucket.params.append(param)
             bucket.names.append(name)
@@ -217,7 +210,7 @@ class Optimizer(torch.optim.Optimizer):
         # the others (layer statistics, probes) can meet inf or NaN mid-step: they need a way back,
         # and they run first, so nothing has been applied when one gives up
         fallible = {e: items for e, items in families.items() if e not in plain}
-        saved = _snapshot(self.state, work) if fallible or probing else None
+        saved = _snapshot(self.state, [item for items in fallible.values() for item in items]) if fallible else None
         statistics = self._statistics()
         try:
             updates = [
@@ -241,27 +234,25 @@ class Optimizer(torch.optim.Optimizer):
         """A family of element-wise programs: one function, compiled when ``compile`` says so."""
         programs = [bucket.program for _, bucket, _ in items]
         buckets = [BucketStep(params, [self.state[p] for p in params]) for _, _, params in items]
-        if not self._compiling(items):
-            run_elementwise(programs, buckets, [float(group["lr"]) for group, _, _ in items])
-            return
-        key = (expression, tuple((id(bucket), len(params)) for _, bucket, params in items))
-        runner = self._runners.get(key)
-        if runner is None:
-            runner = self._runners[key] = compiled(programs)
-        lrs = [self._lr_tensor(group, params[0].device) for group, _, params in items]
-        try:
-            runner(buckets, lrs)
-        except Exception as error:  # a compiler that cannot run here (no C compiler, an unsupported op)
-            if self._compile == "on":
-                raise
-            self._compile = "off"
-            warnings.warn(
-                f"opcomp: torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-                "this optimizer steps eagerly from now on (compile='off' silences this)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            run_elementwise(programs, buckets, [float(group["lr"]) for group, _, _ in items])
+        if self._compiling(items):
+            key = (expression, tuple((id(bucket), len(params)) for _, bucket, params in items))
+            runner = self._runners.get(key)
+            if runner is None:
+                runner = self._runners[key] = compiled(programs)
+            try:
+                runner(buckets, [self._lr_tensor(group, params[0].device) for group, _, params in items])
+                return
+            except Exception as error:  # a compiler that cannot run here (no C compiler, an unsupported op)
+                if self._compile == "on":
+                    raise
+                self._compile = "off"
+                warnings.warn(
+                    f"opcomp: torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                    "this optimizer steps eagerly from now on (compile='off' silences this)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        run_elementwise(programs, buckets, [float(group["lr"]) for group, _, _ in items])
 
     def _compiling(self, items: list) -> bool:
         """auto: on CUDA, or on the CPU from a million parameters (a cold compile there takes seconds)."""
@@ -284,7 +275,8 @@ class Optimizer(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         nodes = [n for graph in graphs for n in graph.nodes]
         double = any(n.spec.needs.double_backward for n in nodes)
-        outputs = probing and any(n.op in ("gnvp", "lgn") for n in nodes)
+        # Gauss–Newton probes (gnvp, lgn) differentiate the loss at the model's recorded output
+        outputs = any(n.spec.needs.closure and n.spec.needs.model for n in nodes)
         for param in params:
             param.grad = None
         recorder = _ModelCall(self._model if outputs else None)

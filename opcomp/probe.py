@@ -32,6 +32,13 @@ class NonFinite(Exception):
     """A probe met inf or NaN: the step is abandoned and nothing it changed is kept."""
 
 
+def finite(values: Sequence[Tensor]) -> list[Tensor]:
+    """``values``, or NonFinite when any holds inf or NaN."""
+    if not all(bool(torch.isfinite(v).all()) for v in values):
+        raise NonFinite
+    return list(values)
+
+
 def check_loss(loss, *, probing: bool, params: Sequence[Tensor]) -> Tensor:
     """The closure's return value, checked: a scalar loss tensor with a graph to the parameters."""
     if not isinstance(loss, Tensor):
@@ -112,10 +119,7 @@ class Probe:
         with self.shifted(shifts):
             loss = self.evaluate()
             grads = torch.autograd.grad(loss, list(params), allow_unused=True)
-        out = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
-        if not all(bool(torch.isfinite(g).all()) for g in out):
-            raise NonFinite
-        return out
+        return finite([torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)])
 
     def loss_gradient(self) -> Tensor:
         """∂L/∂f at the model's output f, with its graph (for products with the loss Hessian)."""

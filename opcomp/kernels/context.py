@@ -45,6 +45,17 @@ def fp32(tensor: Tensor) -> Tensor:
     return tensor if tensor.dtype == torch.float32 else tensor.float()
 
 
+def advance(state: dict, device, name: str = "step") -> int:
+    """How often the counter ``name`` in ``state`` was advanced before (it starts at 0); advances it.
+
+    For collective kernels, which need the count as a number; ``Ctx.tick`` keeps it a tensor.
+    """
+    counter = state.setdefault(name, torch.zeros((), device=device))
+    taken = int(counter.item())
+    counter += 1
+    return taken
+
+
 @dataclass
 class Ctx:
     """A kernel's view of one node over one bucket."""

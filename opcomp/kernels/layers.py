@@ -23,9 +23,10 @@ from torch import Tensor, nn
 
 from opcomp.errors import OpcompError
 from opcomp.kernels import kernel
+from opcomp.kernels.context import advance
 from opcomp.kernels.factors import Rows
 from opcomp.ops import Options
-from opcomp.probe import NonFinite
+from opcomp.probe import finite
 
 
 @dataclass
@@ -55,20 +56,13 @@ class LayerCtx:
 
 def step_counts(ctx: LayerCtx) -> list[int]:
     """Each layer's count of steps taken by this node before this one (then advanced)."""
-    counts = []
-    for layer in ctx.layers:
-        device = layer.module.weight.device if hasattr(layer.module, "weight") else None
-        step = layer.state.setdefault("step", torch.zeros((), device=device))
-        counts.append(int(step.item()))
-        step += 1
-    return counts
+    return [advance(layer.state, layer.module.weight.device) for layer in ctx.layers]
 
 
 def average(state: dict, name: str, value: Tensor, decay: float) -> None:
     """S ← decay·S + (1 − decay)·value; the first value starts it. A non-finite batch statistic
     abandons the step before anything changes."""
-    if not bool(torch.isfinite(value).all()):
-        raise NonFinite
+    finite([value])
     if name not in state:
         state[name] = value.clone()
     else:

@@ -19,9 +19,9 @@ from torch.func import functional_call, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from opcomp.kernels import kernel
-from opcomp.kernels.context import Ctx
+from opcomp.kernels.context import Ctx, advance
 from opcomp.ops import Options
-from opcomp.probe import NonFinite, Probe
+from opcomp.probe import Probe, finite
 
 
 @dataclass
@@ -38,12 +38,7 @@ class ProbeCtx:
 
     def tick(self) -> int:
         """Steps this node took before this one (all parameters step together); then advance."""
-        counts = []
-        for state, param in zip(self.states, self.params):
-            step = state.setdefault("step", torch.zeros((), device=param.device))
-            counts.append(int(step.item()))
-            step += 1
-        return max(counts)
+        return max(advance(state, param.device) for state, param in zip(self.states, self.params))
 
     def generator(self, step: int, device: torch.device) -> torch.Generator:
         digest = hashlib.sha256(f"{self.state_key}#{step}".encode()).digest()
@@ -52,12 +47,6 @@ class ProbeCtx:
 
 def global_norm(values: Sequence[Tensor]) -> float:
     return math.sqrt(sum(float(v.double().square().sum()) for v in values))
-
-
-def finite(values: Sequence[Tensor]) -> list[Tensor]:
-    if not all(bool(torch.isfinite(v).all()) for v in values):
-        raise NonFinite
-    return list(values)
 
 
 # -- Hessian and Gauss–Newton products ---------------------------------------------------------
@@ -221,10 +210,8 @@ def diag_hessian(ctx: ProbeCtx, x: list[Tensor]) -> list[Tensor]:
     """x / ((v/(1−beta^k))^(power/2) + eps), v the running mean of D², D = z ⊙ Hz (z Rademacher)."""
     o = ctx.options
     step = ctx.tick()
-    averages = [
-        s.setdefault("hess_sq", torch.zeros_like(p, dtype=torch.float32)) for s, p in zip(ctx.states, ctx.params)
-    ]  # noqa: E501
-    counts = [s.setdefault("estimates", torch.zeros((), device=p.device)) for s, p in zip(ctx.states, ctx.params)]
+    pairs = list(zip(ctx.states, ctx.params))
+    averages = [state.setdefault("hess_sq", torch.zeros_like(p, dtype=torch.float32)) for state, p in pairs]
     if step % o.update_every == 0:
         z = noise(ctx, step, gaussian=False)
         grads = [ctx.probe.graph_grads[id(p)] for p in ctx.params]
@@ -232,12 +219,12 @@ def diag_hessian(ctx: ProbeCtx, x: list[Tensor]) -> list[Tensor]:
             grads, ctx.params, [zi.to(p.dtype) for zi, p in zip(z, ctx.params)], retain_graph=True, allow_unused=True
         )
         estimates = finite([zi * (0 if h is None else h.detach().float()) for zi, h in zip(z, products)])
-        for average, count, estimate in zip(averages, counts, estimates):
+        for (state, param), average, estimate in zip(pairs, averages, estimates):
             average.mul_(o.beta).addcmul_(estimate, estimate, value=1 - o.beta)
-            count += 1
+            advance(state, param.device, "estimates")
     out = []
-    for value, average, count in zip(x, averages, counts):
-        corrected = average / (1 - o.beta ** max(int(count.item()), 1))
+    for value, average, (state, _) in zip(x, averages, pairs):
+        corrected = average / (1 - o.beta ** max(int(state.get("estimates", 0)), 1))
         out.append(value / (corrected.pow(o.power / 2) + o.eps))
     return out
 
@@ -278,10 +265,9 @@ def upcoming_second_moment(spec_name: str, options, state: dict, grad: Tensor) -
 
 def own_second_moment(state: dict, grad: Tensor) -> Tensor:
     average = state.setdefault("grad_sq", torch.zeros_like(grad))
-    count = state.setdefault("step", torch.zeros((), device=grad.device))
+    steps = advance(state, grad.device) + 1
     average.mul_(OWN_BETA).addcmul_(grad, grad, value=1 - OWN_BETA)
-    count += 1
-    return average / (1 - OWN_BETA ** int(count.item()))
+    return average / (1 - OWN_BETA**steps)
 
 
 def probed_gradients(options, params: list[Tensor], grads: list[Tensor], moments: list, probe: Probe) -> list[Tensor]:

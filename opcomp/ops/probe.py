@@ -75,7 +75,7 @@ register(
         needs=Needs(closure=True, model=True),
         cost_when=lambda o: Cost(
             forward=1 + 2 * o.steps, backward=1 + o.steps, memory="the loss graph", per_layer=True
-        ),  # noqa: E501
+        ),
         summary="layerwise Gauss–Newton step from matrix-free products",
         formula="per layer l: −d*, d* ≈ argmin_d xᵀd + ½dᵀ(G_l + λI)d, i.e. (G_l + λI)⁻¹x",
     )
