@@ -428,3 +428,11 @@ def test_a_non_finite_probe_skips_the_whole_step_and_restores_state():
         for key in state[index]:
             for name, tensor in state[index][key].items():
                 assert torch.equal(tensor, after[index][key][name]), (index, key, name)
+
+
+def test_grad_at_is_the_gradient_at_the_shifted_point():
+    model, (x, y) = tiny(), batch()
+    reference = copy.deepcopy(model)
+    expected = flatten(naive_sam_gradient(reference, x, y, 0.2))  # ∇L(p + 0.2·g/‖g‖)
+    # lr=1 reads u = p_before − p_after without amplifying the rounding of the subtraction
+    torch.testing.assert_close(direction_of("grad_at[rho=0.2](g)", model, x, y, lr=1.0), expected, rtol=1e-4, atol=1e-6)
