@@ -26,7 +26,7 @@ from opcomp.kernels.layers import LayerSlot
 from opcomp.lang.ast import Expr
 from opcomp.ops import Applies
 from opcomp.plan import Bucket, LayerPlan, ParamInfo, bucket_key, check_parameter, select
-from opcomp.probe import CLOSURE_SHAPE, NonFinite, Probe, check_loss
+from opcomp.probe import CLOSURE_SHAPE, NonFinite, Probe, all_finite, check_loss
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -201,7 +201,7 @@ class Optimizer(torch.optim.Optimizer):
             return loss
         if any(g.is_sparse for g in grads):
             raise OpcompError("sparse gradients are not supported; use nn.Embedding(sparse=False)")
-        if grads and not _all_finite(grads):
+        if grads and not all_finite(grads):
             return self._skip(loss)
         families: dict[str, list] = defaultdict(list)
         for group, bucket, params in work:
@@ -432,23 +432,6 @@ def _check_lr(lr, where: str) -> None:
     value = lr.item() if isinstance(lr, Tensor) and lr.numel() == 1 else lr
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise OpcompError(f"the learning rate of {where} must be a finite number >= 0, got {lr!r}")
-
-
-def _all_finite(grads: list[Tensor]) -> bool:
-    """Whether every gradient element is finite, exactly, at the cost of one sum per tensor.
-
-    A finite sum proves its elements finite (an infinity never cancels to a finite value); a
-    non-finite sum is an inf or NaN element, or finite values that overflow, which the exact
-    min/max check (NaN propagates through both) tells apart.
-    """
-    groups: dict[tuple, list[Tensor]] = defaultdict(list)
-    for grad in grads:
-        groups[(grad.device, grad.dtype)].append(grad)
-    for same in groups.values():
-        if not bool(torch.stack([g.sum() for g in same]).isfinite().all()):
-            if not all(bool(torch.stack(torch.aminmax(g)).isfinite().all()) for g in same):
-                return False
-    return True
 
 
 def _snapshot(state, work) -> defaultdict:

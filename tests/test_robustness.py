@@ -244,3 +244,13 @@ def test_automatic_compilation_falls_back_to_eager_when_the_compiler_fails(monke
     backward(forced_model)
     with pytest.raises(RuntimeError, match="no C compiler here"):
         forced.step()
+
+
+def test_an_empty_parameter_beside_a_non_finite_gradient_still_skips_the_step():
+    empty, full = nn.Parameter(torch.ones(0)), nn.Parameter(torch.ones(3))
+    opt = opcomp.build("sgd", [empty, full], lr=0.1)
+    empty.grad, full.grad = torch.zeros(0), torch.tensor([1.0, float("inf"), 1.0])
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    assert opt.skipped_steps == 1
+    assert torch.equal(full, torch.ones(3))
