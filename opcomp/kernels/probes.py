@@ -45,10 +45,6 @@ class ProbeCtx:
         return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def global_norm(values: Sequence[Tensor]) -> float:
-    return math.sqrt(sum(float(v.double().square().sum()) for v in values))
-
-
 # -- Hessian and Gauss–Newton products ---------------------------------------------------------
 
 
@@ -154,12 +150,17 @@ def adam_descent(system, right: list[Tensor], options) -> list[Tensor]:
 # -- shifted points ------------------------------------------------------------------------------
 
 
+def gradient_along(probe: Probe, params: list[Tensor], directions: list[Tensor], rho: float) -> list[Tensor]:
+    """∇L(p + rho·d/‖d‖), ‖·‖ over every parameter given; ∇L(p) where d = 0."""
+    norm = math.sqrt(dot(directions, directions))
+    scale = rho / norm if norm > 0 else 0.0
+    return probe.gradient_at([(p, scale * v) for p, v in zip(params, directions)], params)
+
+
 @kernel("grad_at", collective="probe")
 def grad_at(ctx: ProbeCtx, d: list[Tensor]) -> list[Tensor]:
     """∇L(p + rho·d/‖d‖), ‖·‖ over every parameter running the node; ∇L(p) where d = 0."""
-    norm = global_norm(d)
-    scale = ctx.options.rho / norm if norm > 0 else 0.0
-    return ctx.probe.gradient_at([(p, scale * v) for p, v in zip(ctx.params, d)], ctx.params)
+    return gradient_along(ctx.probe, ctx.params, d, ctx.options.rho)
 
 
 def rademacher(shape, generator: torch.Generator, device) -> Tensor:
@@ -273,6 +274,4 @@ def own_second_moment(state: dict, grad: Tensor) -> Tensor:
 def probed_gradients(options, params: list[Tensor], grads: list[Tensor], moments: list, probe: Probe) -> list[Tensor]:
     """g_sam = ∇L(p + ε), ε = rho·d/‖d‖ over all the parameters (ε = 0 when d = 0)."""
     directions = [ascent_direction(options.mode, p, g, m) for p, g, m in zip(params, grads, moments)]
-    norm = global_norm(directions)
-    scale = options.rho / norm if norm > 0 else 0.0
-    return probe.gradient_at([(p, scale * d) for p, d in zip(params, directions)], params)
+    return gradient_along(probe, params, directions, options.rho)
