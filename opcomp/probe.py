@@ -116,27 +116,23 @@ class Probe:
                 for buffer, value in buffers:
                     buffer.copy_(value)
 
-    def evaluate(self) -> Tensor:
+    def evaluate(self, *, grad: bool) -> Tensor:
+        """The closure's loss at the current point (with its graph when ``grad``); NonFinite if inf or NaN."""
         self.evaluations += 1
-        with torch.enable_grad():
+        with torch.set_grad_enabled(grad):
             loss = check_loss(self.closure(), probing=False, params=())
         if not bool(torch.isfinite(loss.detach())):
             raise NonFinite
         return loss
 
     def loss_at(self, shifts: Sequence[tuple[Tensor, Tensor]]) -> float:
-        with self.shifted(shifts), torch.no_grad():
-            self.evaluations += 1
-            loss = check_loss(self.closure(), probing=False, params=())
-            value = float(loss)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise NonFinite
-        return value
+        with self.shifted(shifts):
+            return float(self.evaluate(grad=False))
 
     def gradient_at(self, shifts: Sequence[tuple[Tensor, Tensor]], params: Sequence[Tensor]) -> list[Tensor]:
         """∇L at the shifted point for ``params`` (zeros where the loss does not reach one)."""
         with self.shifted(shifts):
-            loss = self.evaluate()
+            loss = self.evaluate(grad=True)
             grads = torch.autograd.grad(loss, list(params), allow_unused=True)
         return finite([torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)])
 

@@ -407,9 +407,10 @@ class TestClosureProtocol:
         assert "a copy of the parameters" in text
 
 
-def test_a_non_finite_probe_skips_the_whole_step_and_restores_state():
+@pytest.mark.parametrize("expression", ["adam(g) + sam(g)", "adam(g) + zo"])  # a probed gradient, a probed loss
+def test_a_non_finite_probe_skips_the_whole_step_and_restores_state(expression):
     model, (x, y) = tiny(), batch()
-    opt = opcomp.build("adam(g) + sam(g)", model, lr=0.01)
+    opt = opcomp.build(expression, model, lr=0.01)
     opt.step(lambda: loss_of(model, x, y))
     params = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy(opt.state_dict()["state"])
