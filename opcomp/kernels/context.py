@@ -50,7 +50,7 @@ def advance(state: dict, device, name: str = "step") -> int:
 
     For collective kernels, which need the count as a number; ``Ctx.tick`` keeps it a tensor.
     """
-    counter = state.setdefault(name, torch.zeros((), device=device))
+    counter = state.setdefault(name, torch.zeros((), dtype=torch.float32, device=device))
     taken = int(counter.item())
     counter += 1
     return taken
