@@ -16,6 +16,7 @@ Every mistake raises an :class:`OpcompError` pointing at the place it was writte
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from opcomp.errors import (
     closest,
 )
 from opcomp.lang.ast import Call, Definition, Expr, Fallback, Name, Neg, Num, Option, Product, Sum
+from opcomp.lang.parser import MAX_NESTING, MAX_TEXT, bracket_depth
 from opcomp.lang.printer import to_source
 from opcomp.lang.source import Span
 from opcomp.ops import REGISTRY, OpSpec
@@ -40,6 +42,11 @@ from opcomp.ops.registry import enum_values
 
 MAX_EXPANSION = 32
 """Deepest chain of definitions using definitions."""
+
+MAX_RESOLVED = 20_000
+"""Most syntax nodes an expression may expand to, definitions included. Definitions that use each
+other twice double at each level (``a2 = a1 + a1``), so without a bound twenty lines would take
+minutes; the largest preset expands to fewer than 100."""
 
 Value = Constant | Expr  # a number/word, or a direction (canonical expression)
 
@@ -66,7 +73,25 @@ def canonicalize(expr: Expr, namespace: Namespace | None = None) -> Expr:
             f"the expression is the {_describe(value)}, not a direction — write an operator such as 'adamw'",
             expr.span,
         )
+    _check_readable(to_source(value), expr.span)
     return value
+
+
+def _check_readable(canonical: str, span: Span | None) -> None:
+    """Canonical text must parse again: within the parser's length and nesting limits."""
+    if len(canonical) > MAX_TEXT:
+        raise DefinitionError(
+            f"with its definitions expanded, the expression is {len(canonical):,} characters long; opcomp "
+            f"reads at most {MAX_TEXT:,} — definitions that use another one several times multiply its size",
+            span,
+        )
+    depth = bracket_depth(canonical)
+    if depth > MAX_NESTING:
+        raise CompositionError(
+            f"with its definitions expanded, the expression nests brackets {depth} deep; opcomp reads "
+            f"at most {MAX_NESTING} — compose fewer operators inside each other",
+            span,
+        )
 
 
 def _describe(value: Constant) -> str:
@@ -97,10 +122,19 @@ def option_expr(value: Constant, span: Span | None = None) -> Expr:
 class _Resolver:
     def __init__(self, namespace: Namespace) -> None:
         self.namespace = namespace
+        self.resolved = 0  # syntax nodes visited, definitions expanded in place
 
     # -- values -------------------------------------------------------------------------------
 
     def value(self, expr: Expr, scope: _Scope) -> Value:
+        self.resolved += 1
+        if self.resolved > MAX_RESOLVED:
+            raise DefinitionError(
+                f"the expression expands to more than {MAX_RESOLVED:,} terms — definitions that use "
+                "another definition several times multiply its size at each level; share a term by "
+                "writing it once",
+                expr.span,
+            )
         if isinstance(expr, Num):
             return expr.value
         if isinstance(expr, Name):
@@ -119,7 +153,7 @@ class _Resolver:
             operand = self.value(expr.operand, scope)
             if is_direction(operand):
                 return _scale(-1.0, operand, expr.span)
-            return -self.number(operand, expr.operand, "'-'")
+            return _arithmetic(operator.neg, expr.span, self.number(operand, expr.operand, "'-'"))
         if isinstance(expr, Product):
             return self.product(expr, scope)
         if isinstance(expr, Sum):
@@ -146,7 +180,7 @@ class _Resolver:
         for factor in expr.factors:
             value = self.value(factor, scope)
             if not is_direction(value):
-                coefficient = coefficient * self.number(value, factor, "'*'")
+                coefficient = _arithmetic(operator.mul, expr.span, coefficient, self.number(value, factor, "'*'"))
             elif direction is None:
                 direction = value
             else:
@@ -172,7 +206,7 @@ class _Resolver:
         total = self.number(values[0], expr.terms[0], f"'{expr.ops[0]}'")
         for op, term, value in zip(expr.ops, expr.terms[1:], values[1:]):
             number = self.number(value, term, f"'{op}'")
-            total = total + number if op == "+" else total - number
+            total = _arithmetic(operator.add if op == "+" else operator.sub, expr.span, total, number)
         return _finite(total, expr.span)
 
     # -- calls --------------------------------------------------------------------------------
@@ -273,9 +307,9 @@ class _Resolver:
 def _scale(coefficient: int | float, direction: Expr, span: Span | None) -> Expr:
     """``c * x`` in canonical form: one float factor in front, nested scalings multiplied."""
     if isinstance(direction, Product):
-        coefficient = coefficient * direction.factors[0].value
+        coefficient = _arithmetic(operator.mul, span, coefficient, direction.factors[0].value)
         direction = direction.factors[1]
-    factor = float(_finite(coefficient, span))
+    factor = _arithmetic(float, span, _finite(coefficient, span))
     return Product((Num(factor, span), direction), span)
 
 
@@ -285,8 +319,20 @@ def _finite(number: int | float, span: Span | None) -> int | float:
     except OverflowError:
         ok = False
     if not ok:
-        raise CompositionError("this arithmetic overflows to infinity — use smaller numbers", span)
+        raise _overflow(span)
     return number
+
+
+def _arithmetic(operation, span: Span | None, *numbers: int | float) -> int | float:
+    """``operation(*numbers)``, with Python's overflow (a huge integer times a float) as the user's error."""
+    try:
+        return operation(*numbers)
+    except OverflowError:
+        raise _overflow(span) from None
+
+
+def _overflow(span: Span | None) -> CompositionError:
+    return CompositionError("this arithmetic overflows to infinity — use smaller numbers", span)
 
 
 def _bool_flag(defaults: Mapping[str, Constant]):

@@ -25,6 +25,10 @@ from opcomp.lang.source import Source, Span
 MAX_NESTING = 64
 """Deepest bracket/unary nesting accepted; far beyond any real optimizer, far below Python's stack."""
 
+MAX_TEXT = 65_536
+"""Longest expression or definition file read, in characters: a 1,000-operator expression is 16,000,
+and parsing grows with the text (64 KiB reads in well under a second)."""
+
 _OPENERS = {"(": ")", "[": "]"}
 _CLOSERS = {")": "(", "]": "["}
 
@@ -73,6 +77,12 @@ def parse_file(text: str, name: str = "<definitions>") -> tuple[Definition, ...]
 def _run(source: Source, start: str):
     if not isinstance(source.text, str):
         raise OpcompSyntaxError(f"expected the expression as a string, got {type(source.text).__name__}")
+    if len(source.text) > MAX_TEXT:
+        what = "an expression" if start == "expression" else "a definition file"
+        raise OpcompSyntaxError(
+            f"{source.name} is {len(source.text):,} characters long; opcomp reads {what} of at most "
+            f"{MAX_TEXT:,} — split it into definitions (a .opc file) that refer to each other"
+        )
     _check_brackets(source)
     try:
         tree = _lark().parse(source.text, start=start)
@@ -138,6 +148,18 @@ def _check_brackets(source: Source) -> None:
             f"unbalanced bracket: '{opener}' is never closed — add '{_OPENERS[opener]}'",
             _span_at(source, open_line, open_column),
         )
+
+
+def bracket_depth(text: str) -> int:
+    """The deepest nesting of '(' and '[' in ``text`` (text without comments, such as canonical text)."""
+    depth = deepest = 0
+    for char in text:
+        if char in _OPENERS:
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in _CLOSERS:
+            depth -= 1
+    return deepest
 
 
 def _syntax_error(source: Source, error: UnexpectedInput, start: str) -> OpcompSyntaxError:
