@@ -13,8 +13,18 @@ from opcomp.errors import OpcompError
 def _namespace(paths: list[str]) -> Namespace:
     namespace = presets()
     for path in paths:
-        namespace = namespace.load(Path(path).read_text(encoding="utf-8"), path)
+        namespace = namespace.load(read_text(path, "--defs"), path)
     return namespace
+
+
+def read_text(path: str, option: str) -> str:
+    """The UTF-8 text of a file the user named, or an OpcompError that says why not."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise OpcompError(f"cannot read {option} {path}: it is not UTF-8 text (byte {error.start})") from None
+    except OSError as error:
+        raise OpcompError(f"cannot read {option} {path}: {error.strerror}") from None
 
 
 def _explain(args: argparse.Namespace) -> str:
@@ -32,6 +42,9 @@ def _explain(args: argparse.Namespace) -> str:
 def _model(spec: str):
     """MODULE:FACTORY -> the model the factory returns (e.g. opcomp.bench.models:cnn)."""
     import importlib
+    import inspect
+
+    import torch
 
     module_name, colon, factory = spec.partition(":")
     if not colon or not module_name or not factory:
@@ -40,9 +53,21 @@ def _model(spec: str):
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise OpcompError(f"--model: cannot import {module_name!r}: {error}") from None
-    if not hasattr(module, factory):
-        raise OpcompError(f"--model: {module_name!r} has no {factory!r}")
-    return getattr(module, factory)()
+    make = getattr(module, factory, None)
+    if not callable(make):
+        raise OpcompError(f"--model: {module_name!r} has no {factory!r} to call")
+    try:
+        inspect.signature(make).bind()
+    except TypeError:
+        raise OpcompError(
+            f"--model: {spec}{inspect.signature(make)} needs arguments; give a factory that takes none"
+        ) from None
+    except ValueError:  # a builtin without a signature: let the call decide
+        pass
+    model = make()
+    if not isinstance(model, torch.nn.Module):
+        raise OpcompError(f"--model: {spec}() returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def _format(args: argparse.Namespace) -> str:

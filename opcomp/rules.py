@@ -137,6 +137,12 @@ def load(path: str | Path) -> Rules:
             raw = tomllib.load(handle)
     except FileNotFoundError:
         raise OpcompError(f"rule file {path} does not exist") from None
+    except IsADirectoryError:
+        raise OpcompError(f"rule file {path} is a directory; give the path of a .toml file") from None
+    except OSError as error:
+        raise OpcompError(f"cannot read rule file {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise OpcompError(f"{path} is not UTF-8 text (byte {error.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as error:
         raise OpcompError(f"{path} is not valid TOML: {error}") from None
     try:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
+import torch
+
 from opcomp.cli import main
 
 
@@ -83,3 +85,40 @@ def test_the_console_script_is_installed_and_runs():
         [sys.executable, "-m", "opcomp.cli", "explain", "muon(kfac(g))"], capture_output=True, text=True, check=True
     )
     assert "#2   muon" in run.stdout
+
+
+def test_unreadable_definition_files_and_model_factories_are_errors_not_tracebacks(tmp_path, capsys):
+    binary = tmp_path / "latin1.opc"
+    binary.write_bytes("mine = adamw  # caf\xe9\n".encode("latin-1"))
+    assert main(["format", "mine", "--defs", str(binary)]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
+    assert main(["format", "mine", "--defs", str(tmp_path)]) == 2  # a directory
+    assert "cannot read --defs" in capsys.readouterr().err
+    assert main(["explain", "fog", "--model", "opcomp.bench.models:CharTransformer"]) == 2
+    assert "needs arguments; give a factory that takes none" in capsys.readouterr().err
+    assert main(["explain", "fog", "--model", "opcomp.bench.data:pydoc_text"]) == 2
+    assert "not a torch.nn.Module" in capsys.readouterr().err
+
+
+def test_rule_files_that_are_not_text_or_not_files_are_errors(tmp_path, capsys):
+    binary = tmp_path / "latin1.toml"
+    binary.write_bytes('[default]\nuse = "adamw"  # caf\xe9\n'.encode("latin-1"))
+    folder = tmp_path / "folder.toml"
+    folder.mkdir()
+    for path, words in ((binary, "is not UTF-8 text"), (folder, "is a directory")):
+        assert main(["explain", str(path), "--model", "opcomp.bench.models:cnn"]) == 2
+        assert words in capsys.readouterr().err
+
+
+def test_compare_refuses_bad_lengths_and_devices_with_exit_2(capsys):
+    for arguments, words in (
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--steps", "-5"], "--steps must be at least 1"),
+        (["--epochs", "-1"], "--epochs must be positive"),
+        (["--device", "bogus"], "is not a device"),
+        (["--device", "cuda"], "no CUDA device"),
+    ):
+        if arguments[-1] == "cuda" and torch.cuda.is_available():
+            continue
+        assert main(["compare", "adamw", *arguments]) == 2, arguments
+        assert words in capsys.readouterr().err

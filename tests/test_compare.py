@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+import system_data
+
 from opcomp.cli import main
 
 
@@ -51,10 +54,27 @@ def test_rule_files_and_expressions_compare_alike(tmp_path, capsys):
     assert all(r["finished"] and math.isfinite(r["validation_loss"]) for r in runs)
 
 
-def test_debian_data_sets_and_the_mlp_train_through_compare(tmp_path):
-    for task, model in (("fashion", "mlp"), ("charlm-kjv", None), ("mnist", "cnn")):
-        out = tmp_path / task
-        extra = ["--model", model] if model else []
-        assert main(["compare", "adamw", "--task", task, "--steps", "3", "--out", str(out), *extra]) == 0
-        run = json.loads((out / "results.json").read_text())["runs"][0]
-        assert run["finished"] and math.isfinite(run["validation_loss"]), task
+@pytest.mark.parametrize(
+    "task, model, package",
+    [("fashion", "mlp", "dataset-fashion-mnist"), ("charlm-kjv", None, "bible-kjv"), ("mnist", "cnn", None)],
+)
+def test_debian_data_sets_and_the_mlp_train_through_compare(tmp_path, task, model, package):
+    if package is not None:
+        system_data.require(package)
+    out = tmp_path / task
+    extra = ["--model", model] if model else []
+    assert main(["compare", "adamw", "--task", task, "--steps", "3", "--out", str(out), *extra]) == 0
+    run = json.loads((out / "results.json").read_text())["runs"][0]
+    assert run["finished"] and math.isfinite(run["validation_loss"]), task
+
+
+def test_missing_system_data_skips_naming_the_install_command_and_fails_where_ci_requires_it(monkeypatch):
+    from opcomp.bench import data
+
+    monkeypatch.setattr(data, "FASHION", "/nonexistent")
+    monkeypatch.delenv("OPCOMP_REQUIRE_SYSTEM_DATA", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="sudo apt-get install dataset-fashion-mnist"):
+        system_data.require("dataset-fashion-mnist")
+    monkeypatch.setenv("OPCOMP_REQUIRE_SYSTEM_DATA", "1")
+    with pytest.raises(pytest.fail.Exception, match="sudo apt-get install dataset-fashion-mnist"):
+        system_data.require("dataset-fashion-mnist")

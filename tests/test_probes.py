@@ -225,7 +225,8 @@ def test_lgn_with_cg_lands_on_the_least_squares_optimum_in_one_step():
     design = torch.cat([x, torch.ones(40, 1)], 1).double()
     optimum = torch.linalg.lstsq(design, y.double()).solution.squeeze(1)
     found = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()]).double()
-    assert (found - optimum).abs().max() < 1e-6
+    # fp32 parameters near 3 resolve about 2.4e-7: a few roundings of CG's updates are 1e-6 apart
+    torch.testing.assert_close(found, optimum, rtol=4e-6, atol=1e-6)
 
 
 def test_lgn_with_adam_lowers_the_quadratic_model_every_step():

@@ -22,6 +22,7 @@ import torch
 import opcomp
 from opcomp.bench.footprint import passes_on, state_bytes
 from opcomp.bench.tasks import TASKS, Task
+from opcomp.errors import OpcompError
 
 DEFAULT_OPTIMIZERS = ["fog", "diagfog", "f3eo", "fs_adarmsuon", "adagnoema", "muon_adamw", "adamw"]
 
@@ -114,6 +115,21 @@ def _progress(total: int):
     return tqdm(total=total, unit="step", leave=False, disable=None)  # no bar when not on a terminal
 
 
+def check_device(name: str) -> torch.device:
+    """The device ``--device`` names, if this machine has it; an OpcompError that says which exist."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise OpcompError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OpcompError(f"--device {name}: this machine has no CUDA device; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise OpcompError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        raise OpcompError(f"--device {name}: opcomp compare runs on cpu or cuda")
+    return device
+
+
 def table(runs: list[Run]) -> str:
     metric = runs[0].metric
     lines = [
@@ -170,8 +186,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--lr", type=float, default=None, help="one learning rate for all (default: each preset's)")
     parser.add_argument("--tune", action="store_true", help="sweep lr × {1/3, 1, 3} per optimizer first")
     args = parser.parse_args(argv)
+    check_device(args.device)
+    if args.steps is not None and args.steps < 1:
+        raise OpcompError(f"--steps must be at least 1, got {args.steps}")
+    if args.epochs is not None and not args.epochs > 0:
+        raise OpcompError(f"--epochs must be positive, got {args.epochs:g}")
     task = TASKS[args.task](args.model) if args.model else TASKS[args.task]()
-    steps = args.steps if args.steps else round(args.epochs * task.steps_per_epoch) if args.epochs else 300
+    steps = args.steps if args.steps else max(1, round(args.epochs * task.steps_per_epoch)) if args.epochs else 300
     optimizers = args.optimizers or DEFAULT_OPTIMIZERS
     runs = compare(optimizers, task, steps, args.seed, args.device, args.lr, args.tune)
     out = Path(args.out)
