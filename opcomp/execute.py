@@ -21,6 +21,7 @@ from opcomp.kernels.context import BucketStep, Ctx
 from opcomp.kernels.layers import LayerCtx, LayerSlot
 from opcomp.kernels.probes import SECOND_MOMENTS, ProbeCtx, own_second_moment, probed_gradients, upcoming_second_moment
 from opcomp.plan import Bucket, Program
+from opcomp.precision import working, working_dtype
 
 
 @dataclass
@@ -74,7 +75,7 @@ class FamilyStep:
             out = kernel(LayerCtx(node.options, self._layers(node, flat), self.statistics), *arguments)
         else:
             states = [self.optimizer.state[p].setdefault(node.state_key, {}) for p in flat.params]
-            grads = [None if p.grad is None else p.grad.float() for p in flat.params]
+            grads = [None if p.grad is None else working(p.grad) for p in flat.params]
             ctx = ProbeCtx(node.options, node.state_key, flat.params, states, self.probe, grads, self._modules(flat))
             with torch.enable_grad():
                 out = kernel(ctx, *arguments)
@@ -150,12 +151,14 @@ class Flat:
 
 
 def apply(update: Update) -> None:
-    """p ← p·(1 − lr·decay) − lr·u, in fp32 and rounded once for low-precision parameters.
+    """p ← p·(1 − lr·decay) − lr·u, in the working precision: rounded once for half-precision
+    parameters, in place for fp32 and fp64 ones.
 
     ``lr`` is a float when eager and a 0-d tensor when compiled (so schedules never recompile).
     """
     params, lr, decay = update.bucket.params, update.lr, update.program.decay
-    target = params if params[0].dtype == torch.float32 else torch._foreach_mul(update.bucket.params32, 1.0)
+    low = params[0].dtype != working_dtype(params[0].dtype)
+    target = torch._foreach_mul(update.bucket.working_params, 1.0) if low else params
     if decay:
         torch._foreach_mul_(target, 1.0 - lr * decay)
     if isinstance(lr, Tensor):

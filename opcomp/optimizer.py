@@ -26,6 +26,7 @@ from opcomp.kernels.layers import LayerSlot
 from opcomp.lang.ast import Expr
 from opcomp.ops import Applies
 from opcomp.plan import Bucket, LayerPlan, ParamInfo, bucket_key, check_parameter, select
+from opcomp.precision import working_dtype
 from opcomp.probe import CLOSURE_SHAPE, NonFinite, Probe, all_finite, check_loss
 
 
@@ -240,7 +241,7 @@ class Optimizer(torch.optim.Optimizer):
             if runner is None:
                 runner = self._runners[key] = compiled(programs)
             try:
-                runner(buckets, [self._lr_tensor(group, params[0].device) for group, _, params in items])
+                runner(buckets, [self._lr_tensor(group, params[0]) for group, _, params in items])
                 return
             except Exception as error:  # a compiler that cannot run here (no C compiler, an unsupported op)
                 if self._compile == "on":
@@ -261,11 +262,12 @@ class Optimizer(torch.optim.Optimizer):
         params = [p for _, _, params in items for p in params]
         return any(p.is_cuda for p in params) or sum(p.numel() for p in params) >= 1_000_000
 
-    def _lr_tensor(self, group: dict, device: torch.device) -> Tensor:
-        """The group's learning rate as a 0-d tensor, refreshed every step: schedules never recompile."""
-        key = (id(group), device)
+    def _lr_tensor(self, group: dict, param: Tensor) -> Tensor:
+        """The group's learning rate as a 0-d tensor in the parameters' working precision, refreshed
+        every step: schedules never recompile."""
+        key = (id(group), param.device, param.dtype)
         if key not in self._lr_tensors:
-            self._lr_tensors[key] = torch.zeros((), dtype=torch.float32, device=device)
+            self._lr_tensors[key] = torch.zeros((), dtype=working_dtype(param.dtype), device=param.device)
         tensor = self._lr_tensors[key]
         tensor.fill_(float(group["lr"]))
         return tensor

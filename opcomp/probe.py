@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from opcomp.errors import OpcompError
+from opcomp.precision import working, working_dtype
 
 CLOSURE_SHAPE = "def closure(): return loss_fn(model(x), y)"
 
@@ -134,7 +135,12 @@ class Probe:
         with self.shifted(shifts):
             loss = self.evaluate(grad=True)
             grads = torch.autograd.grad(loss, list(params), allow_unused=True)
-        return finite([torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)])
+        return finite(
+            [
+                torch.zeros_like(p, dtype=working_dtype(p.dtype)) if g is None else working(g.detach())
+                for p, g in zip(params, grads)
+            ]
+        )
 
     def loss_gradient(self) -> Tensor:
         """∂L/∂f at the model's output f, with its graph (for products with the loss Hessian)."""

@@ -8,41 +8,39 @@ import torch
 from torch import Tensor
 
 from opcomp.ops import Options
+from opcomp.precision import working, working_dtype
 
 
 @dataclass
 class BucketStep:
     """One step of one bucket: parameters of equal shape, dtype and device that have a gradient.
 
-    Values flowing between kernels are lists of fp32 tensors, one per parameter. Kernels never
-    modify their inputs (a value may be read by several nodes); they own their state and outputs.
+    Values flowing between kernels are lists of tensors in the working precision (:func:`working`),
+    one per parameter. Kernels never modify their inputs (a value may be read by several nodes);
+    they own their state and outputs.
     """
 
     params: list[Tensor]
     states: list[dict]  # per parameter: opcomp's state dict, state_key -> {buffer: tensor}
     probed: dict[str, list[Tensor]] = field(default_factory=dict)  # sam's key -> g_sam per parameter
     _grads: list[Tensor] | None = field(default=None, repr=False)
-    _params32: list[Tensor] | None = field(default=None, repr=False)
+    _working_params: list[Tensor] | None = field(default=None, repr=False)
 
     # plain properties caching into fields (torch.compile traces these; functools.cached_property it does not)
     @property
     def grads(self) -> list[Tensor]:
         if self._grads is None:
-            self._grads = [fp32(p.grad) for p in self.params]
+            self._grads = [working(p.grad) for p in self.params]
         return self._grads
 
     @property
-    def params32(self) -> list[Tensor]:
-        """The parameters in fp32: themselves when fp32 (steps run under no_grad, and a detached
-        view would hand a compiled step two aliases of one tensor), else fp32 copies."""
-        if self._params32 is None:
-            self._params32 = [fp32(p) for p in self.params]
-        return self._params32
-
-
-def fp32(tensor: Tensor) -> Tensor:
-    """The tensor itself when it is fp32 (read-only use), else an fp32 copy."""
-    return tensor if tensor.dtype == torch.float32 else tensor.float()
+    def working_params(self) -> list[Tensor]:
+        """The parameters in the working precision: themselves when already in it (steps run under
+        no_grad, and a detached view would hand a compiled step two aliases of one tensor), else
+        fp32 copies of half-precision parameters."""
+        if self._working_params is None:
+            self._working_params = [working(p) for p in self.params]
+        return self._working_params
 
 
 def advance(state: dict, device, name: str = "step") -> int:
@@ -78,16 +76,18 @@ class Ctx:
         return self._state
 
     def buffers(self, name: str) -> list[Tensor]:
-        """State buffer ``name`` per parameter: fp32, zero on first use."""
+        """State buffer ``name`` per parameter, in the working precision, zero on first use."""
         out = []
         for state, param in zip(self.state, self.params):
             if name not in state:
-                state[name] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
+                dtype = working_dtype(param.dtype)
+                state[name] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
             out.append(state[name])
         return out
 
     def tick(self) -> list[Tensor]:
-        """Advance this node's per-parameter step counters; returns them (0-d fp32 tensors).
+        """Advance this node's per-parameter step counters; returns them (0-d tensors, fp32, or
+        fp64 for fp64 parameters so that bias corrections are exact in double as torch's are).
 
         Counters live on the parameter's device and bias corrections are computed from them as
         tensors, so a compiled step neither synchronises nor recompiles as they grow.
@@ -95,7 +95,7 @@ class Ctx:
         steps = []
         for state, param in zip(self.state, self.params):
             if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+                state["step"] = torch.zeros((), dtype=working_dtype(param.dtype), device=param.device)
             steps.append(state["step"])
         torch._foreach_add_(steps, 1.0)
         return steps

@@ -23,7 +23,7 @@ def gradient(ctx: Ctx) -> list[Tensor]:
 
 @kernel("p")
 def parameter(ctx: Ctx) -> list[Tensor]:
-    return ctx.bucket.params32
+    return ctx.bucket.working_params
 
 
 @kernel("scale")
@@ -119,7 +119,7 @@ def adamw(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
     o = ctx.options
     direction = adam_direction(ctx, x, o.b1, o.b2, o.eps)
     if o.wd:
-        torch._foreach_add_(direction, ctx.bucket.params32, alpha=o.wd)
+        torch._foreach_add_(direction, ctx.bucket.working_params, alpha=o.wd)
     return direction
 
 

@@ -59,8 +59,8 @@ def as_matrices(values: list[Tensor]) -> Tensor:
 
 
 def orthogonalise(values: list[Tensor], steps: int) -> list[Tensor]:
-    """orth of each value, as fp32 tensors of the values' shape."""
-    result = newton_schulz(as_matrices(values), steps).float()
+    """orth of each value, as tensors of the values' shape and dtype."""
+    result = newton_schulz(as_matrices(values), steps).to(values[0].dtype)
     return unstack(result, values)
 
 
@@ -94,7 +94,7 @@ def adarmsuon(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
     """orth(a)·‖a‖/‖orth(a)‖ with a = adam(x): Adam's energy on an orthogonal direction."""
     o = ctx.options
     direction = as_matrices(adam_direction(ctx, x, o.b1, o.b2, o.eps))
-    ortho = newton_schulz(direction, o.steps).float()
+    ortho = newton_schulz(direction, o.steps).to(direction.dtype)
     energy = torch.linalg.vector_norm(direction, dim=(-2, -1))
     spread = torch.linalg.vector_norm(ortho, dim=(-2, -1))
     ratio = torch.where(spread > 0, energy / spread.clamp_min(torch.finfo(spread.dtype).tiny), 0.0)

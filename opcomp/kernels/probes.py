@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from opcomp.kernels import kernel
 from opcomp.kernels.context import Ctx, advance
 from opcomp.ops import Options
+from opcomp.precision import working, working_dtype
 from opcomp.probe import Probe, finite
 
 
@@ -55,7 +56,7 @@ def hvp(ctx: ProbeCtx, x: list[Tensor]) -> list[Tensor]:
     products = torch.autograd.grad(
         grads, ctx.params, [v.to(p.dtype) for v, p in zip(x, ctx.params)], retain_graph=True, allow_unused=True
     )
-    return finite([torch.zeros_like(v) if h is None else h.detach().float() for h, v in zip(products, x)])
+    return finite([torch.zeros_like(v) if h is None else h.detach().to(v.dtype) for h, v in zip(products, x)])
 
 
 class GaussNewton:
@@ -82,7 +83,7 @@ class GaussNewton:
         tangents = tuple(t.to(p.dtype) for t, p in zip(v, self.primals))
         _, jv = jvp(self.forward, self.primals, tangents)
         (hjv,) = torch.autograd.grad(self.probe.loss_gradient(), self.probe.output, jv, retain_graph=True)
-        return [t.float() for t in self.pullback(hjv)]
+        return [working(t) for t in self.pullback(hjv)]
 
 
 @kernel("gnvp", collective="probe")
@@ -163,17 +164,17 @@ def grad_at(ctx: ProbeCtx, d: list[Tensor]) -> list[Tensor]:
     return gradient_along(ctx.probe, ctx.params, d, ctx.options.rho)
 
 
-def rademacher(shape, generator: torch.Generator, device) -> Tensor:
-    return torch.randint(0, 2, shape, generator=generator, device=device).float().mul_(2).sub_(1)
+def rademacher(shape, generator: torch.Generator, device, dtype: torch.dtype) -> Tensor:
+    return torch.randint(0, 2, shape, generator=generator, device=device).to(dtype).mul_(2).sub_(1)
 
 
 def noise(ctx: ProbeCtx, step: int, gaussian: bool) -> list[Tensor]:
     """The step's z, one tensor per parameter, drawn again from the seed whenever it is needed."""
     generator = ctx.generator(step, ctx.params[0].device)
     draw = (
-        (lambda p: torch.randn(p.shape, generator=generator, device=p.device))
+        (lambda p: torch.randn(p.shape, generator=generator, device=p.device, dtype=working_dtype(p.dtype)))
         if gaussian
-        else (lambda p: rademacher(p.shape, generator, p.device))
+        else (lambda p: rademacher(p.shape, generator, p.device, working_dtype(p.dtype)))
     )
     return [draw(p) for p in ctx.params]
 
@@ -187,7 +188,7 @@ def zo(ctx: ProbeCtx) -> list[Tensor]:
     o = ctx.options
     step = ctx.tick()
     z = noise(ctx, step, o.dist == "gaussian")
-    directions = [zi * p.detach().float() for zi, p in zip(z, ctx.params)] if o.relative else z
+    directions = [zi * working(p.detach()) for zi, p in zip(z, ctx.params)] if o.relative else z
     plus = ctx.probe.loss_at([(p, o.eps * v) for p, v in zip(ctx.params, directions)])
     minus = ctx.probe.loss_at([(p, -o.eps * v) for p, v in zip(ctx.params, directions)])
     slope = (plus - minus) / (2 * o.eps)
@@ -212,14 +213,14 @@ def diag_hessian(ctx: ProbeCtx, x: list[Tensor]) -> list[Tensor]:
     o = ctx.options
     step = ctx.tick()
     pairs = list(zip(ctx.states, ctx.params))
-    averages = [state.setdefault("hess_sq", torch.zeros_like(p, dtype=torch.float32)) for state, p in pairs]
+    averages = [state.setdefault("hess_sq", torch.zeros_like(p, dtype=working_dtype(p.dtype))) for state, p in pairs]
     if step % o.update_every == 0:
         z = noise(ctx, step, gaussian=False)
         grads = [ctx.probe.graph_grads[id(p)] for p in ctx.params]
         products = torch.autograd.grad(
             grads, ctx.params, [zi.to(p.dtype) for zi, p in zip(z, ctx.params)], retain_graph=True, allow_unused=True
         )
-        estimates = finite([zi * (0 if h is None else h.detach().float()) for zi, h in zip(z, products)])
+        estimates = finite([zi * (0 if h is None else working(h.detach())) for zi, h in zip(z, products)])
         for (state, param), average, estimate in zip(pairs, averages, estimates):
             average.mul_(o.beta).addcmul_(estimate, estimate, value=1 - o.beta)
             advance(state, param.device, "estimates")
@@ -248,7 +249,7 @@ def ascent_direction(mode: str, param: Tensor, grad: Tensor, moment) -> Tensor:
     if mode == "plain":
         return grad
     if mode == "adaptive":
-        return param.detach().float().square() * grad
+        return working(param.detach()).square() * grad
     return grad * moment.sqrt()
 
 
