@@ -30,6 +30,7 @@ def build(
     namespace: Namespace | None = None,
     reduction: Reduction = "mean",
     likelihood: Likelihood | None = None,
+    class_dim: int | None = None,
     compile: Literal["auto", "on", "off"] = "auto",  # noqa: A002 - the option's documented name
     **options,
 ) -> Optimizer:
@@ -45,7 +46,10 @@ def build(
     Layer statistics (the KFAC family) are per example: ``reduction`` says how the loss combines
     examples ("mean", torch's default, or "sum"), so captured output gradients can be rescaled.
     ``likelihood`` ("categorical" for logits, "gaussian" for ½‖f − y‖²) lets ``fisher=mc`` sample
-    labels from the model's output.
+    labels from the model's output, over ``class_dim``: by default dim 1 for logits, as
+    ``F.cross_entropy`` reads (N, C, d1, …) — pass ``class_dim=-1`` for (N, T, C) language-model
+    logits — and the last dim for a Gaussian. Other dims after the first are positions, which a mean
+    reduction averages.
 
     ``compile``: run element-wise expressions as one ``torch.compile``d step (fused kernels, the
     learning rate a 0-d tensor so schedules never recompile): "on", "off", or "auto" — on CUDA, or
@@ -55,6 +59,11 @@ def build(
     if isinstance(model_or_params, nn.Module):
         model = model_or_params
         params = [p for p in model.parameters() if p.requires_grad]
+    elif isinstance(model_or_params, (set, frozenset)):
+        raise OpcompError(
+            "the parameters are a set, whose order changes from run to run (and with it the state_dict): "
+            "pass a list, or model.parameters()"
+        )
     else:
         params = list(model_or_params) if not isinstance(model_or_params, Tensor) else [model_or_params]
     if not params:
@@ -88,6 +97,7 @@ def build(
         owners=owners,
         reduction=reduction,
         likelihood=likelihood,
+        class_dim=class_dim,
         compile=compile,
     )
 

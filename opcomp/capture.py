@@ -4,16 +4,22 @@ A forward hook on each supported layer keeps a reference to the layer's input an
 hook on its output, which receives the gradient of the loss with respect to that output during
 backward. Nothing is recorded unless the capture is armed (the optimizer arms it for steps where
 statistics are due) and gradients are enabled, outside torch.func transforms, so evaluation and
-functional probes cost nothing and leave the statistics alone.
+functional probes cost nothing and leave the statistics alone. Each record notes which forward of
+the model it came from, so micro-batches of an accumulated step are told apart.
 
 With a likelihood, the capture can also sample labels from the model's own prediction when the
 model's forward ends and backpropagate them to the recorded layer outputs (one extra backward,
 ``autograd.grad(..., retain_graph=True)``), which gives the output gradients of the Monte Carlo
 Fisher; the user's backward then runs on the retained graph as usual.
+
+The hooks hold the capture weakly and go when it does: an optimizer that is dropped (or closed)
+leaves nothing behind on the model.
 """
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,43 +30,64 @@ from opcomp.errors import OpcompError
 
 Likelihood = Literal["categorical", "gaussian"]
 
+LAYOUT_TOLERANCE = 1e-2
+"""A cross-entropy's output gradient sums to zero over the class dimension; relative to its largest
+entry, rounding leaves far less than this even over 50,000 bf16 classes."""
+
 
 @dataclass
 class Entry:
     """One forward pass through one layer: its input, the output, and gradients that reached it."""
 
     input: Tensor
+    forward: int  # which forward of the model (micro-batch) it belongs to
     output: Tensor | None = None
     grad: Tensor | None = None  # of the loss the user backpropagated
     sampled: Tensor | None = None  # of the sampled-label loss (Monte Carlo Fisher)
 
 
-@dataclass
+@dataclass(eq=False)
 class Capture:
-    """Hooks on ``modules`` of ``model``; :meth:`take` hands over and clears what was recorded."""
+    """Hooks on ``modules`` of ``model``; :meth:`take` hands over and clears what was recorded.
+
+    ``class_dim`` is the dimension of the model's output the likelihood is over (classes, or a
+    Gaussian's features); ``reduction`` how the loss combines the positions of that output.
+    """
 
     model: nn.Module
     modules: list[nn.Module]
     likelihood: Likelihood | None = None
+    class_dim: int = 1
+    reduction: Literal["mean", "sum"] = "mean"
     armed: bool = True
     sample: bool = False  # also record Monte Carlo Fisher gradients
     entries: dict[nn.Module, list[Entry]] = field(default_factory=dict)
     handles: list = field(default_factory=list)
+    layout_error: str | None = None  # a sampling dimension the loss contradicts, found during backward
+    _layout_checked: bool = False
+    _forward_id: int | None = None  # the model forward running now
+    _forwards: itertools.count = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
+        this = weakref.ref(self)
         for module in self.modules:
             self.entries[module] = []
-            self.handles.append(module.register_forward_hook(self._forward))
-        if self.likelihood is not None:
-            self.handles.append(self.model.register_forward_hook(self._sample_labels))
+            self.handles.append(module.register_forward_hook(_weakly(this, Capture._forward)))
+        self.handles.append(self.model.register_forward_pre_hook(_weakly(this, Capture._model_starts)))
+        self.handles.append(self.model.register_forward_hook(_weakly(this, Capture._model_ends)))
+        weakref.finalize(self, _remove, list(self.handles))
 
     def _recording(self) -> bool:
         return self.armed and torch.is_grad_enabled() and not _inside_functorch()
 
+    def _model_starts(self, model: nn.Module, args: tuple) -> None:
+        self._forward_id = next(self._forwards)
+
     def _forward(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if not self._recording() or not isinstance(output, Tensor) or not output.requires_grad:
             return
-        entry = Entry(args[0].detach(), output if self.sample else None)
+        forward = self._forward_id if self._forward_id is not None else next(self._forwards)
+        entry = Entry(args[0].detach(), forward, output if self.sample else None)
         self.entries[module].append(entry)
 
         def keep(grad: Tensor) -> None:
@@ -68,7 +95,8 @@ class Capture:
 
         output.register_hook(keep)
 
-    def _sample_labels(self, model: nn.Module, args: tuple, output) -> None:
+    def _model_ends(self, model: nn.Module, args: tuple, output) -> None:
+        self._forward_id = None
         if not (self._recording() and self.sample):
             return
         if not isinstance(output, Tensor):
@@ -80,14 +108,31 @@ class Capture:
         if not pending:
             return
         with torch.no_grad():
-            gradient = sampled_gradient(output.detach(), self.likelihood)
+            gradient = sampled_gradient(output.detach(), self.likelihood, self.class_dim, self.reduction)
         grads = torch.autograd.grad(output, [e.output for e in pending], gradient, retain_graph=True, allow_unused=True)
         for entry, grad in zip(pending, grads):
             entry.sampled = None if grad is None else grad.detach()
             entry.output = None
+        if self.likelihood == "categorical" and not self._layout_checked and output.requires_grad:
+            output.register_hook(_weakly(weakref.ref(self), Capture._check_layout))
+
+    def _check_layout(self, grad: Tensor) -> None:
+        """Once: does the user's loss treat ``class_dim`` as the classes? Recorded, raised at the step."""
+        self._layout_checked = True
+        dim = self.class_dim % grad.ndim
+        zero_sum = classes_of(grad)
+        if dim not in zero_sum and len(zero_sum) == 1:
+            (other,) = zero_sum
+            self.layout_error = (
+                f"fisher=mc samples labels over dim {dim} of the model's output (shape {tuple(grad.shape)}), but "
+                f"the loss's gradient sums to zero over dim {other}, the class dimension of a cross-entropy: "
+                f"build with class_dim={other}"
+            )
 
     def take(self, module: nn.Module) -> list[Entry]:
         """The finished entries of ``module`` (those a backward reached); the record is cleared."""
+        if self.layout_error is not None:
+            raise OpcompError(self.layout_error)
         entries = [e for e in self.entries[module] if e.grad is not None]
         self.entries[module] = []
         return entries
@@ -97,9 +142,24 @@ class Capture:
             self.entries[module] = []
 
     def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        _remove(self.handles)
         self.handles = []
+        self.clear()
+
+
+def _weakly(capture: weakref.ref, method):
+    """A hook that calls ``method`` on the capture while it lives, and does nothing after."""
+
+    def hook(*args):
+        target = capture()
+        return None if target is None else method(target, *args)
+
+    return hook
+
+
+def _remove(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 def _inside_functorch() -> bool:
@@ -108,17 +168,46 @@ def _inside_functorch() -> bool:
     return bool(active()) if active is not None else False
 
 
-def sampled_gradient(prediction: Tensor, likelihood: Likelihood) -> Tensor:
-    """∂ℓ/∂prediction per example, for a label drawn from the model's own predictive distribution.
+def classes_of(grad: Tensor) -> list[int]:
+    """The dimensions (not the batch's) over which ``grad`` sums to zero at every other index."""
+    values = grad.detach().float()
+    largest = float(values.abs().max()) if values.numel() else 0.0
+    if largest == 0.0:
+        return []
+    return [
+        dim
+        for dim in range(1, values.ndim)
+        if values.shape[dim] > 1 and float(values.sum(dim).abs().max()) <= LAYOUT_TOLERANCE * largest
+    ]
 
-    categorical: ℓ = cross-entropy of logits, gradient softmax(f) − onehot(y), y ~ softmax(f);
-    gaussian: ℓ = ½‖f − y‖², gradient f − y = −ε, y = f + ε, ε ~ N(0, I).
+
+def sampled_gradient(prediction: Tensor, likelihood: Likelihood, class_dim: int, reduction: str) -> Tensor:
+    """∂ℓ_n/∂prediction per example, for labels drawn from the model's own predictive distribution.
+
+    categorical: ℓ = cross-entropy of the logits along ``class_dim``, gradient softmax(f) − onehot(y),
+    y ~ softmax(f) at every other position; gaussian: ℓ = ½‖f − y‖² over ``class_dim``, gradient
+    f − y = −ε, y = f + ε, ε ~ N(0, I). Every other dimension after the first is a position (a token,
+    a pixel); with ``reduction="mean"`` the loss averages its positions, so each gets 1/positions.
     """
+    if prediction.ndim < 2:
+        if likelihood == "categorical":
+            raise OpcompError(
+                f"fisher=mc with a categorical likelihood needs logits of shape (N, C, …); the model returned "
+                f"shape {tuple(prediction.shape)}"
+            )
+        return -torch.randn_like(prediction)  # one value per example
+    dim = class_dim % prediction.ndim
+    if dim == 0:
+        raise OpcompError("class_dim cannot be the batch dimension 0 of the model's output")
     if likelihood == "categorical":
-        probabilities = torch.softmax(prediction.float(), dim=-1)
-        labels = torch.multinomial(probabilities.reshape(-1, probabilities.shape[-1]), 1).reshape(
-            probabilities.shape[:-1]
-        )
-        onehot = nn.functional.one_hot(labels, probabilities.shape[-1]).to(probabilities.dtype)
-        return (probabilities - onehot).to(prediction.dtype)
-    return -torch.randn_like(prediction)
+        probabilities = torch.softmax(prediction.float(), dim=dim).movedim(dim, -1)
+        classes = probabilities.shape[-1]
+        labels = torch.multinomial(probabilities.reshape(-1, classes), 1).reshape(probabilities.shape[:-1])
+        onehot = nn.functional.one_hot(labels, classes).to(probabilities.dtype)
+        gradient = (probabilities - onehot).movedim(-1, dim)
+    else:
+        gradient = -torch.randn_like(prediction, dtype=torch.float32)
+    positions = prediction.numel() // (prediction.shape[0] * prediction.shape[dim]) if prediction.numel() else 1
+    if reduction == "mean" and positions > 1:
+        gradient = gradient / positions
+    return gradient.to(prediction.dtype)

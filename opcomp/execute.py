@@ -90,7 +90,7 @@ class FamilyStep:
             if weight is None and bias is None:
                 continue  # no gradient this step
             state = self.optimizer.state[plan.owner].setdefault(node.state_key, {})
-            layers.append(LayerSlot(plan.module, plan.name, weight, bias, plan.with_bias, state))
+            layers.append(LayerSlot(plan.module, plan.name, weight, bias, plan.columns, state))
         return layers
 
     def _modules(self, flat: Flat) -> list[list[int]]:

@@ -21,13 +21,14 @@ from opcomp.explain import explain
 from opcomp.graph import Graph
 from opcomp.kernels import load as load_kernels
 from opcomp.kernels.context import BucketStep
-from opcomp.kernels.factors import Reduction, check_supported, rows
+from opcomp.kernels.factors import Reduction, check_supported, statistics
 from opcomp.kernels.layers import LayerSlot
 from opcomp.lang.ast import Expr
 from opcomp.ops import Applies
 from opcomp.plan import Bucket, LayerPlan, ParamInfo, bucket_key, check_parameter, select
 from opcomp.precision import working_dtype
 from opcomp.probe import CLOSURE_SHAPE, NonFinite, Probe, all_finite, check_loss
+from opcomp.state import check_buffers
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -51,6 +52,7 @@ class Optimizer(torch.optim.Optimizer):
         owners: Mapping[int, tuple[torch.nn.Module, str]] | None = None,
         reduction: Reduction = "mean",
         likelihood: Likelihood | None = None,
+        class_dim: int | None = None,
         compile: Literal["auto", "on", "off"] = "auto",  # noqa: A002 - the option's documented name
     ) -> None:
         _check_lr(lr, "the optimizer")
@@ -63,12 +65,18 @@ class Optimizer(torch.optim.Optimizer):
             raise OpcompError(f"reduction must be 'mean' or 'sum' (how the loss combines examples), got {reduction!r}")
         if likelihood not in (None, "categorical", "gaussian"):
             raise OpcompError(f"likelihood must be 'categorical' or 'gaussian', got {likelihood!r}")
+        if class_dim is not None and (isinstance(class_dim, bool) or not isinstance(class_dim, int) or class_dim == 0):
+            raise OpcompError(
+                f"class_dim is a dimension of the model's output other than the batch's 0, got {class_dim!r}"
+            )
         self._namespace = namespace
         self._model = model
         self._names = dict(names or {})  # id(param) -> name
         self._owners = dict(owners or {})  # id(param) -> (owning module, attribute name)
         self._reduction = reduction
         self._likelihood = likelihood
+        # classes on dim 1, as F.cross_entropy reads (N, C, …); a Gaussian's features last
+        self._class_dim = class_dim if class_dim is not None else (1 if likelihood == "categorical" else -1)
         self._infos: dict[int, ParamInfo] = {}  # id(param) -> what its plan was made from
         self._layer_plans: dict[tuple[str, int], list[LayerPlan]] = {}  # (expression, node id) -> layers
         self._capture: Capture | None = None
@@ -156,7 +164,9 @@ class Optimizer(torch.optim.Optimizer):
             check_supported(plan.module, plan.name)
         if self._capture is not None:
             self._capture.close()
-        self._capture = Capture(self._model, modules, self._likelihood) if modules else None
+        self._capture = (
+            Capture(self._model, modules, self._likelihood, self._class_dim, self._reduction) if modules else None
+        )
         self._arm()
 
     def _arm(self) -> None:
@@ -222,6 +232,11 @@ class Optimizer(torch.optim.Optimizer):
         except NonFinite:
             self.state = saved
             return self._skip(loss)
+        except BaseException:  # a closure or kernel that raised: nothing of this step is kept
+            self.state = saved
+            if self._capture is not None:
+                self._capture.clear()
+            raise
         for update in updates:
             apply(update)
         for expression, items in plain.items():
@@ -319,20 +334,22 @@ class Optimizer(torch.optim.Optimizer):
             self._capture.armed, self._capture.sample = armed, sample
 
     def _statistics(self):
-        """This step's captured rows per (layer, bias folded, sampled), computed on first use."""
+        """This step's statistics per (layer, columns, sampled), computed on first use."""
         if self._capture is None:
             return None
         entries = {module: self._capture.take(module) for module in self._capture.modules}
         cache: dict[tuple, object] = {}
 
-        def rows_of(layer: LayerSlot, sampled: bool):
-            key = (layer.module, layer.with_bias, sampled)
+        def statistics_of(layer: LayerSlot, sampled: bool):
+            key = (layer.module, layer.columns, sampled)
             if key not in cache:
                 usable = [e for e in entries[layer.module] if not sampled or e.sampled is not None]
-                cache[key] = rows(layer.module, usable, self._reduction, layer.with_bias, sampled) if usable else None
+                cache[key] = (
+                    statistics(layer.module, usable, self._reduction, layer.columns, sampled) if usable else None
+                )
             return cache[key]
 
-        return rows_of
+        return statistics_of
 
     def _skip(self, loss):
         if self._capture is not None:
@@ -372,6 +389,7 @@ class Optimizer(torch.optim.Optimizer):
                 )
             by_index.update(zip(saved["params"], group["params"]))
         programs = {id(p): b.program for buckets in self._buckets for b in buckets for p in b.params}
+        layers = {(id(plan.owner), plan.node.state_key): plan for plans in self._layer_plans.values() for plan in plans}
         state: defaultdict = defaultdict(dict)
         for index, entries in state_dict["state"].items():
             param = by_index.get(index)
@@ -381,16 +399,25 @@ class Optimizer(torch.optim.Optimizer):
                 raise OpcompError(
                     "this state_dict was not saved by an opcomp optimizer (its state is not keyed by expression)"
                 )
-            keep = {s.node.state_key for s in programs[id(param)].steps}
-            state[param] = {
-                key: {name: _restore(tensor, param) for name, tensor in buffers.items()}
-                for key, buffers in entries.items()
-                if key in keep
-            }
+            nodes = {s.node.state_key: s.node for s in programs[id(param)].steps}
+            for key, buffers in entries.items():
+                node, layer = nodes.get(key), layers.get((id(param), key))
+                if node is None or (node.spec.applies is Applies.LAYER and layer is None):
+                    continue  # a node this optimizer does not have, or a layer this parameter no longer holds
+                check_buffers(f"parameter '{self._infos[id(param)].name}'", node, param, layer, buffers)
+                state[param][key] = {name: _restore(tensor, param) for name, tensor in buffers.items()}
         for saved, group in zip(saved_groups, self.param_groups):
             group.update({k: v for k, v in saved.items() if k not in ("params", "expr")})
         self.state = state
         self._arm()
+
+    def close(self) -> None:
+        """Remove this optimizer's hooks from the model now (they also go when it is collected).
+
+        Stepping a layer expression afterwards fails: its statistics are no longer captured.
+        """
+        if self._capture is not None:
+            self._capture.close()
 
     # -- people -----------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from opcomp.errors import OpcompError
 from opcomp.graph import Graph, Node
+from opcomp.kernels.factors import Columns
 from opcomp.ops import Applies
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
@@ -186,9 +187,21 @@ class LayerPlan:
     bias: Tensor | None = None
 
     @property
-    def with_bias(self) -> bool:
-        """The bias is folded into the statistics (as an appended 1) when it runs the node."""
-        return self.bias is not None and not isinstance(self.module, nn.Embedding)
+    def columns(self) -> Columns:
+        """What X holds: the weight, the weight with the bias folded in as a last column (the bias
+        runs the node too), or the bias alone (it runs the node, the weight does not)."""
+        if self.weight is None:
+            return "bias"
+        return "weight+bias" if self.bias is not None and not isinstance(self.module, nn.Embedding) else "weight"
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """(out, in) of the layer's X: (dim, vocabulary) for an Embedding, a bias column counted."""
+        weight = self.module.weight
+        if isinstance(self.module, nn.Embedding):
+            return weight.shape[1], weight.shape[0]
+        columns = {"weight": weight[0].numel(), "weight+bias": weight[0].numel() + 1, "bias": 1}[self.columns]
+        return weight.shape[0], columns
 
     @property
     def owner(self) -> Tensor:

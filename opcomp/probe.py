@@ -142,13 +142,17 @@ class Probe:
             ]
         )
 
-    def loss_gradient(self) -> Tensor:
-        """∂L/∂f at the model's output f, with its graph (for products with the loss Hessian)."""
+    def check_model_call(self) -> None:
+        """Gauss–Newton products replay the model's forward: the closure must have called it."""
         if self.output is None:
             raise OpcompError(
                 "Gauss–Newton products need the model's output: the closure must call the model given to "
                 "opcomp.build, and the model must return the prediction tensor"
             )
+
+    def loss_gradient(self) -> Tensor:
+        """∂L/∂f at the model's output f, with its graph (for products with the loss Hessian)."""
+        self.check_model_call()
         if self._loss_gradient is None:
             (self._loss_gradient,) = torch.autograd.grad(self.loss, self.output, create_graph=True, retain_graph=True)
         return self._loss_gradient

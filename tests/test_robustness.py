@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import opcomp
 
@@ -291,3 +292,144 @@ def test_probed_gradients_of_bf16_parameters_are_upcast_and_all_state_is_fp32(ex
         assert all(t.dtype == torch.float32 for buffers in low.state[param].values() for t in buffers.values())
     worst = max((a.float() - b).abs().max().item() for a, b in zip(model.parameters(), reference.parameters()))
     assert worst < 0.05  # the same optimizer, within bf16 rounding
+
+
+@pytest.mark.parametrize("shape", [(16, 0), (0, 16)])
+@pytest.mark.parametrize("expression", ["muon(g)", "orth(g)", "adarmsuon(g)"])
+def test_empty_matrices_step_beside_full_ones(expression, shape):
+    empty, full = nn.Parameter(torch.zeros(shape)), nn.Parameter(torch.linspace(-1, 1, 9).reshape(3, 3))
+    alone = nn.Parameter(full.detach().clone())
+    together = opcomp.build(expression, [empty, full], lr=0.1)
+    reference = opcomp.build(expression, [alone], lr=0.1)
+    empty.grad, full.grad, alone.grad = torch.zeros(shape), torch.eye(3), torch.eye(3)
+    together.step()
+    reference.step()
+    assert empty.shape == shape and torch.equal(full, alone)
+
+
+def bias_only_reference(layer: nn.Linear, x, y, damping: float) -> torch.Tensor:
+    """KFAC of a bias alone: A = E[1·1] = 1, G = E_n[∇b_n ∇b_nᵀ] from per-example bias gradients
+    (torch.func), π-split damping; the direction is (G + λ_G I)⁻¹ ∇b / (1 + λ_A)."""
+    from fisher import per_example_gradients
+
+    examples = per_example_gradients(layer, lambda out, t: F.cross_entropy(out, t), x, y)["bias"]
+    g = examples.T @ examples / len(x)
+    pi = (1.0 / (g.trace() / g.shape[0])).sqrt()
+    lambda_a, lambda_g = pi * damping**0.5, damping**0.5 / pi
+    gradient = torch.autograd.grad(F.cross_entropy(layer(x), y), layer.bias)[0]
+    return torch.linalg.solve(g + lambda_g * torch.eye(len(g)), gradient) / (1 + lambda_a)
+
+
+def test_a_kfac_node_that_receives_only_a_layers_bias_preconditions_it_alone():
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    expected = bias_only_reference(layer, x, y, damping=1e-3)
+    before = layer.bias.detach().clone()
+    opt = opcomp.build("muon(g) | kfac(g) | g", layer, lr=1.0)  # the weight to muon, the bias to kfac
+    assert opt.assignments() == {"weight": "muon", "bias": "kfac"}
+    F.cross_entropy(layer(x), y).backward()
+    opt.step()
+    torch.testing.assert_close(before - layer.bias.detach(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_weight_and_bias_in_groups_with_different_kfac_nodes_each_get_their_own_block():
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    expected = bias_only_reference(layer, x, y, damping=0.01)
+    before = layer.bias.detach().clone()
+    groups = [{"params": [layer.weight], "expr": "kfac(g)"}, {"params": [layer.bias], "expr": "kfac[damping=0.01](g)"}]
+    opt = opcomp.build("adamw", groups, model=layer, lr=1.0)
+    F.cross_entropy(layer(x), y).backward()
+    opt.step()
+    torch.testing.assert_close(before - layer.bias.detach(), expected, rtol=1e-4, atol=1e-6)
+    assert torch.isfinite(layer.weight).all()
+
+
+@pytest.mark.parametrize("expression", ["kfac(g) | g", "diag_kfac(g) | g", "ekfac(g) | g", "fog"])
+def test_layers_with_no_inputs_keep_only_their_bias_block(expression):
+    """nn.Linear(0, 3): X is the bias column alone and A = [1], so the bias steps as a lone bias does."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: initializing zero-element tensors is a no-op
+        empty = nn.Linear(0, 3)
+    x, y = torch.zeros(12, 0), torch.randint(0, 3, (12,))
+    opt = opcomp.build(expression, empty, lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(empty(x), y).backward()
+        opt.step()
+    assert empty.weight.shape == (3, 0) and torch.isfinite(empty.bias).all()
+
+
+@pytest.mark.parametrize("expression", ["awzo", "zo[newton]"])
+def test_zeroth_order_newton_on_a_loss_that_is_exactly_zero_does_not_move(expression):
+    model = net()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = opcomp.build(expression, model, lr=0.1)
+    opt.step(lambda: model(torch.ones(2, 4)).sum() * 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_state_dict_for_parameters_of_other_shapes_is_refused_whole():
+    source, target = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 4)), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 6))
+    saved_opt = opcomp.build("adamw", source, lr=0.1)
+    source(torch.ones(2, 4)).sum().backward()
+    saved_opt.step()
+    opt = opcomp.build("adamw", target, lr=0.1)
+    target(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    state = snapshot(opt)
+    with pytest.raises(opcomp.OpcompError, match=r"parameter '0.weight' does not fit this model: 'adamw' buffer"):
+        opt.load_state_dict(saved_opt.state_dict())
+    assert same_state(state, snapshot(opt))  # nothing half-loaded
+
+
+def test_a_state_dict_with_layer_statistics_of_other_shapes_is_refused():
+    saved_model, model = (
+        nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3)),
+        nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3)),
+    )
+    saved_opt = opcomp.build("kfac(g)", saved_model, lr=0.1)
+    F.cross_entropy(saved_model(torch.ones(2, 4)), torch.tensor([0, 1])).backward()
+    saved_opt.step()
+    saved = saved_opt.state_dict()
+    key = next(k for k in saved["state"][0] if k.startswith("kfac["))
+    saved["state"][0][key]["A"] = torch.eye(4)  # the layer's A is 5 × 5 (bias folded in)
+    with pytest.raises(opcomp.OpcompError, match=r"'kfac' buffer 'A' has shape \(4, 4\), here it is \(5, 5\)"):
+        opcomp.build("kfac(g)", model, lr=0.1).load_state_dict(saved)
+
+
+def test_a_closure_that_raises_during_a_probe_leaves_the_state_as_it_was():
+    model = net()
+    opt = opcomp.build("zo", model, lr=0.1)
+    x = torch.ones(2, 4)
+    opt.step(lambda: model(x).sum())
+    state, params = snapshot(opt), [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("data loader failed")
+        return model(x).sum()
+
+    with pytest.raises(ValueError, match="data loader failed"):
+        opt.step(closure)
+    assert same_state(state, snapshot(opt))  # the step counter (the noise seed) did not advance
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+
+
+def test_gauss_newton_probes_with_a_closure_that_never_calls_the_model_say_so():
+    model = net()
+    opt = opcomp.build("adagnoema", model, lr=0.1)
+    weights = list(model.parameters())
+    with pytest.raises(opcomp.OpcompError, match="the closure must call the model given to opcomp.build"):
+        opt.step(lambda: sum(w.square().sum() for w in weights))
+
+
+def test_a_set_of_parameters_is_refused_like_a_set_in_a_group():
+    with pytest.raises(opcomp.OpcompError, match="pass a list"):
+        opcomp.build("adamw", set(net().parameters()))
+    with pytest.raises(opcomp.OpcompError, match="pass a list"):
+        opcomp.build("adamw", [{"params": set(net().parameters())}], lr=0.1)

@@ -1,17 +1,23 @@
-"""Batch statistics of a layer from captured entries: the rows whose outer products make A and G.
+"""A layer's statistics of one step, from its captured micro-batches: KFAC's factors and EKFAC's
+per-example correction.
 
-Every supported layer is brought to one form, ``Rows``: ``a`` rows for the input side (the bias
-as an appended 1 when the bias is folded in) and ``d`` rows for the output side, each output
-gradient scaled to a per-example gradient (× batch size for a mean-reduced loss). Then
+Every supported layer is brought to one form, the weight-sharing form of each micro-batch:
+``a`` (N, S, in) holds the inputs of each example at each of its S shared positions (a Linear's
+leading dimensions, a Conv2d's unfolded patches; the bias as an appended 1 when it is folded in,
+only that 1 when the bias runs the node alone), ``d`` (N, S, out) the output gradients at the
+same positions, scaled to per-example gradients. The per-example gradient of the layer is then
+∇W_n = Σ_s d_ns a_nsᵀ, and
 
-    A = aᵀa / a_count,   G = dᵀd / d_count.
+- ``Linear`` over any leading dimensions ("expand"): every position is a row of A and G;
+  A = mean over rows of a aᵀ, G = Σ_rows d dᵀ / N (G sums over an example's positions);
+- ``Conv2d`` ("reduce"): one row per example, patches averaged and gradients summed over positions,
+  A = mean of ā āᵀ, G = Σ_n d̄ d̄ᵀ / N; exact with average pooling or one repeated input;
+- ``Embedding``: the input is one-hot, so A is diagonal (token counts / positions), ``a`` holds ids.
 
-- Linear over any leading dimensions ("expand"): every position is a row; a_count = positions,
-  d_count = examples, so G sums over the positions of an example and averages over examples.
-- Conv2d ("reduce"): an example's unfolded patches are averaged and its output gradients summed
-  over positions, one row per example. Exact when the output gradients are shared over positions
-  (average pooling) or the patches are.
-- Embedding: the input factor is diagonal, token counts / positions; ``a`` holds the token ids.
+N counts examples over every micro-batch since the last step: a micro-batch is one forward of the
+model, and with a mean-reduced loss the standard accumulation (each micro-batch's loss divided by
+their number k) leaves gradients that N·grad turns into per-example ones, so accumulated factors
+equal the whole batch's.
 """
 
 from __future__ import annotations
@@ -25,39 +31,90 @@ from torch.nn import functional as F
 
 from opcomp.capture import Entry
 from opcomp.errors import OpcompError
+from opcomp.precision import working_dtype
 
 Reduction = Literal["mean", "sum"]
+Columns = Literal["weight", "weight+bias", "bias"]
+"""What a layer's matrix X holds: its weight, the weight with the bias as a last column, or the bias alone."""
+
+CHUNK = 1 << 22
+"""Elements of per-example gradients formed at once by the EKFAC correction (16 MiB in fp32)."""
 
 
 @dataclass
-class Rows:
-    a: Tensor  # (rows, in) float, or (rows,) token ids for an Embedding
-    d: Tensor  # (rows, out) per-example output gradients
-    a_count: float
-    d_count: float
-    vocabulary: int = 0  # Embedding only: the number of tokens
+class Sample:
+    """One micro-batch of a layer in the weight-sharing form."""
+
+    a: Tensor  # (N, S, in); an Embedding's token ids (N, S)
+    d: Tensor  # (N, S, out) per-example output gradients
+
+
+@dataclass
+class Statistics:
+    """A layer's samples of one step and what they make: A, G, their diagonals, EKFAC's scale."""
+
+    samples: list[Sample]
+    examples: int  # N, over every micro-batch
+    reduce: bool = False  # Conv2d: one row per example
+    vocabulary: int = 0  # Embedding: the number of tokens
+
+    def _rows(self, side: str) -> list[Tensor]:
+        if side == "a":
+            return [s.a.mean(1) if self.reduce else s.a.flatten(0, 1) for s in self.samples]
+        return [s.d.sum(1) if self.reduce else s.d.flatten(0, 1) for s in self.samples]
+
+    @property
+    def a_count(self) -> int:
+        return sum(len(rows) for rows in self._rows("a"))
 
     def A(self) -> Tensor:
-        return self.a.T @ self.a / self.a_count
+        rows = self._rows("a")
+        return sum(r.T @ r for r in rows) / self.a_count
 
     def A_diagonal(self) -> Tensor:
         if self.vocabulary:
-            return torch.bincount(self.a, minlength=self.vocabulary).float() / self.a_count
-        return self.a.square().sum(0) / self.a_count
+            ids = torch.cat(self._rows("a"))
+            return torch.bincount(ids, minlength=self.vocabulary).to(self.samples[0].d.dtype) / len(ids)
+        return sum(r.square().sum(0) for r in self._rows("a")) / self.a_count
 
     def G(self) -> Tensor:
-        return self.d.T @ self.d / self.d_count
+        return sum(r.T @ r for r in self._rows("d")) / self.examples
 
     def G_diagonal(self) -> Tensor:
-        return self.d.square().sum(0) / self.d_count
+        return sum(r.square().sum(0) for r in self._rows("d")) / self.examples
 
     def eigen_scale(self, q_g: Tensor, q_a: Tensor | None) -> Tensor:
-        """E over examples of (Q_Gᵀ ∇W_n Q_A)², (out, in): the EKFAC eigenvalue correction."""
-        d = (self.d @ q_g).square()
-        if self.vocabulary:  # Q_A = I: each row adds its squared projection to its token's column
-            scale = torch.zeros(self.vocabulary, d.shape[1], dtype=d.dtype, device=d.device)
-            return scale.index_add_(0, self.a, d).T / self.d_count
-        return d.T @ (self.a @ q_a).square() / self.d_count
+        """E_n[(Q_Gᵀ ∇W_n Q_A)²] over per-example gradients ∇W_n = Σ_s d_ns a_nsᵀ, (out, in).
+
+        Positions are summed before squaring: that is what makes it the per-example gradient of a
+        conv or a sequence model, not of its rows. An Embedding has Q_A = I.
+        """
+        if self.vocabulary:
+            return self._embedding_scale(q_g)
+        total = None
+        for sample in self.samples:
+            d, a = sample.d @ q_g, sample.a @ q_a
+            if d.shape[1] == 1:  # no sharing: Σ_n (d_n²)(a_n²)ᵀ in one product
+                part = d[:, 0].square().T @ a[:, 0].square()
+            else:
+                chunk = max(1, CHUNK // max(1, d.shape[2] * a.shape[2]))
+                part = sum(
+                    torch.einsum("nso,nsi->noi", d[i : i + chunk], a[i : i + chunk]).square().sum(0)
+                    for i in range(0, len(d), chunk)
+                )
+            total = part if total is None else total + part
+        return total / self.examples
+
+    def _embedding_scale(self, q_g: Tensor) -> Tensor:
+        """Rows of one example that hit one token add up before squaring (X is (dim, vocabulary))."""
+        total = torch.zeros(self.vocabulary, q_g.shape[0], dtype=q_g.dtype, device=q_g.device)
+        for sample in self.samples:
+            d = (sample.d @ q_g).flatten(0, 1)
+            example = torch.arange(len(sample.a), device=d.device).unsqueeze(1).expand_as(sample.a)
+            pairs, which = torch.unique((example * self.vocabulary + sample.a).flatten(), return_inverse=True)
+            summed = torch.zeros(len(pairs), d.shape[1], dtype=d.dtype, device=d.device).index_add_(0, which, d)
+            total.index_add_(0, pairs % self.vocabulary, summed.square())
+        return total.T / self.examples
 
 
 def check_supported(module: nn.Module, name: str) -> None:
@@ -74,50 +131,73 @@ def check_supported(module: nn.Module, name: str) -> None:
             )
 
 
-def rows(module: nn.Module, entries: list[Entry], reduction: Reduction, with_bias: bool, sampled: bool) -> Rows:
-    """The rows of all captured micro-batches of ``module``, in fp32.
+def statistics(
+    module: nn.Module, entries: list[Entry], reduction: Reduction, columns: Columns, sampled: bool
+) -> Statistics:
+    """The statistics of ``module`` from its captured entries, in the weight's working precision.
 
     Sampled (Monte Carlo) gradients are per-example already: they start from ∂ℓ_n/∂f_n, not from
     the batch loss, so only the user's gradients are rescaled by the reduction.
     """
-    parts = [
-        _rows(module, e.input, e.sampled, "sum", with_bias)
-        if sampled
-        else _rows(module, e.input, e.grad, reduction, with_bias)
-        for e in entries
-    ]
-    if len(parts) == 1:
-        return parts[0]
-    a = torch.cat([p.a for p in parts])
-    d = torch.cat([p.d for p in parts])
-    return Rows(a, d, sum(p.a_count for p in parts), sum(p.d_count for p in parts), parts[0].vocabulary)
+    dtype = working_dtype(module.weight.dtype)
+    forwards: dict[int, list[Entry]] = {}
+    for entry in entries:
+        forwards.setdefault(entry.forward, []).append(entry)
+    examples = sum(_examples(module, group[0].input) for group in forwards.values())
+    scale = examples if reduction == "mean" and not sampled else 1
+    samples = []
+    for group in forwards.values():  # a layer called twice in one forward shares its weight over both calls
+        parts = [_sample(module, e.input, e.sampled if sampled else e.grad, columns, dtype) for e in group]
+        a = parts[0].a if len(parts) == 1 else torch.cat([p.a for p in parts], 1)
+        d = parts[0].d if len(parts) == 1 else torch.cat([p.d for p in parts], 1)
+        samples.append(Sample(a, d * scale if scale != 1 else d))
+    vocabulary = module.num_embeddings if isinstance(module, nn.Embedding) else 0
+    return Statistics(samples, examples, isinstance(module, nn.Conv2d), vocabulary)
 
 
-def _per_example(grad: Tensor, examples: int, reduction: Reduction) -> Tensor:
-    grad = grad.float()
-    return grad * examples if reduction == "mean" else grad
-
-
-def _rows(module: nn.Module, inputs: Tensor, grad: Tensor, reduction: Reduction, with_bias: bool) -> Rows:
-    examples = inputs.shape[0]
-    if isinstance(module, nn.Embedding):
-        d = _per_example(grad, examples, reduction).reshape(-1, module.embedding_dim)
-        return Rows(inputs.reshape(-1), d, d.shape[0], examples, vocabulary=module.num_embeddings)
+def _examples(module: nn.Module, inputs: Tensor) -> int:
+    """Examples are dim 0 of the layer's input, unless the input is unbatched (one example)."""
     if isinstance(module, nn.Conv2d):
+        unbatched = 3
+    elif isinstance(module, nn.Embedding):
+        unbatched = 0
+    else:
+        unbatched = 1
+    return 1 if inputs.ndim == unbatched else inputs.shape[0]
+
+
+def _sample(module: nn.Module, inputs: Tensor, grad: Tensor, columns: Columns, dtype: torch.dtype) -> Sample:
+    if isinstance(module, nn.Embedding):
+        return Sample(_shared(inputs.unsqueeze(-1), module)[..., 0], _shared(grad, module).to(dtype))
+    if isinstance(module, nn.Conv2d):
+        batched_inputs = inputs if inputs.ndim == 4 else inputs.unsqueeze(0)
         patches = F.unfold(
-            inputs.float(), module.kernel_size, dilation=module.dilation, padding=_padding(module), stride=module.stride
-        ).mean(dim=2)
-        a = _with_ones(patches) if with_bias else patches
-        d = _per_example(grad, examples, reduction).flatten(2).sum(dim=2)
-        return Rows(a, d, examples, examples)
-    a = inputs.float().reshape(-1, inputs.shape[-1])
-    a = _with_ones(a) if with_bias else a
-    d = _per_example(grad, examples, reduction).reshape(-1, grad.shape[-1])
-    return Rows(a, d, a.shape[0], examples)
+            batched_inputs.to(dtype),
+            module.kernel_size,
+            dilation=module.dilation,
+            padding=_padding(module),
+            stride=module.stride,
+        )
+        a = patches.transpose(1, 2)  # (N, positions, C·kh·kw)
+        batched_grad = grad if grad.ndim == 4 else grad.unsqueeze(0)
+        d = batched_grad.to(dtype).flatten(2).transpose(1, 2)  # (N, positions, out)
+    else:
+        a, d = _shared(inputs.to(dtype), module), _shared(grad.to(dtype), module)
+    if columns == "bias":
+        a = torch.ones(*a.shape[:2], 1, dtype=dtype, device=a.device)
+    elif columns == "weight+bias":
+        a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=dtype, device=a.device)], dim=2)
+    return Sample(a, d)
 
 
-def _with_ones(a: Tensor) -> Tensor:
-    return torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
+def _shared(values: Tensor, module: nn.Module) -> Tensor:
+    """(N, …, features) as (N, S, features), every leading dimension after the first shared; an
+    unbatched input (features,) is one example. Explicit shapes, so empty layers work too."""
+    if values.ndim == 1:
+        return values.reshape(1, 1, -1) if values.numel() else values.reshape(1, 1, 0)
+    if values.ndim == 2:
+        return values.unsqueeze(1)
+    return values.flatten(1, -2)
 
 
 def _padding(module: nn.Conv2d):

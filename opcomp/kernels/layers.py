@@ -2,8 +2,9 @@
 
 A layer kernel sees every parameter of an expression that runs its node, at once, because a
 layer's weight and bias share one preconditioner: X = [x_W | x_b] (the bias folded in as the
-last input column, when the bias runs the node too). Statistics are per layer and live in the
-state of the layer's weight (or its bias when only the bias runs the node).
+last input column, when the bias runs the node too; X = x_b alone, with A = 1, when only the bias
+runs it). Statistics are per layer and live in the state of the layer's weight (or its bias when
+only the bias runs the node).
 
 Conventions (row-major): X is (out, in) — an Embedding's weight (vocabulary, dim) is transposed to
 (dim, vocabulary) — and F ≈ G ⊗ A, so (G ⊗ A + λI)⁻¹ vec X = Q_G ((Q_Gᵀ X Q_A) ⊘ (λ_G λ_Aᵀ + λ)) Q_Aᵀ.
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from opcomp.errors import OpcompError
 from opcomp.kernels import kernel
 from opcomp.kernels.context import advance
-from opcomp.kernels.factors import Rows
+from opcomp.kernels.factors import Columns, Statistics
 from opcomp.ops import Options
 from opcomp.probe import finite
 
@@ -35,9 +36,9 @@ class LayerSlot:
 
     module: nn.Module
     name: str
-    weight: int | None
+    weight: int | None  # positions in the flat lists; None when it has no gradient this step
     bias: int | None
-    with_bias: bool  # the bias runs this node, so it is folded into X and A
+    columns: Columns  # what X holds, fixed at build: which of the layer's parameters run the node
     state: dict  # the node's state for this layer
 
     @property
@@ -51,7 +52,7 @@ class LayerCtx:
 
     options: Options
     layers: list[LayerSlot]
-    statistics: Callable[[LayerSlot, bool], Rows | None]  # (layer, sampled) -> this step's rows
+    statistics: Callable[[LayerSlot, bool], Statistics | None]  # (layer, sampled) -> this step's
 
 
 def step_counts(ctx: LayerCtx) -> list[int]:
@@ -69,43 +70,49 @@ def average(state: dict, name: str, value: Tensor, decay: float) -> None:
         state[name].mul_(decay).add_(value, alpha=1.0 - decay)
 
 
-def fresh_rows(ctx: LayerCtx, layer: LayerSlot, count: int, needed: str) -> Rows | None:
-    """This step's rows when statistics are due; an error if a layer never had any."""
+def fresh_statistics(ctx: LayerCtx, layer: LayerSlot, count: int, needed: str) -> Statistics | None:
+    """This step's statistics when they are due; an error if a layer never had any."""
     if count % ctx.options.update_every:
         return None
-    rows = ctx.statistics(layer, getattr(ctx.options, "fisher", "empirical") == "mc")
-    if rows is None and needed not in layer.state:
+    statistics = ctx.statistics(layer, getattr(ctx.options, "fisher", "empirical") == "mc")
+    if statistics is None and needed not in layer.state:
         raise OpcompError(
             f"layer '{layer.name}' has no statistics: its forward and backward must run on the model given "
             "to opcomp.build, with gradients enabled, before opt.step()"
         )
-    return rows
+    return statistics
 
 
 def matrix_of(layer: LayerSlot, x: list[Tensor]) -> Tensor:
-    """X for the layer: (out, in), Embedding transposed, the bias as a last column when folded in."""
-    weight = x[layer.weight] if layer.weight is not None else None
+    """X for the layer: (out, in), Embedding transposed, the bias as a last column when folded in.
+
+    A parameter that runs the node but has no gradient this step contributes zeros.
+    """
     if layer.embedding:
-        return weight.T
-    if weight is None:  # only the bias runs the node: X is its column alone
-        return x[layer.bias].reshape(-1, 1)
-    matrix = weight.reshape(weight.shape[0], -1)
-    if layer.with_bias:
-        bias = x[layer.bias] if layer.bias is not None else torch.zeros_like(matrix[:, 0])
-        matrix = torch.cat([matrix, bias.reshape(-1, 1)], dim=1)
-    return matrix
+        return x[layer.weight].T
+    rows = layer.module.weight.shape[0]
+    like = x[layer.weight if layer.weight is not None else layer.bias]
+
+    def block(index: int | None, columns: int) -> Tensor:
+        return like.new_zeros(rows, columns) if index is None else x[index].reshape(rows, columns)
+
+    parts = []
+    if layer.columns != "bias":
+        parts.append(block(layer.weight, layer.module.weight[0].numel()))
+    if layer.columns != "weight":
+        parts.append(block(layer.bias, 1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def scatter(layer: LayerSlot, direction: Tensor, like: list[Tensor], out: list) -> None:
+    """The layer's direction back onto the parameters that have a gradient this step."""
     if layer.embedding:
         out[layer.weight] = direction.T.reshape(like[layer.weight].shape)
         return
-    if layer.weight is None:
-        out[layer.bias] = direction.reshape(like[layer.bias].shape)
-        return
-    columns = direction[:, :-1] if layer.with_bias else direction
-    out[layer.weight] = columns.reshape(like[layer.weight].shape)
-    if layer.with_bias and layer.bias is not None:
+    if layer.weight is not None:
+        columns = direction[:, :-1] if layer.columns == "weight+bias" else direction
+        out[layer.weight] = columns.reshape(like[layer.weight].shape)
+    if layer.bias is not None:
         out[layer.bias] = direction[:, -1].reshape(like[layer.bias].shape)
 
 
@@ -141,8 +148,8 @@ def damped_inverse(batch: Tensor) -> tuple[Tensor]:
 
 def pi_split(a: Tensor, g: Tensor, damping: float) -> tuple[float, float]:
     """Martens & Grosse's factored damping: λ_A = π√λ, λ_G = √λ/π, π² = (tr A/dim A)/(tr G/dim G)."""
-    trace_a = float(a.sum() if a.ndim == 1 else a.diagonal().sum()) / a.shape[0]
-    trace_g = float(g.diagonal().sum()) / g.shape[0]
+    trace_a = float(a.sum() if a.ndim == 1 else a.diagonal().sum()) / max(1, a.shape[0])
+    trace_g = float(g.diagonal().sum()) / max(1, g.shape[0])
     ratio = trace_a / trace_g if trace_g > 0 else 0.0
     pi = math.sqrt(ratio) if 0.0 < ratio < math.inf else 0.0
     pi = pi if 0.0 < pi < math.inf else 1.0  # degenerate factors: split the damping evenly
@@ -183,13 +190,13 @@ def kronecker_eigenvalues(layer: LayerSlot) -> Tensor:
     return layer.state["G_eigenvalues"].unsqueeze(1) * layer.state["A_eigenvalues"].unsqueeze(0)
 
 
-def update_factors(ctx: LayerCtx, layer: LayerSlot, count: int) -> Rows | None:
-    rows = fresh_rows(ctx, layer, count, "G")
-    if rows is not None:
+def update_factors(ctx: LayerCtx, layer: LayerSlot, count: int) -> Statistics | None:
+    statistics = fresh_statistics(ctx, layer, count, "G")
+    if statistics is not None:
         decay = ctx.options.decay
-        average(layer.state, "A", rows.A_diagonal() if layer.embedding else rows.A(), decay)
-        average(layer.state, "G", rows.G(), decay)
-    return rows
+        average(layer.state, "A", statistics.A_diagonal() if layer.embedding else statistics.A(), decay)
+        average(layer.state, "G", statistics.G(), decay)
+    return statistics
 
 
 @kernel("kfac", collective="layers")
@@ -241,10 +248,10 @@ def diag_kfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
     o = ctx.options
     out: list = [None] * len(x)
     for layer, count in zip(ctx.layers, step_counts(ctx)):
-        rows = fresh_rows(ctx, layer, count, "G_diag")
-        if rows is not None:
-            average(layer.state, "A_diag", rows.A_diagonal(), o.decay)
-            average(layer.state, "G_diag", rows.G_diagonal(), o.decay)
+        statistics = fresh_statistics(ctx, layer, count, "G_diag")
+        if statistics is not None:
+            average(layer.state, "A_diag", statistics.A_diagonal(), o.decay)
+            average(layer.state, "G_diag", statistics.G_diagonal(), o.decay)
         denominator = (layer.state["G_diag"] + o.damping).unsqueeze(1) * (layer.state["A_diag"] + o.damping)
         scatter(layer, matrix_of(layer, x) / denominator, x, out)
     return out
@@ -252,27 +259,31 @@ def diag_kfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
 
 @kernel("ekfac", collective="layers")
 def ekfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
-    """KFAC's eigenbasis with its eigenvalues refitted to per-example gradients.
+    """KFAC's eigenbasis with its eigenvalues refitted to per-example gradients (George et al. 2018).
 
-    A refresh recomputes the eigenbases and resets the scale to the Kronecker eigenvalues, so
-    right after one EKFAC is KFAC with exact damping; every later statistics step moves the scale
-    towards E[(Q_Gᵀ ∇W_n Q_A)²] of its batch.
+    The scale s is E_n[(Q_Gᵀ ∇W_n Q_A)²] over per-example gradients, averaged with ``decay`` over
+    statistics steps. A refresh recomputes the eigenbases; the old s belongs to the old basis, so it
+    restarts from this step's correction in the new one (from the Kronecker eigenvalues λ_G λ_Aᵀ
+    when the refresh falls on a step without statistics).
     """
     o = ctx.options
     due = Refresh()
-    correct: list[tuple[LayerSlot, Rows]] = []
+    fresh: dict[int, Statistics] = {}
     for layer, count in zip(ctx.layers, step_counts(ctx)):
-        rows = update_factors(ctx, layer, count)
+        statistics = update_factors(ctx, layer, count)
+        if statistics is not None:
+            fresh[id(layer)] = statistics
         if count % o.invert_every == 0:
             due.layers.append(layer)
-        elif rows is not None:
-            correct.append((layer, rows))
     due.eigenbases()
     for layer in due.layers:
-        layer.state["scale"] = kronecker_eigenvalues(layer)
-    for layer, rows in correct:
-        q_a = None if layer.embedding else layer.state["Q_A"]
-        average(layer.state, "scale", rows.eigen_scale(layer.state["Q_G"], q_a), o.decay)
+        layer.state.pop("scale", None)  # fitted in the old basis
+        if id(layer) not in fresh:
+            layer.state["scale"] = kronecker_eigenvalues(layer)
+    for layer in ctx.layers:
+        if id(layer) in fresh:
+            q_a = None if layer.embedding else layer.state["Q_A"]
+            average(layer.state, "scale", fresh[id(layer)].eigen_scale(layer.state["Q_G"], q_a), o.decay)
     out: list = [None] * len(x)
     for layer in ctx.layers:
         direction = in_eigenbasis(layer, matrix_of(layer, x), layer.state["scale"], o.damping)

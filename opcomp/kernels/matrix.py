@@ -28,6 +28,8 @@ def newton_schulz(matrices: Tensor, steps: int) -> Tensor:
     """
     a, b, c = COEFFICIENTS
     x = matrices.bfloat16()
+    if x.numel() == 0:  # an empty matrix is its own polar factor
+        return x
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
@@ -53,9 +55,9 @@ def iterate(x: Tensor, steps: int) -> Tensor:
 
 
 def as_matrices(values: list[Tensor]) -> Tensor:
-    """The bucket stacked as (n, rows, rest): each parameter viewed as (rows, −1)."""
+    """The bucket stacked as (n, rows, rest): each parameter viewed as (rows, −1), empty ones too."""
     first = values[0]
-    return torch.stack(values).reshape(len(values), first.shape[0], -1)
+    return torch.stack(values).reshape(len(values), first.shape[0], math.prod(first.shape[1:]))
 
 
 def orthogonalise(values: list[Tensor], steps: int) -> list[Tensor]:
@@ -65,9 +67,9 @@ def orthogonalise(values: list[Tensor], steps: int) -> list[Tensor]:
 
 
 def shape_factor(param: Tensor) -> float:
-    """√max(1, rows/cols) for the parameter viewed as (rows, −1)."""
-    rows = param.shape[0]
-    return math.sqrt(max(1.0, rows / (param.numel() // rows)))
+    """√max(1, rows/cols) for the parameter viewed as (rows, −1); 1 for an empty one."""
+    rows, columns = param.shape[0], math.prod(param.shape[1:])
+    return math.sqrt(max(1.0, rows / columns)) if rows and columns else 1.0
 
 
 @kernel("orth")

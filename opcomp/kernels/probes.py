@@ -63,6 +63,7 @@ class GaussNewton:
     """v ↦ Jᵀ H_L J v for a subset of the parameters, with torch.func over the model's forward."""
 
     def __init__(self, probe: Probe, params: Sequence[Tensor]) -> None:
+        probe.check_model_call()
         model = probe.model
         names = {id(p): n for n, p in model.named_parameters()}
         self.keys = [names[id(p)] for p in params]
@@ -195,13 +196,15 @@ def zo(ctx: ProbeCtx) -> list[Tensor]:
     if o.newton:
         centre = ctx.probe.loss.detach()
         curvature = abs(plus + minus - 2 * float(centre)) / o.eps**2
-        slope /= max(curvature, 10 * resolution(centre, o.eps))
+        floor = 10 * resolution(max(abs(plus), abs(minus), abs(float(centre))), centre.dtype, o.eps)
+        scale = max(curvature, floor)
+        slope = slope / scale if scale > 0 else 0.0  # a loss that is exactly 0 around p: no information
     return finite([slope * v for v in directions])
 
 
-def resolution(loss: Tensor, eps: float) -> float:
-    """The smallest curvature a three-point difference of this loss can tell from rounding."""
-    return 4 * abs(float(loss)) * torch.finfo(loss.dtype).eps / eps**2
+def resolution(loss: float, dtype: torch.dtype, eps: float) -> float:
+    """The smallest curvature a three-point difference of losses this large can tell from rounding."""
+    return 4 * loss * torch.finfo(dtype).eps / eps**2
 
 
 # -- Hutchinson diagonal -------------------------------------------------------------------------

@@ -50,7 +50,10 @@ register(
         binds_gradient=True,
         reads_gradient=True,
         cost=Cost(forward=1, backward=1, memory="a copy of the parameters and the probed gradient"),
-        state=(StateBuffer("grad_sq", "param", "EMA of g², only for mode=fisher when the inner keeps none"),),
+        state=(
+            StateBuffer("grad_sq", "param", "EMA of g², only for mode=fisher when the inner keeps none"),
+            StateBuffer("step", "scalar", "steps of that average"),
+        ),
         summary="sharpness-aware minimisation around any inner optimizer",
         formula=(
             "ε = rho·d/‖d‖ (global norm), d = g | p²⊙g | g⊙√v̂; the inner's direction input is "

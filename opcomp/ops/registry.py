@@ -84,16 +84,17 @@ class Cost:
         return Cost(self.forward + other.forward, self.backward + other.backward)
 
 
-StateShape = Literal["param", "scalar", "in_factor", "out_factor", "in_diag", "out_diag"]
+StateShape = Literal["param", "scalar", "in_factor", "out_factor", "in_diag", "out_diag", "layer_matrix"]
 
 
 @dataclass(frozen=True)
 class StateBuffer:
     """A tensor the operator keeps per parameter, in fp32.
 
-    ``shape`` is relative to the parameter: 'param' is its shape; for a layer weight of
-    (out, in) the factors are (in, in) / (out, out) and the diagonals (in,) / (out,),
-    with the bias folded into the input side.
+    ``shape`` is relative to the parameter: 'param' is its shape; for a layer whose matrix X is
+    (out, in) (the bias folded into the input side) the factors are (in, in) / (out, out), the
+    diagonals (in,) / (out,) and 'layer_matrix' is (out, in). An Embedding's X is
+    (dim, vocabulary) and its input factor a diagonal (vocabulary,).
     """
 
     name: str

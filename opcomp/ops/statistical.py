@@ -173,7 +173,7 @@ register(
         state=(
             *_FACTORS,
             *_EIGENBASES,
-            StateBuffer("scale", "param", "corrected eigenvalues E[(Q_Gᵀ ∇W_n Q_A)²] (bias column included)"),
+            StateBuffer("scale", "layer_matrix", "corrected eigenvalues E[(Q_Gᵀ ∇W_n Q_A)²] (bias column included)"),
             _STEP,
         ),
         summary="KFAC eigenbases with eigenvalues re-fitted to per-example gradients",
