@@ -101,21 +101,27 @@ class Probe:
 
     @contextmanager
     def shifted(self, shifts: Sequence[tuple[Tensor, Tensor]]):
-        """Parameters moved by their shifts for the duration; restored exactly afterwards."""
+        """Parameters moved by their shifts for the duration; restored exactly afterwards.
+
+        The moves go through ``.data``, which leaves autograd's version counters alone: the first
+        evaluation's graph (kept for Hessian products) saved these very tensors, and since they are
+        restored bit for bit before that graph is used again, an ``hvp`` may follow a ``sam`` or
+        ``zo`` probe in one step.
+        """
         saved = [(param, param.detach().clone()) for param, _ in shifts]
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()] if self.model is not None else []
         try:
             with torch.no_grad():
                 for param, shift in shifts:
-                    param.add_(shift.to(param.dtype))
+                    param.data.add_(shift.to(param.dtype))
             with self.disarm():
                 yield
         finally:
             with torch.no_grad():
                 for param, value in saved:
-                    param.copy_(value)
+                    param.data.copy_(value)
                 for buffer, value in buffers:
-                    buffer.copy_(value)
+                    buffer.data.copy_(value)
 
     def evaluate(self, *, grad: bool) -> Tensor:
         """The closure's loss at the current point (with its graph when ``grad``); NonFinite if inf or NaN."""

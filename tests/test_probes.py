@@ -438,3 +438,56 @@ def test_grad_at_is_the_gradient_at_the_shifted_point():
     expected = flatten(naive_sam_gradient(reference, x, y, 0.2))  # ∇L(p + 0.2·g/‖g‖)
     # lr=1 reads u = p_before − p_after without amplifying the rounding of the subtraction
     torch.testing.assert_close(direction_of("grad_at[rho=0.2](g)", model, x, y, lr=1.0), expected, rtol=1e-4, atol=1e-6)
+
+
+def hessian_times(model, x, y, vector: torch.Tensor) -> torch.Tensor:
+    params = flatten([p.detach() for p in model.parameters()])
+    return hvp(flat_loss(model, x, y), params, vector)[1]
+
+
+@pytest.mark.parametrize("expression", ["hvp(grad_at[rho=0.1](g))", "sam[rho=0.1](hvp(g))"])
+def test_hessian_products_after_a_shifting_probe_use_the_hessian_at_p(expression):
+    """Both are H(p)·∇L(p + 0.1·g/‖g‖): the shifted evaluation must leave the graph at p usable."""
+    model, (x, y) = tiny(), batch()
+    reference = copy.deepcopy(model)
+    shifted = flatten(naive_sam_gradient(copy.deepcopy(model), x, y, 0.1))
+    expected = hessian_times(reference, x, y, shifted)
+    torch.testing.assert_close(direction_of(expression, model, x, y, lr=1.0), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_hessian_product_of_a_zeroth_order_estimate_is_h_times_that_estimate():
+    model, (x, y) = tiny(), batch()
+    twin = copy.deepcopy(model)
+    estimate = direction_of("zo", twin, x, y, lr=1.0)  # the same node key: the same seeded noise
+    expected = hessian_times(copy.deepcopy(model), x, y, estimate)
+    torch.testing.assert_close(direction_of("hvp(zo)", model, x, y, lr=1.0), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_f3eo_inside_sam_follows_both_formulas():
+    """sam(adamw(g + reject(hvp(g), g))), first step: x = g_s + reject(H g_s, g_s) per parameter with
+    g_s = ∇L(p + ε) and H at p; Adam's moments read the raw g, so u = x/(|g| + eps) + wd·p."""
+    model, (x, y) = tiny(), batch()
+    reference = copy.deepcopy(model)
+    params = [p.detach().clone() for p in reference.parameters()]
+    raw = torch.autograd.grad(loss_of(reference, x, y), list(reference.parameters()))
+    probed = naive_sam_gradient(copy.deepcopy(model), x, y, 0.05)
+    products = hessian_times(reference, x, y, flatten(probed)).split([p.numel() for p in params])
+    expected = []
+    for p, g, gs, hg in zip(params, raw, probed, products):
+        gs, hg = gs.reshape(-1), hg.reshape(-1)
+        combined = gs + hg - (hg @ gs) / (gs @ gs) * gs
+        expected.append(combined / (g.reshape(-1).abs() + 1e-8) + 0.01 * p.reshape(-1))
+    found = direction_of("sam(adamw(g + reject(hvp(g), g)))", model, x, y, lr=1.0)
+    torch.testing.assert_close(found, torch.cat(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_hutchinson_inside_sam_is_exact_on_a_diagonal_quadratic():
+    """L = ½ Σ h θ²: z ⊙ Hz = h for every Rademacher z, so u = g_sam/(|h| + eps) with
+    g_sam = h ⊙ (θ + ε), ε = rho·g/‖g‖."""
+    theta, curvatures, loss = separable_quadratic()
+    start = theta.detach().clone()
+    g = curvatures * start
+    expected = curvatures * (start + 0.05 * g / g.norm()) / (curvatures + 1e-12)
+    opt = opcomp.build("sam(diag_hessian[beta=0.0, eps=1e-12](g))", [theta], lr=1.0)
+    opt.step(loss)
+    torch.testing.assert_close(start - theta.detach(), expected, rtol=1e-6, atol=1e-6)
