@@ -200,6 +200,10 @@ class Optimizer(torch.optim.Optimizer):
                 f"with {CLOSURE_SHAPE}"
             )
         loss, probe = (None, None) if closure is None else self._evaluate(closure, graphs, bool(probing))
+        loss = self._step(loss, probe)
+        return probe.estimate() if loss is None and probe is not None else loss
+
+    def _step(self, loss: Tensor | None, probe: Probe | None) -> Tensor | None:
         work = []
         for group, buckets in zip(self.param_groups, self._buckets):
             for bucket in buckets:
@@ -287,7 +291,7 @@ class Optimizer(torch.optim.Optimizer):
         tensor.fill_(float(group["lr"]))
         return tensor
 
-    def _evaluate(self, closure, graphs: list[Graph], probing: bool) -> tuple[Tensor, Probe | None]:
+    def _evaluate(self, closure, graphs: list[Graph], probing: bool) -> tuple[Tensor | None, Probe | None]:
         """The closure's first call, at the current parameters, and opcomp's own backward pass."""
         params = [p for group in self.param_groups for p in group["params"]]
         nodes = [n for graph in graphs for n in graph.nodes]
@@ -296,6 +300,10 @@ class Optimizer(torch.optim.Optimizer):
         outputs = any(n.spec.needs.closure and n.spec.needs.model for n in nodes)
         for param in params:
             param.grad = None
+        if probing and all(n.spec.needs.forward_only or not n.spec.needs.closure for n in nodes):
+            if not any(n.spec.reads_gradient for n in nodes):
+                # estimates from loss values alone (zo): no training pass, no graph; the probes run the closure
+                return None, Probe(closure, self._model, self._disarmed, None, evaluations=0)
         recorder = _ModelCall(self._model if outputs else None)
         # fused attention kernels have no second derivative: differentiate through the math one
         backend = sdpa_kernel([SDPBackend.MATH]) if double else nullcontext()

@@ -17,7 +17,7 @@ by copying it back (bit for bit) and every buffer of the model (running statisti
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -86,39 +86,52 @@ def check_loss(loss, *, probing: bool, params: Sequence[Tensor]) -> Tensor:
 
 @dataclass
 class Probe:
-    """One step's closure and what its first evaluation left behind."""
+    """One step's closure and what its first evaluation left behind.
+
+    An expression that estimates from loss values alone (``zo``) has no first evaluation: ``loss``
+    is None, the first probe's forward pass plays the training pass (its updates of running
+    statistics stay), and the loss at p is evaluated only if a kernel asks for it (:meth:`centre`).
+    """
 
     closure: Callable[[], Tensor]
     model: nn.Module | None
     disarm: Callable[[], Iterator[None]]  # context manager that silences statistics capture
-    loss: Tensor
+    loss: Tensor | None
     graph_grads: dict[int, Tensor] = field(default_factory=dict)  # id(param) -> ∇L with its graph
     inputs: tuple = ()  # what the model's forward received in the first evaluation
     input_kwargs: dict = field(default_factory=dict)
     output: Tensor | None = None  # and what it returned, inside the loss graph
     evaluations: int = 1  # forward passes through the closure this step
+    probed: list[float] = field(default_factory=list)  # losses at shifted points
     _loss_gradient: Tensor | None = None
 
-    @contextmanager
-    def shifted(self, shifts: Sequence[tuple[Tensor, Tensor]]):
-        """Parameters moved by their shifts for the duration; restored exactly afterwards.
+    def __post_init__(self) -> None:
+        self.trained = self.loss is not None  # whether this step's training pass has run
 
-        The moves go through ``.data``, which leaves autograd's version counters alone: the first
+    @contextmanager
+    def shifted(self, params: Sequence[Tensor], directions: Iterable[Tensor], scale: float):
+        """Parameters moved to p + scale·d for the duration; restored exactly afterwards.
+
+        ``directions`` may be drawn lazily, one per parameter, so noise need not be kept. The
+        moves go through ``.data``, which leaves autograd's version counters alone: the first
         evaluation's graph (kept for Hessian products) saved these very tensors, and since they are
         restored bit for bit before that graph is used again, an ``hvp`` may follow a ``sam`` or
         ``zo`` probe in one step.
         """
-        saved = [(param, param.detach().clone()) for param, _ in shifts]
-        buffers = [(b, b.detach().clone()) for b in self.model.buffers()] if self.model is not None else []
+        saved = [param.detach().clone() for param in params]
+        keep_buffers = not self.trained  # no training pass this step: this forward is it
+        self.trained = True
+        restore = self.model is not None and not keep_buffers
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()] if restore else []
         try:
             with torch.no_grad():
-                for param, shift in shifts:
-                    param.data.add_(shift.to(param.dtype))
+                for param, direction in zip(params, directions):
+                    param.data.add_(direction.to(param.dtype), alpha=scale)
             with self.disarm():
                 yield
         finally:
             with torch.no_grad():
-                for param, value in saved:
+                for param, value in zip(params, saved):
                     param.data.copy_(value)
                 for buffer, value in buffers:
                     buffer.data.copy_(value)
@@ -132,21 +145,34 @@ class Probe:
             raise NonFinite
         return loss
 
-    def loss_at(self, shifts: Sequence[tuple[Tensor, Tensor]]) -> float:
-        with self.shifted(shifts):
-            return float(self.evaluate(grad=False))
+    def centre(self) -> Tensor:
+        """The loss at p: the first evaluation's, or one forward pass (no graph) when there was none."""
+        if self.loss is None:
+            self.trained = True
+            self.loss = self.evaluate(grad=False)
+        return self.loss.detach()
 
-    def gradient_at(self, shifts: Sequence[tuple[Tensor, Tensor]], params: Sequence[Tensor]) -> list[Tensor]:
-        """∇L at the shifted point for ``params`` (zeros where the loss does not reach one)."""
-        with self.shifted(shifts):
+    def loss_at(self, params: Sequence[Tensor], directions: Iterable[Tensor], scale: float) -> float:
+        """L(p + scale·d), without a graph."""
+        with self.shifted(params, directions, scale):
+            value = float(self.evaluate(grad=False))
+        self.probed.append(value)
+        return value
+
+    def estimate(self) -> Tensor:
+        """What the step reports as its loss without a training pass: the mean of the probed losses,
+        which for symmetric probes p ± Δ is L(p) + O(Δ²)."""
+        if self.loss is not None:
+            return self.loss.detach()
+        return torch.tensor(sum(self.probed) / len(self.probed)) if self.probed else torch.tensor(float("nan"))
+
+    def gradient_at(self, params: Sequence[Tensor], directions: Iterable[Tensor], scale: float) -> list[Tensor]:
+        """∇L(p + scale·d) for ``params`` (zeros where the loss does not reach one)."""
+        with self.shifted(params, directions, scale):
             loss = self.evaluate(grad=True)
             grads = torch.autograd.grad(loss, list(params), allow_unused=True)
-        return finite(
-            [
-                torch.zeros_like(p, dtype=working_dtype(p.dtype)) if g is None else working(g.detach())
-                for p, g in zip(params, grads)
-            ]
-        )
+        zero = [torch.zeros_like(p, dtype=working_dtype(p.dtype)) for p in params]
+        return finite([z if g is None else working(g.detach()) for z, g in zip(zero, grads)])
 
     def check_model_call(self) -> None:
         """Gauss–Newton products replay the model's forward: the closure must have called it."""

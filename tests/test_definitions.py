@@ -21,7 +21,7 @@ DESIGN_PRESETS = {
     "asam_sgd": "sam[adaptive, rho=0.5](momentum(g))",
     "pi_muon": "0.5 * kfac(g) + 0.5 * muon(g) | adamw(g)",
     "mezo": "zo",
-    "awzo": "zo[relative, newton]",
+    "awzo": "zo[relative, newton, eps=0.03]",
 }
 
 

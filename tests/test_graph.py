@@ -43,7 +43,8 @@ def test_inside_sam_the_gradient_is_the_probed_one_and_is_not_shared_with_outsid
     assert inner.key == outer.key
     assert inner.scope is not None and outer.scope is None
     assert inner.state_key != outer.state_key
-    assert inner.state_key.endswith("in sam[mode=plain, rho=0.05](adamw[b1=0.9, b2=0.999, eps=1e-08, wd=0.01](g))")
+    sam = "sam[eta=0.01, mode=plain, rho=0.05](adamw[b1=0.9, b2=0.999, eps=1e-08, wd=0.01](g))"
+    assert inner.state_key.endswith(f"in {sam}")
     # `p` does not read the gradient, so it is one node inside and outside sam
     assert ops(graph).count("p") == 1
 

@@ -24,7 +24,7 @@ def test_the_three_forms_parse_verbatim():
     ("text", "canonical"),
     [
         ("muon(kfac(grad))", f"{MUON}({KFAC}(g))"),
-        ("sam[fisher](adarms)", f"sam[mode=fisher, rho=0.05]({ADAM}(g))"),
+        ("sam[fisher](adarms)", f"sam[eta=0.01, mode=fisher, rho=0.05]({ADAM}(g))"),
         ("muon(diag_kfac(g))", f"{MUON}({DIAG_KFAC}(g))"),
     ],
 )
@@ -69,7 +69,7 @@ def test_numbers_keep_their_type():
 
 
 def test_option_values_may_be_number_arithmetic():
-    assert opcomp.format("sam[rho=2 * 0.025](g)") == "sam[mode=plain, rho=0.05](g)"
+    assert opcomp.format("sam[rho=2 * 0.025](g)") == "sam[eta=0.01, mode=plain, rho=0.05](g)"
     assert opcomp.format("adamw[wd=1 - 0.9]") == opcomp.format("adamw[wd=0.09999999999999998]")
 
 
@@ -99,7 +99,7 @@ def test_presets_expand_by_name_and_options_substitute():
     assert opcomp.format("pi_muon[lam=0.25]") == f"0.75 * {KFAC}(g) + 0.25 * {MUON}(g) | {ADAMW}(g)"
     assert (
         opcomp.format("sam_sgd[rho=0.1]")
-        == "sam[mode=plain, rho=0.1](momentum[beta=0.9, dampening=0.0, nesterov=false](g))"
+        == "sam[eta=0.01, mode=plain, rho=0.1](momentum[beta=0.9, dampening=0.0, nesterov=false](g))"
     )
 
 

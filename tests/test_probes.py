@@ -310,7 +310,11 @@ def test_probes_restore_parameters_and_buffers_exactly(expression):
     opt = opcomp.build(expression, model, lr=0.0)
     opt.step(lambda: loss_of(model, x, y))
     for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
-        assert torch.equal(a, b), name
+        if expression == "zo" and "running" in name:
+            # zo runs no training pass: its first probe, at p + eps·z, is the one forward that counts
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-3)
+        else:
+            assert torch.equal(a, b), name
 
 
 def test_sam_with_batchnorm_equals_a_reference_computed_without_the_probe_machinery():
@@ -491,3 +495,37 @@ def test_hutchinson_inside_sam_is_exact_on_a_diagonal_quadratic():
     opt = opcomp.build("sam(diag_hessian[beta=0.0, eps=1e-12](g))", [theta], lr=1.0)
     opt.step(loss)
     torch.testing.assert_close(start - theta.detach(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("expression", "passes"), [("mezo", 2), ("zo[relative]", 2), ("awzo", 3)])
+def test_zeroth_order_runs_only_forward_passes_without_a_graph(expression, passes):
+    model, (x, y) = tiny(), batch()
+    with torch.no_grad():
+        at_p = float(loss_of(model, x, y))
+    grad_modes = []
+
+    def closure():
+        grad_modes.append(torch.is_grad_enabled())
+        with torch.no_grad():  # an inference-only closure is accepted
+            return loss_of(model, x, y)
+
+    opt = opcomp.build(expression, model, lr=1e-3)
+    reported = opt.step(closure)
+    assert grad_modes == [False] * passes
+    assert all(p.grad is None for p in model.parameters())
+    # the loss at p (awzo evaluates it), or the mean of L(p ± Δ), which is L(p) + O(Δ²)
+    assert abs(float(reported) - at_p) < 1e-4
+
+
+def test_awzo_measures_curvature_rather_than_its_rounding_floor():
+    """At the preset's eps the three-point curvature mostly rises above the loss's rounding; at
+    1e-3 (the operator's MeZO default) every probe on this task is floored, the scale a constant."""
+    from opcomp.bench.awzo_floor import floored_share
+    from opcomp.bench.sweep import train_steps
+    from opcomp.bench.tasks import digits
+
+    task = digits()
+    _, preset = train_steps(task, "awzo", opcomp.presets().note("awzo").lr, 20)
+    _, tiny_eps = train_steps(task, "zo[relative, newton, eps=0.001]", 0.03, 20)
+    assert floored_share(preset, 20) <= 0.25
+    assert floored_share(tiny_eps, 20) == 1.0

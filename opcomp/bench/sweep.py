@@ -22,6 +22,11 @@ GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 def train(task: Task, expression: str, lr: float, steps: int, seed: int = 0) -> float:
     """Measured loss after training / before; nan when it stopped being finite."""
+    return train_steps(task, expression, lr, steps, seed)[0]
+
+
+def train_steps(task: Task, expression: str, lr: float, steps: int, seed: int = 0) -> tuple[float, opcomp.Optimizer]:
+    """The ratio of :func:`train`, and the optimizer after training (to read its state)."""
     model = task.model(seed)
     opt = opcomp.build(expression, model, lr=lr, likelihood="categorical")
     generator = torch.Generator().manual_seed(seed + 1)
@@ -32,7 +37,7 @@ def train(task: Task, expression: str, lr: float, steps: int, seed: int = 0) -> 
         opt.step(closure_for(task, model, task.batch(generator)))
     with torch.no_grad():
         after = float(task.loss(model, x, y))
-    return after / before if math.isfinite(after) else math.nan
+    return (after / before if math.isfinite(after) else math.nan), opt
 
 
 def closure_for(task: Task, model, batch):

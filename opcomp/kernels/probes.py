@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -152,11 +152,14 @@ def adam_descent(system, right: list[Tensor], options) -> list[Tensor]:
 # -- shifted points ------------------------------------------------------------------------------
 
 
-def gradient_along(probe: Probe, params: list[Tensor], directions: list[Tensor], rho: float) -> list[Tensor]:
-    """∇L(p + rho·d/‖d‖), ‖·‖ over every parameter given; ∇L(p) where d = 0."""
-    norm = math.sqrt(dot(directions, directions))
-    scale = rho / norm if norm > 0 else 0.0
-    return probe.gradient_at([(p, scale * v) for p, v in zip(params, directions)], params)
+def gradient_along(
+    probe: Probe, params: list[Tensor], directions: list[Tensor], rho: float, measure: list[Tensor] | None = None
+) -> list[Tensor]:
+    """∇L(p + rho·d/‖m‖) with m = ``measure`` (d itself by default), ‖·‖ over every parameter
+    given; ∇L(p) where m = 0."""
+    measure = directions if measure is None else measure
+    norm = math.sqrt(dot(measure, measure))
+    return probe.gradient_at(params, directions, rho / norm if norm > 0 else 0.0)
 
 
 @kernel("grad_at", collective="probe")
@@ -166,40 +169,52 @@ def grad_at(ctx: ProbeCtx, d: list[Tensor]) -> list[Tensor]:
 
 
 def rademacher(shape, generator: torch.Generator, device, dtype: torch.dtype) -> Tensor:
-    return torch.randint(0, 2, shape, generator=generator, device=device).to(dtype).mul_(2).sub_(1)
+    """±1 drawn straight into ``dtype``: no int64 draw of eight bytes per element beside it."""
+    return torch.randint(0, 2, shape, generator=generator, device=device, dtype=dtype).mul_(2).sub_(1)
 
 
-def noise(ctx: ProbeCtx, step: int, gaussian: bool) -> list[Tensor]:
-    """The step's z, one tensor per parameter, drawn again from the seed whenever it is needed."""
+def noise(ctx: ProbeCtx, step: int, gaussian: bool) -> Iterator[Tensor]:
+    """The step's z, one tensor per parameter, drawn in order from the step's seed: drawing again
+    gives the same z, so it never needs to be kept."""
     generator = ctx.generator(step, ctx.params[0].device)
-    draw = (
-        (lambda p: torch.randn(p.shape, generator=generator, device=p.device, dtype=working_dtype(p.dtype)))
-        if gaussian
-        else (lambda p: rademacher(p.shape, generator, p.device, working_dtype(p.dtype)))
-    )
-    return [draw(p) for p in ctx.params]
+    for p in ctx.params:
+        dtype = working_dtype(p.dtype)
+        if gaussian:
+            yield torch.randn(p.shape, generator=generator, device=p.device, dtype=dtype)
+        else:
+            yield rademacher(p.shape, generator, p.device, dtype)
 
 
 @kernel("zo", collective="probe")
 def zo(ctx: ProbeCtx) -> list[Tensor]:
     """Two-point SPSA: s = (L(p + Δ) − L(p − Δ))/(2 eps), Δ = eps·z (relative: eps·z⊙p); returns s·z
     (relative: s·z⊙p, the gradient in log-parameter coordinates). newton divides s by the
-    curvature along Δ, |L⁺ + L⁻ − 2L₀|/eps², floored at ten times what the loss's rounding
-    leaves resolvable (below that the three-point difference is noise)."""
+    curvature along Δ, |L⁺ + L⁻ − 2L₀|/eps², floored at ten times what the losses' rounding
+    leaves resolvable (below that the three-point difference is noise).
+
+    Forward passes only, without a graph: two, and a third at p for newton. The noise is drawn
+    again from its seed for each use instead of being kept.
+    """
     o = ctx.options
     step = ctx.tick()
-    z = noise(ctx, step, o.dist == "gaussian")
-    directions = [zi * working(p.detach()) for zi, p in zip(z, ctx.params)] if o.relative else z
-    plus = ctx.probe.loss_at([(p, o.eps * v) for p, v in zip(ctx.params, directions)])
-    minus = ctx.probe.loss_at([(p, -o.eps * v) for p, v in zip(ctx.params, directions)])
+
+    def directions() -> Iterator[Tensor]:
+        for z, p in zip(noise(ctx, step, o.dist == "gaussian"), ctx.params):
+            yield z.mul_(working(p.detach())) if o.relative else z
+
+    centre = ctx.probe.centre() if o.newton else None  # first: without a training pass, it is one
+    plus = ctx.probe.loss_at(ctx.params, directions(), o.eps)
+    minus = ctx.probe.loss_at(ctx.params, directions(), -o.eps)
     slope = (plus - minus) / (2 * o.eps)
-    if o.newton:
-        centre = ctx.probe.loss.detach()
+    if centre is not None:
         curvature = abs(plus + minus - 2 * float(centre)) / o.eps**2
         floor = 10 * resolution(max(abs(plus), abs(minus), abs(float(centre))), centre.dtype, o.eps)
+        if curvature < floor:
+            for state, param in zip(ctx.states, ctx.params):
+                advance(state, param.device, "floored")
         scale = max(curvature, floor)
         slope = slope / scale if scale > 0 else 0.0  # a loss that is exactly 0 around p: no information
-    return finite([slope * v for v in directions])
+    return finite([v.mul_(slope) for v in directions()])
 
 
 def resolution(loss: float, dtype: torch.dtype, eps: float) -> float:
@@ -218,7 +233,7 @@ def diag_hessian(ctx: ProbeCtx, x: list[Tensor]) -> list[Tensor]:
     pairs = list(zip(ctx.states, ctx.params))
     averages = [state.setdefault("hess_sq", torch.zeros_like(p, dtype=working_dtype(p.dtype))) for state, p in pairs]
     if step % o.update_every == 0:
-        z = noise(ctx, step, gaussian=False)
+        z = list(noise(ctx, step, gaussian=False))
         grads = [ctx.probe.graph_grads[id(p)] for p in ctx.params]
         products = torch.autograd.grad(
             grads, ctx.params, [zi.to(p.dtype) for zi, p in zip(z, ctx.params)], retain_graph=True, allow_unused=True
@@ -247,13 +262,17 @@ SECOND_MOMENTS = {"adam": "b2", "adamw": "b2", "adarmsuon": "b2", "rms": "beta"}
 OWN_BETA = 0.999  # sam[fisher]'s own average of g² when the inner keeps none
 
 
-def ascent_direction(mode: str, param: Tensor, grad: Tensor, moment) -> Tensor:
-    """d for one parameter: g (plain), p²⊙g (adaptive), g⊙√v̂ (fisher)."""
-    if mode == "plain":
-        return grad
-    if mode == "adaptive":
-        return working(param.detach()).square() * grad
-    return grad * moment.sqrt()
+def ascent_direction(options, param: Tensor, grad: Tensor, moment) -> tuple[Tensor, Tensor]:
+    """(d, m) for one parameter, ε = rho·d/‖m‖: (g, g) plain; (g⊙√v̂, g⊙√v̂) fisher; and ASAM's
+    (T²g, Tg) with T = |p| + eta, so that ‖T⁻¹ε‖ = rho (Kwon et al. 2021)."""
+    if options.mode == "plain":
+        return grad, grad
+    if options.mode == "adaptive":
+        scale = working(param.detach()).abs().add_(options.eta)
+        scaled = scale * grad
+        return scale * scaled, scaled
+    direction = grad * moment.sqrt()
+    return direction, direction
 
 
 def upcoming_second_moment(spec_name: str, options, state: dict, grad: Tensor) -> Tensor:
@@ -276,6 +295,6 @@ def own_second_moment(state: dict, grad: Tensor) -> Tensor:
 
 
 def probed_gradients(options, params: list[Tensor], grads: list[Tensor], moments: list, probe: Probe) -> list[Tensor]:
-    """g_sam = ∇L(p + ε), ε = rho·d/‖d‖ over all the parameters (ε = 0 when d = 0)."""
-    directions = [ascent_direction(options.mode, p, g, m) for p, g, m in zip(params, grads, moments)]
-    return gradient_along(probe, params, directions, options.rho)
+    """g_sam = ∇L(p + ε), ε = rho·d/‖m‖ over all the parameters (ε = 0 when m = 0)."""
+    directions, measure = zip(*(ascent_direction(options, p, g, m) for p, g, m in zip(params, grads, moments)))
+    return gradient_along(probe, params, list(directions), options.rho, list(measure))

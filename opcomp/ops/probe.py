@@ -36,8 +36,9 @@ register(
 class SamOptions(Options):
     rho: Positive = Field(0.05, description="radius of the ascent step")
     mode: Literal["plain", "adaptive", "fisher"] = Field(
-        "plain", description="ascent direction: g, p²⊙g (ASAM), or g⊙√v̂ (Fisher)"
+        "plain", description="ascent direction: g, T²g with T = |p| + eta (ASAM), or g⊙√v̂ (Fisher)"
     )
+    eta: NonNegative = Field(0.01, description="adaptive: added to |p| in ASAM's T, so zero weights still move")
 
 
 register(
@@ -56,8 +57,9 @@ register(
         ),
         summary="sharpness-aware minimisation around any inner optimizer",
         formula=(
-            "ε = rho·d/‖d‖ (global norm), d = g | p²⊙g | g⊙√v̂; the inner's direction input is "
-            "g_sam = ∇L(p + ε) while its statistics keep reading the raw g"
+            "ε = rho·d/‖d‖ (global norm), d = g (plain) or g⊙√v̂ (fisher); adaptive (ASAM): "
+            "ε = rho·T²g/‖Tg‖, T = |p| + eta; the inner's direction input is g_sam = ∇L(p + ε) while its "
+            "statistics keep reading the raw g"
         ),
     )
 )
@@ -98,7 +100,10 @@ register(
         kind=Kind.PROBE,
         params=(),
         options=ZoOptions,
-        state=(StateBuffer("step", "scalar", "steps taken: seeds the noise"),),
+        state=(
+            StateBuffer("step", "scalar", "steps taken: seeds the noise"),
+            StateBuffer("floored", "scalar", "newton: probes whose curvature fell below the rounding floor"),
+        ),
         needs=Needs(closure=True, forward_only=True),
         cost=Cost(forward=2, memory="a copy of the parameters and the step's noise"),
         summary="zeroth-order gradient estimate from loss values (SPSA)",
