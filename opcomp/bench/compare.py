@@ -47,7 +47,7 @@ class Run:
 def train(task: Task, expression: str, lr: float, steps: int, seed: int, device: str, progress=None) -> Run:
     """One optimizer on the task: seeded model and batches, ``steps`` closure steps, then measured."""
     model = task.model(seed).to(device)
-    opt = opcomp.build(expression, model, lr=lr, likelihood="categorical")
+    opt = task.build(expression, model, lr=lr)
     generator = torch.Generator().manual_seed(seed + 1)
     run = Run(expression, lr, steps, metric=task.metric, passes=passes_on(expression, model))
     every = max(1, steps // 60)

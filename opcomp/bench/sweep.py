@@ -28,7 +28,7 @@ def train(task: Task, expression: str, lr: float, steps: int, seed: int = 0) -> 
 def train_steps(task: Task, expression: str, lr: float, steps: int, seed: int = 0) -> tuple[float, opcomp.Optimizer]:
     """The ratio of :func:`train`, and the optimizer after training (to read its state)."""
     model = task.model(seed)
-    opt = opcomp.build(expression, model, lr=lr, likelihood="categorical")
+    opt = task.build(expression, model, lr=lr)
     generator = torch.Generator().manual_seed(seed + 1)
     x, y = task.measure
     with torch.no_grad():

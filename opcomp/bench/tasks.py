@@ -27,6 +27,13 @@ class Task:
     validation: tuple[Tensor, Tensor] | None = None
     metric: str = "accuracy"  # or "perplexity"
     steps_per_epoch: int = 1
+    class_dim: int = -1  # where the model's logits keep the classes: (N, C) and (N, T, C) alike
+
+    def build(self, expression: str, model: nn.Module, **options):
+        """An optimizer for this task's model: fisher=mc samples labels as the task's loss reads them."""
+        import opcomp
+
+        return opcomp.build(expression, model, likelihood="categorical", class_dim=self.class_dim, **options)
 
     def model(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
