@@ -91,13 +91,21 @@ class Graph:
             total = total | node.spec.needs
         return total
 
+    @cached_property
+    def trains(self) -> bool:
+        """Whether a step runs the training pass at p: every expression but those that estimate from
+        loss values alone (``zo``), whose probes' forward passes are all the step needs."""
+        probes = [node for node in self.nodes if node.spec.needs.closure]
+        forward_only = probes and all(node.spec.needs.forward_only for node in probes)
+        return not forward_only or any(node.spec.reads_gradient for node in self.nodes)
+
     def cost(self) -> tuple[Cost, Cost, list[str]]:
         """Passes per step: (once per step, once per layer, what is held in memory meanwhile).
 
         Training itself is one forward, and one backward when some node reads the gradient.
         """
         reads = any(node.spec.reads_gradient for node in self.nodes)
-        fixed, per_layer, memory = Cost(forward=1, backward=1 if reads else 0), Cost(), []
+        fixed, per_layer, memory = Cost(forward=int(self.trains), backward=int(reads)), Cost(), []
         for node in self.nodes:
             cost = node.spec.cost_for(node.options)
             if cost.per_layer:

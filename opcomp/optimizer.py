@@ -300,10 +300,9 @@ class Optimizer(torch.optim.Optimizer):
         outputs = any(n.spec.needs.closure and n.spec.needs.model for n in nodes)
         for param in params:
             param.grad = None
-        if probing and all(n.spec.needs.forward_only or not n.spec.needs.closure for n in nodes):
-            if not any(n.spec.reads_gradient for n in nodes):
-                # estimates from loss values alone (zo): no training pass, no graph; the probes run the closure
-                return None, Probe(closure, self._model, self._disarmed, None, evaluations=0)
+        if probing and not any(graph.trains for graph in graphs):
+            # estimates from loss values alone (zo): no training pass, no graph; the probes run the closure
+            return None, Probe(closure, self._model, self._disarmed, None, evaluations=0)
         recorder = _ModelCall(self._model if outputs else None)
         # fused attention kernels have no second derivative: differentiate through the math one
         backend = sdpa_kernel([SDPBackend.MATH]) if double else nullcontext()

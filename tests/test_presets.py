@@ -17,7 +17,7 @@ from opcomp.bench.tasks import digits, pydoc
 
 MEASURED = {  # preset: (digits, pydoc)
     "adagnoema": (0.240, 0.617),
-    "asam_sgd": (0.249, 0.620),
+    "asam_sgd": (0.187, 0.607),
     "awzo": (0.99950, 0.966),
     "diagfog": (0.250, 0.560),
     "ekfac_sgd": (0.143, 0.612),
@@ -25,7 +25,7 @@ MEASURED = {  # preset: (digits, pydoc)
     "fog": (0.157, 0.553),
     "fs_adarmsuon": (0.561, 0.754),
     "kfac_sgd": (0.189, 0.608),
-    "mezo": (0.99821, 0.865),
+    "mezo": (0.99821, 0.882),
     "muon_adamw": (0.087, 0.558),
     "pi_muon": (0.108, 0.578),
     "sam_sgd": (0.153, 0.608),

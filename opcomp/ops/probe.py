@@ -105,7 +105,7 @@ register(
             StateBuffer("floored", "scalar", "newton: probes whose curvature fell below the rounding floor"),
         ),
         needs=Needs(closure=True, forward_only=True),
-        cost=Cost(forward=2, memory="a copy of the parameters and the step's noise"),
+        cost_when=lambda o: Cost(forward=3 if o.newton else 2, memory="a copy of the parameters"),
         summary="zeroth-order gradient estimate from loss values (SPSA)",
         formula=(
             "(L(p + eps·z) − L(p − eps·z))/(2·eps)·z, z seeded; relative: z ← z⊙p; newton: ÷ |L⁺ + L⁻ − 2L₀|/eps²"
