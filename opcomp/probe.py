@@ -171,8 +171,7 @@ class Probe:
         with self.shifted(params, directions, scale):
             loss = self.evaluate(grad=True)
             grads = torch.autograd.grad(loss, list(params), allow_unused=True)
-        zero = [torch.zeros_like(p, dtype=working_dtype(p.dtype)) for p in params]
-        return finite([z if g is None else working(g.detach()) for z, g in zip(zero, grads)])
+        return finite([_zero_like(p) if g is None else working(g.detach()) for p, g in zip(params, grads)])
 
     def check_model_call(self) -> None:
         """Gauss–Newton products replay the model's forward: the closure must have called it."""
@@ -188,3 +187,8 @@ class Probe:
         if self._loss_gradient is None:
             (self._loss_gradient,) = torch.autograd.grad(self.loss, self.output, create_graph=True, retain_graph=True)
         return self._loss_gradient
+
+
+def _zero_like(param: Tensor) -> Tensor:
+    """The gradient of a parameter the loss does not reach, in its working precision."""
+    return torch.zeros_like(param, dtype=working_dtype(param.dtype))

@@ -45,6 +45,20 @@ def step_once(expression: str, name: str, reduction: str, size: int = 32, **buil
     return model, opt, x, y
 
 
+def kronecker_reference(operator, model, params, x, y, reduction="mean", fisher="empirical", approx="expand"):
+    """curvlinops' KFAC or EKFAC of these parameters, the bias folded in as opcomp folds it."""
+    return operator(
+        model,
+        nn.CrossEntropyLoss(reduction=reduction),
+        params,
+        [(x, y)],
+        fisher_type=fisher,
+        kfac_approx=approx,
+        separate_weight_and_bias=False,
+        check_deterministic=False,
+    )
+
+
 def joint(matrix: torch.Tensor, out: int, columns: int) -> torch.Tensor:
     """A matrix over vec X (X = [W | b] row-major) reordered to curvlinops' order: W flattened, then b."""
     inputs = columns - 1
@@ -59,16 +73,7 @@ def test_kfac_factors_equal_curvlinops(name, reduction):
     model, opt, x, y = step_once("kfac(g) | g", name, reduction)
     found = layers(model)
     params = [p for layer in found.values() for p in layer.parameters()]
-    reference = KFACLinearOperator(
-        model,
-        nn.CrossEntropyLoss(reduction=reduction),
-        params,
-        [(x, y)],
-        fisher_type="empirical",
-        kfac_approx=approximation(name),
-        separate_weight_and_bias=False,
-        check_deterministic=False,
-    )
+    reference = kronecker_reference(KFACLinearOperator, model, params, x, y, reduction, approx=approximation(name))
     reference.compute_kronecker_factors()
     factors = reference.state_dict()
     factor = convention(name, reduction, len(x))
@@ -89,16 +94,7 @@ def test_ekfac_equals_curvlinops_ekfac_right_after_its_refresh(name, reduction):
     factor = convention(name, reduction, len(x))
     for layer in layers(model).values():
         params = list(layer.parameters())
-        reference = EKFACLinearOperator(
-            model,
-            nn.CrossEntropyLoss(reduction=reduction),
-            params,
-            [(x, y)],
-            fisher_type="empirical",
-            kfac_approx=approximation(name),
-            separate_weight_and_bias=False,
-            check_deterministic=False,
-        )
+        reference = kronecker_reference(EKFACLinearOperator, model, params, x, y, reduction, approx=approximation(name))
         size = sum(p.numel() for p in params)
         expected = reference @ torch.eye(size, dtype=torch.float64)
         state = node_state(opt, layer.weight, "ekfac")
@@ -140,16 +136,7 @@ def test_monte_carlo_fisher_averages_to_curvlinops_exact_type2_factor(name):
     opt.step()
     opt.close()
     for layer_name, layer in layers(model).items():
-        reference = KFACLinearOperator(
-            model,
-            nn.CrossEntropyLoss(),
-            list(layer.parameters()),
-            [(x, y)],
-            fisher_type="type-2",
-            kfac_approx="expand",
-            separate_weight_and_bias=False,
-            check_deterministic=False,
-        )
+        reference = kronecker_reference(KFACLinearOperator, model, list(layer.parameters()), x, y, fisher="type-2")
         reference.compute_kronecker_factors()
         expected = reference.state_dict()["gradient_covariances"][layer_name]
         ours = positions * node_state(opt, layer.weight, "kfac")["G"]
