@@ -161,3 +161,34 @@ def test_curvature_products_equal_curvlinops(name, operator):
     opt.step(lambda: loss(model, x, y))
     found = torch.cat([(b - p.detach()).reshape(-1) for b, p in zip(before, params)])  # u at lr 1
     torch.testing.assert_close(found, expected, rtol=1e-9, atol=1e-12)
+
+
+class OneHotTokens(nn.Module):
+    """The token model with its Embedding written as what it computes: a Linear on one-hot tokens."""
+
+    def __init__(self, tokens: nn.Module) -> None:
+        super().__init__()
+        self.embed = nn.Linear(tokens.embed.num_embeddings, tokens.embed.embedding_dim, bias=False).double()
+        with torch.no_grad():
+            self.embed.weight.copy_(tokens.embed.weight.T)
+        self.rest = tokens
+
+    def forward(self, x):
+        hidden = self.embed(nn.functional.one_hot(x, self.embed.in_features).double())
+        return self.rest.head(torch.tanh(self.rest.hidden(hidden))).transpose(1, 2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_embedding_factors_equal_curvlinops_on_the_equivalent_one_hot_linear(reduction):
+    """curvlinops has no Embedding; an Embedding is a Linear on one-hot inputs, whose A is diagonal."""
+    model, opt, x, y = step_once("kfac(g) | g", "token_model", reduction)
+    equivalent = OneHotTokens(model)
+    reference = kronecker_reference(
+        KFACLinearOperator, equivalent, [equivalent.embed.weight], x, y, reduction, approx="expand"
+    )
+    reference.compute_kronecker_factors()
+    factors = reference.state_dict()
+    a, g = factors["input_covariances"]["embed"], factors["gradient_covariances"]["embed"]
+    state = node_state(opt, model.embed.weight, "kfac")
+    torch.testing.assert_close(torch.diag(state["A"]), a, rtol=1e-10, atol=1e-12)  # one-hot: diagonal
+    torch.testing.assert_close(convention("token_model", reduction, len(x)) * state["G"], g, rtol=1e-10, atol=1e-12)

@@ -250,3 +250,24 @@ def test_loading_checks_the_schema_before_anything_is_built(tmp_path):
     rules = load(write(tmp_path, RULES))
     assert [r.use for r in rules.file.rule] == ["fog", "adamw", "muon(g) | adamw(g)"]
     assert rules.file.default.use == "momentum[nesterov](g)"
+
+
+def test_a_rule_that_sends_only_biases_to_kfac_preconditions_each_bias_alone(tmp_path):
+    """{ndim = 1} → kfac(g): every bias runs KFAC without its weight, X = ∇b and A = [1]."""
+    rules = write(tmp_path, '[[rule]]\nmatch = { ndim = 1 }\nuse = "kfac[damping=0.01](g)"\n[default]\nuse = "sgd"\n')
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    opt = opcomp.build(rules, model, lr=1.0)
+    assert opt.assignments() == {"0.weight": "", "0.bias": "kfac", "2.weight": "", "2.bias": "kfac"}
+    hidden = torch.tanh(model[0](x)).detach()
+    # the last layer's per-example bias gradients, written out: softmax − onehot
+    examples = torch.softmax(model[2](hidden), 1).detach() - F.one_hot(y, 3)
+    g = examples.T @ examples / 12
+    pi = (1.0 / (g.trace() / 3)).sqrt()
+    lambda_a, lambda_g = pi * 0.1, 0.1 / pi
+    before = model[2].bias.detach().clone()
+    F.cross_entropy(model(x), y).backward()
+    expected = torch.linalg.solve(g + lambda_g * torch.eye(3), model[2].bias.grad) / (1 + lambda_a)
+    opt.step()
+    torch.testing.assert_close(before - model[2].bias.detach(), expected, rtol=1e-4, atol=1e-6)
