@@ -20,12 +20,12 @@ from opcomp.errors import (
     UnknownNameError,
     UnknownOptionError,
 )
-from opcomp.graph import Graph, Node, build_graph
-from opcomp.lang.ast import Call, Expr, Fallback, Name, Neg, Num, Product, Sum
+from opcomp.graph import Graph, Node
+from opcomp.graph import lower as lower_graph
+from opcomp.lang.ast import Expr
 from opcomp.lang.parser import parse
 from opcomp.lang.printer import to_source
 from opcomp.ops import REGISTRY
-from opcomp.resolve import canonicalize
 
 __all__ = [
     "REGISTRY",
@@ -52,14 +52,6 @@ __all__ = [
 ]
 
 
-def _expr(expr: Expr | str) -> Expr:
-    if isinstance(expr, str):
-        return parse(expr)
-    if isinstance(expr, (Call, Fallback, Name, Neg, Num, Product, Sum)):
-        return expr
-    raise OpcompError(f"expected an expression as text or from opcomp.parse, got {type(expr).__name__}")
-
-
 def format(expr: Expr | str, namespace: Namespace | None = None) -> str:  # noqa: A001 - the printer's name
     """The canonical text of an expression: aliases resolved, definitions expanded, every option explicit.
 
@@ -70,7 +62,7 @@ def format(expr: Expr | str, namespace: Namespace | None = None) -> str:  # noqa
 
 def lower(expr: Expr | str, namespace: Namespace | None = None) -> Graph:
     """The checked graph of an expression, equal sub-expressions shared (``namespace``: presets by default)."""
-    return build_graph(canonicalize(_expr(expr), namespace))
+    return lower_graph(expr, namespace)
 
 
 def __getattr__(name: str):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -140,6 +141,16 @@ class Capture:
     def clear(self) -> None:
         for module in self.entries:
             self.entries[module] = []
+
+    @contextmanager
+    def disarmed(self):
+        """Passes meanwhile (a probe's) feed no layer statistics."""
+        armed, sample = self.armed, self.sample
+        self.armed = self.sample = False
+        try:
+            yield
+        finally:
+            self.armed, self.sample = armed, sample
 
     def close(self) -> None:
         _remove(self.handles)

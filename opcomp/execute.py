@@ -1,65 +1,83 @@
 """One step of one expression: its buckets run node by node, and the updates are handed back.
 
-Parameters of the param groups that share an expression are one *family*. Nodes run in the
-graph's dependency order; an ordinary node runs once per bucket, a collective one (layer
-statistics, probes) once over every parameter of the family that runs it. Nothing is applied
-here: the optimizer applies all families' updates only once every family has computed its own,
-so a probe that meets inf or NaN leaves the parameters untouched.
+Parameters of the param groups that share an expression are one *family*. :class:`Interpreter`
+runs a family's programs in the graph's dependency order: an ordinary node once per bucket, a
+collective one (layer statistics, probes) once over every parameter of the family that runs it,
+and first of all, a node that rebinds ``g`` (``sam``) computes the gradient its argument reads.
+It knows operators only through the registry's specs and the kernel tables.
+
+A family without collective nodes or rebinding (an element-wise family) runs through the same
+interpreter inside :class:`Elementwise`, compiled with ``torch.compile`` when asked, and applies
+its updates in place. Other families hand their updates back: the optimizer applies them only
+once every family has computed its own, so a probe that meets inf or NaN leaves the parameters
+untouched.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from opcomp.closure import Probe
 from opcomp.graph import Graph, Node
-from opcomp.kernels import COLLECTIVE, KERNELS
-from opcomp.kernels.context import BucketStep, Ctx
+from opcomp.kernels import COLLECTIVE, KERNELS, REBINDINGS
+from opcomp.kernels.context import BucketStep, Ctx, ProbeCtx
+from opcomp.kernels.elementwise import upcoming_second_moment
 from opcomp.kernels.layers import LayerCtx, LayerSlot
-from opcomp.kernels.probes import SECOND_MOMENTS, ProbeCtx, own_second_moment, probed_gradients, upcoming_second_moment
-from opcomp.plan import Bucket, Program
+from opcomp.plan import LayerPlan, ParamInfo, Program
 from opcomp.precision import working, working_dtype
+from opcomp.state import NodeState
 
 
 @dataclass
 class Update:
     """p ← p·(1 − lr·decay) − lr·u for one bucket."""
 
-    lr: float
+    lr: float | Tensor
     program: Program
     bucket: BucketStep
     direction: list[Tensor]
 
 
-class FamilyStep:
-    """Runs one family; ``optimizer`` provides state, kernels, layer plans and parameter infos."""
+class Interpreter:
+    """Runs one family's programs over its buckets and returns each bucket's direction.
 
-    def __init__(self, optimizer, expression: str, items: list[tuple[dict, Bucket, list[Tensor]]], statistics, probe):
-        self.optimizer = optimizer
-        self.expression = expression
-        self.graph: Graph = optimizer._graphs[expression]
-        self.items = items
-        self.statistics = statistics
-        self.probe = probe
-        self.buckets = [BucketStep(params, [optimizer.state[p] for p in params]) for _, _, params in items]
-        self.values: list[dict[int, list[Tensor]]] = [{} for _ in items]
+    ``state`` (the optimizer's), ``layers`` (node id -> the layers it captures), ``infos``
+    (parameters' owners), ``statistics`` and ``probe`` serve collective nodes; an element-wise
+    family needs none of them.
+    """
 
-    def run(self) -> list[Update]:
+    def __init__(
+        self,
+        graph: Graph,
+        programs: list[Program],
+        buckets: list[BucketStep],
+        *,
+        state: Mapping | None = None,
+        layers: Mapping[int, list[LayerPlan]] | None = None,
+        infos: Mapping[int, ParamInfo] | None = None,
+        statistics: Callable | None = None,
+        probe: Probe | None = None,
+    ) -> None:
+        self.graph, self.programs, self.buckets = graph, programs, buckets
+        self.state, self.layers, self.infos = state, layers, infos
+        self.statistics, self.probe = statistics, probe
+        self.values: list[dict[int, list[Tensor]]] = [{} for _ in programs]
+
+    def run(self) -> list[list[Tensor]]:
         for node in self.graph.nodes:
             if node.spec.binds_gradient:
-                self._probe_gradients(node)
+                self._rebind(node)
         for node in self.graph.nodes:
-            running = [(i, item[1].program.step_of(node.id)) for i, item in enumerate(self.items)]
-            running = [(i, step) for i, step in running if step is not None]
+            running = [(i, p.by_node[node.id]) for i, p in enumerate(self.programs) if node.id in p.by_node]
             if running:
                 self._run(node, running)
-        return [
-            Update(float(group["lr"]), bucket.program, self.buckets[i], self.values[i][bucket.program.output])
-            for i, (group, bucket, _) in enumerate(self.items)
-        ]
+        return [values[program.output] for values, program in zip(self.values, self.programs)]
 
     def _run(self, node: Node, running) -> None:
         kernel = KERNELS[node.op]
@@ -72,64 +90,67 @@ class FamilyStep:
         flat = Flat(self.buckets, running)
         arguments = flat.arguments(self.values, len(node.inputs))
         if collective == "layers":
-            out = kernel(LayerCtx(node.options, self._layers(node, flat), self.statistics), *arguments)
+            out = kernel(LayerCtx(node.options, self._layer_slots(node, flat), self.statistics), *arguments)
         else:
-            states = [self.optimizer.state[p].setdefault(node.state_key, {}) for p in flat.params]
-            grads = [None if p.grad is None else working(p.grad) for p in flat.params]
-            ctx = ProbeCtx(node.options, node.state_key, flat.params, states, self.probe, grads, self._modules(flat))
             with torch.enable_grad():
-                out = kernel(ctx, *arguments)
+                out = kernel(self._probe_ctx(node, flat.params, flat.states), *arguments)
         for i, values in flat.split(out).items():
             self.values[i][node.id] = values
 
-    def _layers(self, node: Node, flat: Flat) -> list[LayerSlot]:
-        layers = []
-        for plan in self.optimizer._layer_plans[(self.expression, node.id)]:
-            weight = flat.position.get(id(plan.weight)) if plan.weight is not None else None
-            bias = flat.position.get(id(plan.bias)) if plan.bias is not None else None
+    def _probe_ctx(self, node: Node, params: list[Tensor], states: list[dict], moments=None) -> ProbeCtx:
+        grads = [None if p.grad is None else working(p.grad) for p in params]
+        state = NodeState(states, params, node.state_key)
+        return ProbeCtx(node.options, state, self.probe, grads, self._modules(params), moments)
+
+    def _layer_slots(self, node: Node, flat: Flat) -> list[LayerSlot]:
+        slots = []
+        for layer in self.layers[node.id]:
+            weight = flat.position.get(id(layer.weight)) if layer.weight is not None else None
+            bias = flat.position.get(id(layer.bias)) if layer.bias is not None else None
             if weight is None and bias is None:
                 continue  # no gradient this step
-            state = self.optimizer.state[plan.owner].setdefault(node.state_key, {})
-            layers.append(LayerSlot(plan.module, plan.name, weight, bias, plan.columns, state))
-        return layers
+            state = self.state[layer.owner].setdefault(node.state_key, {})
+            slots.append(LayerSlot(layer.module, layer.name, weight, bias, layer.columns, state))
+        return slots
 
-    def _modules(self, flat: Flat) -> list[list[int]]:
-        """Indices of the flat parameters grouped by owning module (a lone parameter is its own layer)."""
+    def _modules(self, params: list[Tensor]) -> list[list[int]]:
+        """Indices of ``params`` grouped by owning module (a lone parameter is its own layer)."""
         groups: dict[object, list[int]] = defaultdict(list)
-        for index, param in enumerate(flat.params):
-            module = self.optimizer._infos[id(param)].module
+        for index, param in enumerate(params):
+            module = self.infos[id(param)].module
             groups[id(module) if module is not None else ("param", id(param))].append(index)
         return list(groups.values())
 
-    def _probe_gradients(self, node: Node) -> None:
-        """g_sam for every parameter whose program reads ``g`` inside this node."""
-        scope = node.key
+    def _rebind(self, node: Node) -> None:
+        """What ``g`` means inside ``node``, for every parameter whose program reads it there."""
         taking = [
             (i, k)
-            for i, item in enumerate(self.items)
-            if item[1].program.step_of(node.id)
+            for i, program in enumerate(self.programs)
+            if node.id in program.by_node
             for k in range(len(self.buckets[i].params))
         ]
         if not taking:
             return
         params = [self.buckets[i].params[k] for i, k in taking]
-        grads = [self.buckets[i].grads[k] for i, k in taking]
-        moments = [
-            self._second_moment(node, self.items[i][1].program, p, g) for (i, _), p, g in zip(taking, params, grads)
-        ]
-        probed = probed_gradients(node.options, params, grads, moments, self.probe)
-        for (i, k), value in zip(taking, probed):
-            self.buckets[i].probed.setdefault(scope, [None] * len(self.buckets[i].params))[k] = value
+        states = [self.buckets[i].states[k] for i, k in taking]
 
-    def _second_moment(self, node: Node, program: Program, param: Tensor, grad: Tensor):
-        """v̂ for sam[mode=fisher]: the inner's second moment after this step's raw update, or sam's own."""
-        if node.options.mode != "fisher":
-            return None
-        state = self.optimizer.state[param]
+        def second_moments() -> list[Tensor | None]:
+            return [self._second_moment(node, self.programs[i], self.buckets[i], k) for i, k in taking]
+
+        with torch.enable_grad():
+            rebound = REBINDINGS[node.op](self._probe_ctx(node, params, states, second_moments))
+        for (i, k), value in zip(taking, rebound):
+            self.buckets[i].probed.setdefault(node.key, [None] * len(self.buckets[i].params))[k] = value
+
+    def _second_moment(self, node: Node, program: Program, bucket: BucketStep, k: int) -> Tensor | None:
+        """v̂ of the first node inside ``node`` that declares a second moment, after this step's raw
+        update (without changing it); None when the parameter's inner keeps none."""
         for step in program.steps:
-            if step.node.scope == node.key and step.node.op in SECOND_MOMENTS:
-                return upcoming_second_moment(step.node.op, step.node.options, state.get(step.node.state_key, {}), grad)
-        return own_second_moment(state.setdefault(node.state_key, {}), grad)
+            declared = step.node.spec.second_moment
+            if step.node.scope == node.key and declared is not None:
+                entry = bucket.states[k].get(step.node.state_key, {})
+                return upcoming_second_moment(declared, step.node.options, entry, bucket.grads[k])
+        return None
 
 
 class Flat:
@@ -139,6 +160,7 @@ class Flat:
         self.running = running
         self.slots = [(i, k) for i, _ in running for k in range(len(buckets[i].params))]
         self.params = [buckets[i].params[k] for i, k in self.slots]
+        self.states = [buckets[i].states[k] for i, k in self.slots]
         self.position = {id(p): n for n, p in enumerate(self.params)}
         self.buckets = buckets
 
@@ -170,28 +192,75 @@ def apply(update: Update) -> None:
             param.copy_(value)
 
 
-def simple(programs) -> bool:
-    """Programs with no layer statistics, probes or probed gradients: one function can run them."""
-    return not any(
-        COLLECTIVE.get(s.node.op) or s.node.scope or s.node.spec.binds_gradient for p in programs for s in p.steps
-    )
+def elementwise(graph: Graph, programs) -> bool:
+    """Programs with no layer statistics, probes or rebound gradients: they step in place, in one function."""
+    if any(node.spec.binds_gradient for node in graph.nodes):
+        return False
+    return not any(COLLECTIVE.get(s.node.op) or s.node.scope for p in programs for s in p.steps)
 
 
-def run_elementwise(programs: list[Program], buckets: list[BucketStep], lrs: list) -> None:
-    """Every bucket's program and its update, in place — the function torch.compile fuses."""
-    for program, bucket, lr in zip(programs, buckets, lrs):
-        values: dict[int, list[Tensor]] = {}
-        for step in program.steps:
-            node = step.node
-            ctx = Ctx(node.options, bucket, node.state_key, scope=node.scope)
-            values[node.id] = KERNELS[node.op](ctx, *(values[i] for i in step.inputs))
-        apply(Update(lr, program, bucket, values[program.output]))
+def step_in_place(graph: Graph, programs: list[Program], buckets: list[BucketStep], lrs: list) -> None:
+    """Every bucket's direction and its update, in place — the function torch.compile fuses."""
+    for program, bucket, lr, direction in zip(programs, buckets, lrs, Interpreter(graph, programs, buckets).run()):
+        apply(Update(lr, program, bucket, direction))
 
 
-def compiled(programs: list[Program]):
-    """``run_elementwise`` for these programs, compiled: inductor fuses each chain into few kernels."""
+class Elementwise:
+    """Runs element-wise families: eagerly, or as one ``torch.compile``d step per family and
+    participation (``compile``: "auto" on CUDA and from a million parameters on the CPU), the
+    learning rates as 0-d tensors so schedules never recompile."""
+
+    def __init__(self, compile: str) -> None:  # noqa: A002 - the option's documented name
+        self.compile = compile
+        self.runners: dict[tuple, Callable] = {}
+        self.lr_tensors: dict[tuple, Tensor] = {}
+
+    def run(self, expression: str, graph: Graph, items: list, state: Mapping) -> None:
+        """``items``: (group, bucket, participating params) of one family."""
+        programs = [bucket.program for _, bucket, _ in items]
+        buckets = [BucketStep(params, [state[p] for p in params]) for _, _, params in items]
+        if self._compiling(items):
+            key = (expression, tuple((id(bucket), len(params)) for _, bucket, params in items))
+            runner = self.runners.get(key)
+            if runner is None:
+                runner = self.runners[key] = compiled(graph, programs)
+            try:
+                runner(buckets, [self._lr_tensor(group, params[0]) for group, _, params in items])
+                return
+            except Exception as error:  # a compiler that cannot run here (no C compiler, an unsupported op)
+                if self.compile == "on":
+                    raise
+                self.compile = "off"
+                warnings.warn(
+                    f"opcomp: torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                    "this optimizer steps eagerly from now on (compile='off' silences this)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        step_in_place(graph, programs, buckets, [float(group["lr"]) for group, _, _ in items])
+
+    def _compiling(self, items: list) -> bool:
+        """auto: on CUDA, or on the CPU from a million parameters (a cold compile there takes seconds)."""
+        if self.compile != "auto":
+            return self.compile == "on"
+        params = [p for _, _, params in items for p in params]
+        return any(p.is_cuda for p in params) or sum(p.numel() for p in params) >= 1_000_000
+
+    def _lr_tensor(self, group: dict, param: Tensor) -> Tensor:
+        """The group's learning rate as a 0-d tensor in the parameters' working precision, refreshed
+        every step: schedules never recompile."""
+        key = (id(group), param.device, param.dtype)
+        if key not in self.lr_tensors:
+            self.lr_tensors[key] = torch.zeros((), dtype=working_dtype(param.dtype), device=param.device)
+        tensor = self.lr_tensors[key]
+        tensor.fill_(float(group["lr"]))
+        return tensor
+
+
+def compiled(graph: Graph, programs: list[Program]) -> Callable:
+    """:func:`step_in_place` for these programs, compiled: inductor fuses each chain into few kernels."""
 
     def step(buckets: list[BucketStep], lrs: list[Tensor]) -> None:
-        run_elementwise(programs, buckets, lrs)
+        step_in_place(graph, programs, buckets, lrs)
 
     return torch.compile(step)

@@ -15,14 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from opcomp.errors import CompositionError
-from opcomp.lang.ast import Call, Expr, Fallback, Name, Product, Sum, children
+from opcomp.errors import CompositionError, OpcompError
+from opcomp.lang.ast import Call, Expr, Fallback, Name, Neg, Num, Product, Sum, children
+from opcomp.lang.parser import parse
 from opcomp.lang.printer import Printed, render
 from opcomp.lang.source import Span
 from opcomp.ops import REGISTRY, Applies, Cost, Kind, Needs, OpSpec, Options
 from opcomp.ops.combinators import ScaleOptions, SumOptions
 from opcomp.ops.registry import NoOptions
-from opcomp.resolve import literal
+from opcomp.resolve import canonicalize, literal
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class Graph:
         """What the whole expression asks of the training loop and of build."""
         total = Needs()
         for node in self.nodes:
-            total = total | node.spec.needs
+            total = total | node.spec.needs_for(node.options)
         return total
 
     @cached_property
@@ -137,6 +138,16 @@ class Graph:
         return table
 
 
+def lower(expr: Expr | str, namespace=None) -> Graph:
+    """The checked graph of an expression (text or syntax tree), equal sub-expressions shared;
+    ``namespace`` holds the definitions it may use (the presets by default)."""
+    if isinstance(expr, str):
+        expr = parse(expr)
+    elif not isinstance(expr, (Call, Fallback, Name, Neg, Num, Product, Sum)):
+        raise OpcompError(f"expected an expression as text or from opcomp.parse, got {type(expr).__name__}")
+    return build_graph(canonicalize(expr, namespace))
+
+
 def build_graph(expr: Expr) -> Graph:
     """The graph of a canonical tree (from :func:`opcomp.resolve.canonicalize`)."""
     builder = _Builder()
@@ -152,7 +163,8 @@ def _parts(expr: Expr) -> tuple[OpSpec, Options, tuple[Expr, ...]]:
         return REGISTRY[expr.name], NoOptions(), ()
     if isinstance(expr, Call):
         spec = REGISTRY[expr.name]
-        options = spec.options(**{o.name: literal(o.value) for o in expr.options})
+        # resolve validated these options and wrote every one of them out: build, do not check again
+        options = spec.options.model_construct(**{o.name: literal(o.value) for o in expr.options})
         return spec, options, expr.args
     if isinstance(expr, Product):
         return REGISTRY["scale"], ScaleOptions(c=float(expr.factors[0].value)), (expr.factors[1],)

@@ -8,15 +8,20 @@ and device form a :class:`Bucket`, and each operator runs once per bucket per st
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from opcomp.errors import OpcompError
-from opcomp.graph import Graph, Node
-from opcomp.kernels.factors import Columns
+from opcomp.explain import explain
+from opcomp.graph import Graph, Node, lower
+from opcomp.kernels.factors import Columns, check_supported
+from opcomp.lang.ast import Expr
 from opcomp.ops import Applies
+from opcomp.state import taken
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
 """Exact types: a subclass may never call its own forward (MultiheadAttention's out_proj), so it falls back."""
@@ -72,13 +77,17 @@ class Program:
 
     steps: tuple[Step, ...]
     decay: float = 0.0
+    by_node: dict[int, Step] = field(init=False, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by_node", {step.node.id: step for step in self.steps})
 
     @property
     def output(self) -> int:
         return self.steps[-1].node.id
 
     def step_of(self, node_id: int) -> Step | None:
-        return next((step for step in self.steps if step.node.id == node_id), None)
+        return self.by_node.get(node_id)
 
     @property
     def reads_gradient(self) -> bool:
@@ -208,10 +217,10 @@ class LayerPlan:
         """The parameter whose state holds the layer's statistics."""
         return self.weight if self.weight is not None else self.bias
 
-    def steps_taken(self, state) -> int:
+    def due(self, state) -> bool:
+        """Whether this step feeds the layer's statistics (every ``update_every`` steps of its node)."""
         entry = state[self.owner].get(self.node.state_key, {}) if self.owner in state else {}
-        step = entry.get("step")
-        return 0 if step is None else int(step.item())
+        return taken(entry) % self.node.options.update_every == 0
 
 
 @dataclass
@@ -232,3 +241,143 @@ def check_parameter(param: Tensor, name: str) -> None:
         raise OpcompError(f"parameter {name} is a {type(param).__name__}, not a torch.Tensor")
     if not torch.is_floating_point(param):
         raise OpcompError(f"parameter {name} has dtype {param.dtype}; opcomp optimizes floating-point tensors")
+
+
+@dataclass
+class GroupPlan:
+    """A param group as built: the expression the user wrote, and its buckets."""
+
+    written: str
+    buckets: list[Bucket]
+
+
+class Plan:
+    """What building decides: each expression's graph, what every parameter runs, the buckets that
+    run it together, and the layers whose statistics each layer node captures.
+
+    The optimizer builds it as param groups are added and reads it at every step; the executor
+    and the state's loader read it too. Nothing here changes while training.
+    """
+
+    def __init__(
+        self,
+        namespace=None,
+        model: nn.Module | None = None,
+        names: Mapping[int, str] | None = None,
+        owners: Mapping[int, tuple[nn.Module, str]] | None = None,
+        sampling: bool = False,
+    ) -> None:
+        self.namespace = namespace
+        self.model = model
+        self.names = dict(names or {})  # id(param) -> name
+        self.owners = dict(owners or {})  # id(param) -> (owning module, attribute name)
+        self.sampling = sampling  # a likelihood was given, so fisher=mc can sample labels
+        self.graphs: dict[str, Graph] = {}
+        self.groups: list[GroupPlan] = []
+        self.infos: dict[int, ParamInfo] = {}  # id(param) -> what its program was made from
+        self.layers: dict[tuple[str, int], list[LayerPlan]] = {}  # (expression, node id) -> layers
+
+    # -- building -----------------------------------------------------------------------------------
+
+    def lower(self, expr: str | Expr) -> Graph:
+        """The graph of an expression, checked against what this build can give it."""
+        graph = lower(expr, self.namespace)
+        self.graphs.setdefault(graph.canonical, graph)
+        if graph.needs.model and self.model is None:
+            needing = sorted({n.op for n in graph.nodes if n.spec.needs.model})
+            raise OpcompError(
+                f"'{needing[0]}' needs the model's layers: build with the module, "
+                f"opcomp.build(expr, model), not with model.parameters()"
+            )
+        if graph.needs.likelihood and not self.sampling:
+            raise OpcompError(
+                "fisher=mc samples labels from the model's output: say how, with "
+                "opcomp.build(..., likelihood='categorical') for logits or likelihood='gaussian' for ½‖f − y‖²"
+            )
+        return graph
+
+    def add_group(self, graph: Graph, params: list[Tensor], written: str) -> None:
+        """Plan a param group: every parameter's program, and the buckets of equal programs."""
+        index = len(self.groups)
+        buckets: dict[tuple, Bucket] = {}
+        for position, param in enumerate(params):
+            name = self.names.get(id(param), f"#{position} of param group {index}")
+            check_parameter(param, name)
+            info = ParamInfo(name, tuple(param.shape), *self.owners.get(id(param), (None, None)))
+            self.infos[id(param)] = info
+            program = select(graph, info, written)
+            bucket = buckets.setdefault(bucket_key(program, param), Bucket(program))
+            bucket.params.append(param)
+            bucket.names.append(name)
+        self.groups.append(GroupPlan(written, list(buckets.values())))
+
+    def plan_layers(self, expressions: list[str]) -> list[nn.Module]:
+        """Which layers run each layer node, per expression (one per group, in order); returns the
+        modules whose statistics must be captured."""
+        plans: dict[tuple[str, int], dict[nn.Module, LayerPlan]] = defaultdict(dict)
+        for expression, group in zip(expressions, self.groups):
+            for bucket in group.buckets:
+                for step in bucket.program.steps:
+                    if step.node.spec.applies is not Applies.LAYER:
+                        continue
+                    for param in bucket.params:
+                        info = self.infos[id(param)]
+                        layers = plans[(expression, step.node.id)]
+                        plan = layers.setdefault(info.module, LayerPlan(info.module, _layer_name(info), step.node))
+                        setattr(plan, info.role, param)
+        self.layers = {key: list(layers.values()) for key, layers in plans.items()}
+        for layer in self.all_layers():
+            check_supported(layer.module, layer.name)
+        return list(dict.fromkeys(layer.module for layer in self.all_layers()))
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def all_layers(self) -> Iterator[LayerPlan]:
+        return (layer for layers in self.layers.values() for layer in layers)
+
+    def buckets(self) -> Iterator[Bucket]:
+        return (bucket for group in self.groups for bucket in group.buckets)
+
+    def program_of(self, param: Tensor) -> Program:
+        return next(b.program for b in self.buckets() if any(p is param for p in b.params))
+
+    def arming(self, state) -> tuple[bool, bool]:
+        """(record layer statistics, sample labels too) for the coming step: only when some
+        layer's statistics are due, and sampling only when a due node asks for it."""
+        due = [layer for layer in self.all_layers() if layer.due(state)]
+        return bool(due), any(layer.node.spec.needs_for(layer.node.options).likelihood for layer in due)
+
+    def assignments(self) -> dict[str, str]:
+        """Parameter name -> the operators it runs, outermost first (``'muon ← kfac'``)."""
+        return {n: b.program.describe() for b in self.buckets() for n in b.names}
+
+    def rules(self, param_groups: list[dict]) -> dict[str, str]:
+        """Parameter name -> the rule of the rule file that chose its expression."""
+        return {
+            n: group["rule"]
+            for group, planned in zip(param_groups, self.groups)
+            if "rule" in group
+            for b in planned.buckets
+            for n in b.names
+        }
+
+    def describe(self, param_groups: list[dict]) -> str:
+        """Each group's graph and what every parameter runs (``opt.explain()``)."""
+        parts = []
+        runs = self.assignments()
+        for index, (group, planned) in enumerate(zip(param_groups, self.groups)):
+            rule = f"  ({group['rule']})" if "rule" in group else ""
+            parts.append(f"param group {index}  lr={group['lr']}{rule}")
+            parts.append(explain(self.graphs[group["expr"]], planned.written))
+            parts.append("parameters:")
+            rows = [(n, str(tuple(p.shape))) for b in planned.buckets for n, p in zip(b.names, b.params)]
+            width = max((len(n) for n, _ in rows), default=0)
+            parts.extend(f"  {n:<{width}}  {s:<16} {runs[n]}{rule}" for n, s in rows)
+            parts.append("")
+        return "\n".join(parts).rstrip()
+
+
+def _layer_name(info: ParamInfo) -> str:
+    """The layer's name: its parameter's name without the attribute."""
+    suffix = f".{info.role}"
+    return info.name[: -len(suffix)] if info.name.endswith(suffix) else info.name

@@ -1,15 +1,129 @@
-"""Saved optimizer state, checked before it is loaded: every buffer must have the shape the node
-keeps for that parameter (or layer), so a state_dict of another model is refused whole instead of
-failing half-way through a later step."""
+"""Node state: what every stateful node keeps, per parameter or per layer, in one place.
+
+``opt.state[param]`` maps a node's state key (its canonical text) to its buffers,
+``{state_key: {buffer: tensor}}``. Kernels reach their buffers only through :class:`NodeState`
+(one node over a list of parameters) or, for a layer's statistics, its one entry: buffers are
+created on first use in the parameter's working precision, and every node counts its steps in one
+``step`` counter. Before a step that can give up (layer statistics, probes) the optimizer takes a
+:func:`snapshot` and puts it back if the step does; :func:`load` checks a saved state against the
+shapes its buffers must have before anything is loaded.
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import torch
 from torch import Tensor, nn
 
 from opcomp.errors import OpcompError
-from opcomp.graph import Node
-from opcomp.ops.registry import StateBuffer
-from opcomp.plan import LayerPlan
+from opcomp.ops import Applies, StateBuffer
+from opcomp.precision import working_dtype
+
+if TYPE_CHECKING:  # the plan sits above the kernels that use this module; only its shape is read here
+    from opcomp.graph import Node
+    from opcomp.plan import LayerPlan, Plan
+
+STEP = "step"
+"""The buffer in which a node counts its steps (others may count other things: estimates, floors)."""
+
+
+def counter(entry: dict, like: Tensor, name: str = STEP) -> Tensor:
+    """The 0-d counter ``name`` of a state entry, created at 0 on ``like``'s device in its working
+    precision (fp64 counters for fp64 parameters keep bias corrections exact in double)."""
+    if name not in entry:
+        entry[name] = torch.zeros((), dtype=working_dtype(like.dtype), device=like.device)
+    return entry[name]
+
+
+def advance(entry: dict, like: Tensor, name: str = STEP) -> int:
+    """How often the counter was advanced before (read on the host); advances it."""
+    count = counter(entry, like, name)
+    taken = int(count.item())
+    count += 1
+    return taken
+
+
+def taken(entry: dict, name: str = STEP) -> int:
+    """Steps counted so far (0 before the first)."""
+    count = entry.get(name)
+    return 0 if count is None else int(count.item())
+
+
+class NodeState:
+    """One node's state over a list of parameters (a bucket, a probe's parameters): entries are
+    created in each parameter's state dict on first use, so a node that keeps nothing adds nothing."""
+
+    def __init__(self, states: list[dict], params: list[Tensor], key: str) -> None:
+        self.states, self.params, self.key = states, params, key
+        self._entries: list[dict] | None = None
+
+    @property
+    def entries(self) -> list[dict]:
+        if self._entries is None:
+            self._entries = [s.setdefault(self.key, {}) for s in self.states]
+        return self._entries
+
+    def buffers(self, name: str) -> list[Tensor]:
+        """Buffer ``name`` per parameter, shaped like it, in its working precision, zero on first use."""
+        out = []
+        for entry, param in zip(self.entries, self.params):
+            if name not in entry:
+                dtype = working_dtype(param.dtype)
+                entry[name] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+            out.append(entry[name])
+        return out
+
+    def tick(self) -> list[Tensor]:
+        """Advance each parameter's step counter; returns them as 0-d tensors on the parameters'
+        devices, so a compiled step neither synchronises nor recompiles as they grow."""
+        steps = [counter(entry, param) for entry, param in zip(self.entries, self.params)]
+        torch._foreach_add_(steps, 1.0)
+        return steps
+
+    def advance(self, name: str = STEP) -> int:
+        """Steps taken before this one, on the host (all parameters step together); then advance."""
+        return max(advance(entry, param, name) for entry, param in zip(self.entries, self.params))
+
+
+def snapshot(state, params: list[Tensor]) -> defaultdict:
+    """A copy of the optimizer state with the buffers of ``params`` cloned (the others shared)."""
+    touched = {id(p) for p in params}
+    copy: defaultdict = defaultdict(dict)
+    for param, entries in state.items():
+        if id(param) in touched:
+            copy[param] = {key: {n: t.clone() for n, t in buffers.items()} for key, buffers in entries.items()}
+        else:
+            copy[param] = entries
+    return copy
+
+
+def load(plan: Plan, saved_state: dict, by_index: dict) -> defaultdict:
+    """The state to load from a state_dict's ``state``, checked whole before anything is kept.
+
+    State is matched by node key: nodes this plan does not have, and layer statistics on a
+    parameter that no longer holds its layer's, are dropped; every other buffer must have the shape
+    its node keeps here.
+    """
+    layers = {(id(layer.owner), layer.node.state_key): layer for layer in plan.all_layers()}
+    state: defaultdict = defaultdict(dict)
+    for index, entries in saved_state.items():
+        param = by_index.get(index)
+        if param is None:
+            raise OpcompError(f"the saved state names parameter {index!r}, which no saved param group holds")
+        if any(isinstance(v, Tensor) for v in entries.values()):
+            raise OpcompError(
+                "this state_dict was not saved by an opcomp optimizer (its state is not keyed by expression)"
+            )
+        nodes = {s.node.state_key: s.node for s in plan.program_of(param).steps}
+        for key, buffers in entries.items():
+            node, layer = nodes.get(key), layers.get((id(param), key))
+            if node is None or (node.spec.applies is Applies.LAYER and layer is None):
+                continue  # a node this optimizer does not have, or a layer this parameter no longer holds
+            check_buffers(f"parameter '{plan.infos[id(param)].name}'", node, param, layer, buffers)
+            state[param][key] = {name: t.detach().clone().to(device=param.device) for name, t in buffers.items()}
+    return state
 
 
 def expected_shape(buffer: StateBuffer, param: Tensor, layer: LayerPlan | None) -> tuple[int, ...]:

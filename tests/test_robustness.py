@@ -220,17 +220,17 @@ def test_a_tensor_learning_rate_works_like_a_float():
 
 
 def test_automatic_compilation_falls_back_to_eager_when_the_compiler_fails(monkeypatch):
-    from opcomp import optimizer
+    from opcomp import execute
 
-    def broken(programs):
+    def broken(graph, programs):
         def run(buckets, lrs):
             raise RuntimeError("no C compiler here")
 
         return run
 
-    monkeypatch.setattr(optimizer, "compiled", broken)
+    monkeypatch.setattr(execute, "compiled", broken)
     # "auto" leaves models this small eager: let it compile them, as it would a large one
-    monkeypatch.setattr(optimizer.Optimizer, "_compiling", lambda self, items: self._compile != "off")
+    monkeypatch.setattr(execute.Elementwise, "_compiling", lambda self, items: self.compile != "off")
     reference, model = net(), net()
     eager = opcomp.build("adamw", reference, lr=0.01, compile="off")
     automatic = opcomp.build("adamw", model, lr=0.01, compile="auto")

@@ -8,6 +8,10 @@ stacked into one slab.
 A *collective* kernel runs once over every parameter of an expression that runs its node, not per
 bucket: layer kernels (a layer's weight and bias share statistics) and probe kernels (a product
 with the Hessian or a shifted evaluation couples all parameters).
+
+An operator whose spec ``binds_gradient`` (``sam``) also registers a *rebinding*: before any node
+runs, it computes, from a :class:`ProbeCtx` over the parameters whose programs read ``g`` inside
+it, the gradient that ``g`` means there.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Literal
 
 KERNELS: dict[str, Callable] = {}
 COLLECTIVE: dict[str, Literal["layers", "probe"]] = {}
+REBINDINGS: dict[str, Callable] = {}
 
 
 def kernel(name: str, collective: Literal["layers", "probe"] | None = None):
@@ -33,8 +38,20 @@ def kernel(name: str, collective: Literal["layers", "probe"] | None = None):
     return register
 
 
+def rebinding(name: str):
+    """Register what ``g`` means inside operator ``name``'s argument."""
+
+    def register(fn: Callable) -> Callable:
+        if name in REBINDINGS:
+            raise ValueError(f"rebinding {name!r} registered twice")
+        REBINDINGS[name] = fn
+        return fn
+
+    return register
+
+
 def load() -> dict[str, Callable]:
     """Import every kernel family once, and return the table."""
-    from opcomp.kernels import elementwise, layers, matrix, probes, reductions  # noqa: F401
+    from opcomp.kernels import curvature, elementwise, estimators, layers, matrix, reductions, shifted  # noqa: F401
 
     return KERNELS

@@ -1,14 +1,24 @@
-"""What a kernel sees: its options, its bucket's parameters, their gradients, its own state."""
+"""What a kernel sees: its options, its parameters and their gradients, its node's state.
+
+Three views, one per way a kernel runs: :class:`Ctx` for a node over one bucket (element-wise,
+slab and matrix kernels), :class:`ProbeCtx` for a probe over every parameter of an expression
+that runs it, and (in :mod:`opcomp.kernels.layers`) ``LayerCtx`` for layer statistics. All reach
+state through :class:`opcomp.state.NodeState`.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from opcomp.closure import Probe
 from opcomp.ops import Options
-from opcomp.precision import working, working_dtype
+from opcomp.precision import working
+from opcomp.state import NodeState
 
 
 @dataclass
@@ -22,7 +32,7 @@ class BucketStep:
 
     params: list[Tensor]
     states: list[dict]  # per parameter: opcomp's state dict, state_key -> {buffer: tensor}
-    probed: dict[str, list[Tensor]] = field(default_factory=dict)  # sam's key -> g_sam per parameter
+    probed: dict[str, list[Tensor]] = field(default_factory=dict)  # a rebinding node's key -> its g per parameter
     _grads: list[Tensor] | None = field(default=None, repr=False)
     _working_params: list[Tensor] | None = field(default=None, repr=False)
 
@@ -43,17 +53,6 @@ class BucketStep:
         return self._working_params
 
 
-def advance(state: dict, device, name: str = "step") -> int:
-    """How often the counter ``name`` in ``state`` was advanced before (it starts at 0); advances it.
-
-    For collective kernels, which need the count as a number; ``Ctx.tick`` keeps it a tensor.
-    """
-    counter = state.setdefault(name, torch.zeros((), dtype=torch.float32, device=device))
-    taken = int(counter.item())
-    counter += 1
-    return taken
-
-
 @dataclass
 class Ctx:
     """A kernel's view of one node over one bucket."""
@@ -61,41 +60,53 @@ class Ctx:
     options: Options
     bucket: BucketStep
     state_key: str
-    scope: str | None = None  # the sam whose probed gradient this node's g is
-    _state: list[dict] | None = field(default=None, repr=False)
+    scope: str | None = None  # the rebinding node (sam) whose gradient this node's g is
+    _state: NodeState | None = field(default=None, repr=False)
 
     @property
     def params(self) -> list[Tensor]:
         return self.bucket.params
 
     @property
-    def state(self) -> list[dict]:
-        """This node's state dict for each parameter (created empty on first use)."""
+    def node_state(self) -> NodeState:
         if self._state is None:
-            self._state = [s.setdefault(self.state_key, {}) for s in self.bucket.states]
+            self._state = NodeState(self.bucket.states, self.bucket.params, self.state_key)
         return self._state
 
+    @property
+    def state(self) -> list[dict]:
+        """This node's state dict for each parameter (created empty on first use)."""
+        return self.node_state.entries
+
     def buffers(self, name: str) -> list[Tensor]:
-        """State buffer ``name`` per parameter, in the working precision, zero on first use."""
-        out = []
-        for state, param in zip(self.state, self.params):
-            if name not in state:
-                dtype = working_dtype(param.dtype)
-                state[name] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-            out.append(state[name])
-        return out
+        return self.node_state.buffers(name)
 
     def tick(self) -> list[Tensor]:
-        """Advance this node's per-parameter step counters; returns them (0-d tensors, fp32, or
-        fp64 for fp64 parameters so that bias corrections are exact in double as torch's are).
+        return self.node_state.tick()
 
-        Counters live on the parameter's device and bias corrections are computed from them as
-        tensors, so a compiled step neither synchronises nor recompiles as they grow.
-        """
-        steps = []
-        for state, param in zip(self.state, self.params):
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=working_dtype(param.dtype), device=param.device)
-            steps.append(state["step"])
-        torch._foreach_add_(steps, 1.0)
-        return steps
+
+@dataclass
+class ProbeCtx:
+    """A probe kernel's view: its options, the flat parameters running it, their state, the probe."""
+
+    options: Options
+    state: NodeState
+    probe: Probe
+    grads: list[Tensor | None]  # the raw gradient per parameter (None where it was not computed)
+    layers: list[list[int]]  # indices of params grouped by the module that owns them
+    # for a rebinding probe: per parameter, v̂ of the second moment its inner declares, after this
+    # step's raw update (None where the inner keeps none); computed when asked
+    second_moments: Callable[[], list[Tensor | None]] | None = None
+
+    @property
+    def params(self) -> list[Tensor]:
+        return self.state.params
+
+    def tick(self) -> int:
+        """Steps this node took before this one (all parameters step together); then advance."""
+        return self.state.advance()
+
+    def generator(self, step: int, device: torch.device) -> torch.Generator:
+        """A generator seeded by the node's key and the step: a resumed run draws the same noise."""
+        digest = hashlib.sha256(f"{self.state.key}#{step}".encode()).digest()
+        return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))

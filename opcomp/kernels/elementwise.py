@@ -13,6 +13,8 @@ from torch import Tensor
 
 from opcomp.kernels import kernel
 from opcomp.kernels.context import Ctx
+from opcomp.ops import SecondMoment
+from opcomp.state import taken
 
 
 @kernel("g")
@@ -76,14 +78,58 @@ def momentum(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
     return buffers
 
 
-def correction(beta: float, step: Tensor) -> Tensor:
-    """1 − β^t in fp32 without cancellation, as −expm1(t·log β).
+def correction(beta: float, step: Tensor | float) -> Tensor | float:
+    """1 − β^t without cancellation, as −expm1(t·log β): a tensor for a counter tensor, a float for a count.
 
     Written naively, 1 − 0.999^t loses about 1e-5 of its value in fp32 (torch computes it in
     double); in double, a compiled step would evaluate it once per element. This form is exact to
     ~1e-7 in fp32 and cheap to inline. β = 0 gives log β = −∞ and a correction of 1, as it should.
     """
-    return -torch.expm1(step * (math.log(beta) if beta > 0 else -math.inf))
+    log = math.log(beta) if beta > 0 else -math.inf
+    if isinstance(step, Tensor):
+        return -torch.expm1(step * log)
+    return -math.expm1(step * log) if beta > 0 else 1.0
+
+
+def _sqrt(value: Tensor | float) -> Tensor | float:
+    return torch.sqrt(value) if isinstance(value, Tensor) else math.sqrt(value)
+
+
+# -- Adam's formula, the one place it is written ---------------------------------------------------
+
+
+def update_moments(first: list[Tensor], second: list[Tensor], x: list[Tensor], b1: float, b2: float) -> None:
+    """torch.optim.Adam's moment updates, in place and in its op order: m ← m + (1−b1)(x − m),
+    v ← b2·v + (1−b2)·x²."""
+    torch._foreach_lerp_(first, x, 1.0 - b1)
+    torch._foreach_mul_(second, b2)
+    torch._foreach_addcmul_(second, x, x, 1.0 - b2)
+
+
+def adam_denominator(second: list[Tensor], steps: list, b2: float, eps: float) -> list[Tensor]:
+    """√v̂ + eps with v̂ = v/(1 − b2^t), computed as √v/√(1 − b2^t) + eps, torch's order."""
+    denominator = torch._foreach_sqrt(second)
+    torch._foreach_div_(denominator, [_sqrt(correction(b2, t)) for t in steps])
+    torch._foreach_add_(denominator, eps)
+    return denominator
+
+
+def adam_ratio(first: list[Tensor], denominator: list[Tensor], steps: list, b1: float) -> list[Tensor]:
+    """m̂/(√v̂ + eps), m̂ = m/(1 − b1^t)."""
+    direction = torch._foreach_div(first, denominator)
+    torch._foreach_div_(direction, [correction(b1, t) for t in steps])
+    return direction
+
+
+def upcoming_second_moment(declared: SecondMoment, options, entry: dict, grad: Tensor) -> Tensor:
+    """v̂ as a node that declares this second moment will hold it after this step's update with
+    ``grad``, without changing it (what sam[fisher] weighs its ascent by)."""
+    beta = getattr(options, declared.beta)
+    previous = entry.get(declared.buffer)
+    upcoming = grad.square() * (1.0 - beta) + (previous * beta if previous is not None else 0.0)
+    if not declared.debiased:
+        return upcoming
+    return upcoming / correction(beta, taken(entry) + 1)
 
 
 def adam_direction(ctx: Ctx, x: list[Tensor], b1: float, b2: float, eps: float) -> list[Tensor]:
@@ -94,18 +140,11 @@ def adam_direction(ctx: Ctx, x: list[Tensor], b1: float, b2: float, eps: float) 
     """
     exp_avg, exp_avg_sq = ctx.buffers("exp_avg"), ctx.buffers("exp_avg_sq")
     steps = ctx.tick()
-    source = ctx.bucket.grads if ctx.scope is not None else x
-    torch._foreach_lerp_(exp_avg, source, 1.0 - b1)
-    torch._foreach_mul_(exp_avg_sq, b2)
-    torch._foreach_addcmul_(exp_avg_sq, source, source, 1.0 - b2)
-    denominator = torch._foreach_sqrt(exp_avg_sq)
-    torch._foreach_div_(denominator, [torch.sqrt(correction(b2, t)) for t in steps])
-    torch._foreach_add_(denominator, eps)
+    update_moments(exp_avg, exp_avg_sq, ctx.bucket.grads if ctx.scope is not None else x, b1, b2)
+    denominator = adam_denominator(exp_avg_sq, steps, b2, eps)
     if ctx.scope is not None:
         return torch._foreach_div(x, denominator)
-    direction = torch._foreach_div(exp_avg, denominator)
-    torch._foreach_div_(direction, [correction(b1, t) for t in steps])
-    return direction
+    return adam_ratio(exp_avg, denominator, steps, b1)
 
 
 @kernel("adam")

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from opcomp.capture import Entry
+from opcomp.capture import Capture, Entry
 from opcomp.errors import OpcompError
 from opcomp.precision import working_dtype
 
@@ -115,6 +115,22 @@ class Statistics:
             summed = torch.zeros(len(pairs), d.shape[1], dtype=d.dtype, device=d.device).index_add_(0, which, d)
             total.index_add_(0, pairs % self.vocabulary, summed.square())
         return total.T / self.examples
+
+
+def provider(capture: Capture, reduction: Reduction):
+    """This step's statistics per (layer, columns, sampled), taken from the capture and computed
+    on first use: ``provider(capture, reduction)(layer_slot, sampled) -> Statistics | None``."""
+    entries = {module: capture.take(module) for module in capture.modules}
+    cache: dict[tuple, Statistics | None] = {}
+
+    def statistics_of(layer, sampled: bool) -> Statistics | None:
+        key = (layer.module, layer.columns, sampled)
+        if key not in cache:
+            usable = [e for e in entries[layer.module] if not sampled or e.sampled is not None]
+            cache[key] = statistics(layer.module, usable, reduction, layer.columns, sampled) if usable else None
+        return cache[key]
+
+    return statistics_of
 
 
 def check_supported(module: nn.Module, name: str) -> None:

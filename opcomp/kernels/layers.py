@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from opcomp.closure import finite
 from opcomp.errors import OpcompError
 from opcomp.kernels import kernel
-from opcomp.kernels.context import advance
 from opcomp.kernels.factors import Columns, Statistics
 from opcomp.ops import Options
-from opcomp.probe import finite
+from opcomp.state import advance
 
 
 @dataclass
@@ -57,7 +57,7 @@ class LayerCtx:
 
 def step_counts(ctx: LayerCtx) -> list[int]:
     """Each layer's count of steps taken by this node before this one (then advanced)."""
-    return [advance(layer.state, layer.module.weight.device) for layer in ctx.layers]
+    return [advance(layer.state, layer.module.weight) for layer in ctx.layers]
 
 
 def average(state: dict, name: str, value: Tensor, decay: float) -> None:

@@ -13,7 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from opcomp.ops.fields import Count
 
 
 class Kind(enum.StrEnum):
@@ -45,6 +47,12 @@ class NoOptions(Options):
     """For operators without options."""
 
 
+class LayerOptions(Options):
+    """Base of every layer operator's options: the runtime arms statistics capture by it."""
+
+    update_every: Count = Field(1, description="steps between statistics captures")
+
+
 @dataclass(frozen=True)
 class Needs:
     """What an operator asks of the training loop and of ``opcomp.build``."""
@@ -53,6 +61,7 @@ class Needs:
     model: bool = False  # needs the nn.Module (hooks or functional calls), not bare parameters
     double_backward: bool = False  # differentiates through the gradient
     forward_only: bool = False  # estimates from loss values alone
+    likelihood: bool = False  # samples labels from the model's output (opcomp.build(..., likelihood=))
 
     def __or__(self, other: Needs) -> Needs:
         return Needs(*(a or b for a, b in zip(_astuple(self), _astuple(other))))
@@ -63,12 +72,13 @@ class Needs:
             "model": "the model (build with the nn.Module, not .parameters())",
             "double_backward": "a differentiable backward pass (create_graph)",
             "forward_only": "extra forward passes",
+            "likelihood": "a likelihood to sample labels from: opcomp.build(..., likelihood=...)",
         }
         return [names[k] for k, v in zip(names, _astuple(self)) if v]
 
 
 def _astuple(needs: Needs) -> tuple[bool, ...]:
-    return (needs.closure, needs.model, needs.double_backward, needs.forward_only)
+    return (needs.closure, needs.model, needs.double_backward, needs.forward_only, needs.likelihood)
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,17 @@ class StateBuffer:
 
 
 @dataclass(frozen=True)
+class SecondMoment:
+    """A running second moment an operator keeps, which ``sam[fisher]`` weighs its ascent by
+    (ADR-0007): v in ``buffer``, decaying by the option ``beta``, bias-corrected by the node's step
+    count when ``debiased``."""
+
+    buffer: str
+    beta: str
+    debiased: bool
+
+
+@dataclass(frozen=True)
 class OpSpec:
     """One operator: everything about it except its kernel."""
 
@@ -115,8 +136,10 @@ class OpSpec:
     aliases: tuple[str, ...] = ()
     applies: Applies = Applies.ANY
     needs: Needs = Needs()
+    needs_when: Callable[[Any], Needs] | None = None  # what it needs, when that depends on the options
     state: tuple[StateBuffer, ...] = ()
     binds_gradient: bool = False  # its argument sees `g` as a probed gradient (sam)
+    second_moment: SecondMoment | None = None  # a statistic a rebinding probe may read
     reads_gradient: bool = False  # needs the training backward (the raw gradient or its graph)
     cost: Cost = Cost()
     cost_when: Callable[[Any], Cost] | None = None  # the cost, when it depends on the options
@@ -133,6 +156,9 @@ class OpSpec:
 
     def cost_for(self, options: Options) -> Cost:
         return self.cost_when(options) if self.cost_when else self.cost
+
+    def needs_for(self, options: Options) -> Needs:
+        return self.needs_when(options) if self.needs_when else self.needs
 
     def option_fields(self) -> dict[str, Any]:
         return dict(self.options.model_fields)
@@ -175,6 +201,8 @@ class Registry:
     alias_of: dict[str, str] = field(default_factory=dict)
 
     def add(self, spec: OpSpec) -> OpSpec:
+        if spec.applies is Applies.LAYER and not issubclass(spec.options, LayerOptions):
+            raise TypeError(f"layer operator {spec.name!r}: its options must derive from LayerOptions")
         for name in (spec.name, *spec.aliases):
             if name in self.specs or name in self.alias_of:
                 raise ValueError(f"operator name {name!r} registered twice")

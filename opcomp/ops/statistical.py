@@ -7,7 +7,18 @@ from typing import Literal
 from pydantic import Field
 
 from opcomp.ops.fields import Beta, Count, NonNegative, Positive
-from opcomp.ops.registry import Applies, Cost, Kind, Needs, OpSpec, Options, StateBuffer, register
+from opcomp.ops.registry import (
+    Applies,
+    Cost,
+    Kind,
+    LayerOptions,
+    Needs,
+    OpSpec,
+    Options,
+    SecondMoment,
+    StateBuffer,
+    register,
+)
 
 _STEP = StateBuffer("step", "scalar", "steps taken")
 MOMENTS = (
@@ -15,6 +26,7 @@ MOMENTS = (
     StateBuffer("exp_avg_sq", "param", "second moment"),
     _STEP,
 )
+ADAM_SECOND_MOMENT = SecondMoment("exp_avg_sq", "b2", debiased=True)
 
 
 class AdamOptions(Options):
@@ -34,6 +46,7 @@ register(
         kind=Kind.STATISTICAL,
         options=AdamOptions,
         state=MOMENTS,
+        second_moment=ADAM_SECOND_MOMENT,
         summary="Adam's bias-corrected moment ratio (torch.optim.Adam semantics)",
         formula="m ← b1·m + (1−b1)·x; v ← b2·v + (1−b2)·x²; returns m̂/(√v̂ + eps)",
     )
@@ -45,6 +58,7 @@ register(
         kind=Kind.STATISTICAL,
         options=AdamWOptions,
         state=MOMENTS,
+        second_moment=ADAM_SECOND_MOMENT,
         summary="Adam plus decoupled weight decay (identical to torch.optim.AdamW)",
         formula="adam(x) + wd·p",
     )
@@ -62,6 +76,7 @@ register(
         kind=Kind.STATISTICAL,
         options=RmsOptions,
         state=(StateBuffer("square_avg", "param", "running average of x²"),),
+        second_moment=SecondMoment("square_avg", "beta", debiased=False),
         summary="RMSprop scaling (torch.optim.RMSprop semantics)",
         formula="v ← beta·v + (1−beta)·x²; returns x/(√v + eps)",
     )
@@ -86,10 +101,9 @@ register(
 )
 
 
-class DiagKfacOptions(Options):
+class DiagKfacOptions(LayerOptions):
     decay: Beta = Field(0.95, description="decay of the factor averages")
     damping: Positive = Field(1e-3, description="added to each factor")
-    update_every: Count = Field(1, description="steps between statistics captures")
 
 
 class KfacOptions(DiagKfacOptions):
@@ -111,6 +125,10 @@ def _mc_cost(options) -> Cost:
     return Cost(backward=1, memory="the sampled-label gradients at layer outputs") if options.fisher == "mc" else Cost()
 
 
+def _mc_needs(options) -> Needs:
+    return Needs(model=True, likelihood=options.fisher == "mc")
+
+
 _FACTORS = (
     StateBuffer("A", "in_factor", "E[a aᵀ] of layer inputs (bias as an appended 1; a diagonal for an Embedding)"),
     StateBuffer("G", "out_factor", "E[δ δᵀ] of output gradients, per example"),
@@ -129,6 +147,7 @@ register(
         options=KfacOptions,
         applies=Applies.LAYER,
         needs=Needs(model=True),
+        needs_when=_mc_needs,
         reads_gradient=True,
         cost_when=_mc_cost,
         state=(
@@ -168,6 +187,7 @@ register(
         options=EkfacOptions,
         applies=Applies.LAYER,
         needs=Needs(model=True),
+        needs_when=_mc_needs,
         reads_gradient=True,
         cost_when=_mc_cost,
         state=(

@@ -6,7 +6,7 @@ from pydantic import Field
 
 from opcomp.ops.fields import Beta, Count, Positive
 from opcomp.ops.registry import Applies, Kind, OpSpec, Options, StateBuffer, register
-from opcomp.ops.statistical import MOMENTS, AdamOptions
+from opcomp.ops.statistical import ADAM_SECOND_MOMENT, MOMENTS, AdamOptions
 
 
 class OrthOptions(Options):
@@ -57,6 +57,7 @@ register(
         options=AdaRMSuonOptions,
         applies=Applies.MATRIX,
         state=MOMENTS,
+        second_moment=ADAM_SECOND_MOMENT,
         summary="Adam direction orthogonalised with its energy kept",
         formula="a = adam(x); returns orth(a)·‖a‖_F/‖orth(a)‖_F",
     )

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from opcomp.errors import OpcompError
 from opcomp.precision import working, working_dtype
@@ -192,3 +193,66 @@ class Probe:
 def _zero_like(param: Tensor) -> Tensor:
     """The gradient of a parameter the loss does not reach, in its working precision."""
     return torch.zeros_like(param, dtype=working_dtype(param.dtype))
+
+
+def first_evaluation(
+    closure, params: list[Tensor], graphs, model: nn.Module | None, disarm, probing: bool
+) -> tuple[Tensor | None, Probe | None]:
+    """The closure's first call, at the current parameters, and opcomp's own backward pass.
+
+    Returns the detached loss and, when the expressions probe, the :class:`Probe` that carries what
+    the probes need from this call. Expressions that estimate from loss values alone get no call
+    here: their probes evaluate the closure themselves.
+    """
+    nodes = [n for graph in graphs for n in graph.nodes]
+    double = any(n.spec.needs.double_backward for n in nodes)
+    # Gauss–Newton probes (gnvp, lgn) differentiate the loss at the model's recorded output
+    outputs = any(n.spec.needs.closure and n.spec.needs.model for n in nodes)
+    for param in params:
+        param.grad = None
+    if probing and not any(graph.trains for graph in graphs):
+        return None, Probe(closure, model, disarm, None, evaluations=0)
+    recorder = ModelCall(model if outputs else None)
+    # fused attention kernels have no second derivative: differentiate through the math one
+    backend = sdpa_kernel([SDPBackend.MATH]) if double else nullcontext()
+    with torch.enable_grad(), recorder, backend:
+        loss = closure()
+    loss = check_loss(loss, probing=probing, params=params)
+    if not probing and any(p.grad is not None for p in params):
+        return loss.detach(), None  # a torch-style closure ran its own backward
+    graph_grads = {}
+    if loss.requires_grad and any(n.spec.reads_gradient for n in nodes):
+        trainable = [p for p in params if p.requires_grad]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(loss, trainable, create_graph=double, retain_graph=probing, allow_unused=True)
+        for param, grad in zip(trainable, grads):
+            param.grad = None if grad is None else grad.detach()
+            if double and grad is not None:
+                graph_grads[id(param)] = grad
+    if not probing:
+        return loss.detach(), None
+    return loss.detach(), Probe(closure, model, disarm, loss, graph_grads, *recorder.recorded())
+
+
+class ModelCall:
+    """Records what the model's forward received and returned, while active (for Gauss–Newton products)."""
+
+    def __init__(self, model: nn.Module | None) -> None:
+        self.model = model
+        self.handle = None
+        self.call: tuple = ((), {}, None)
+
+    def __enter__(self):
+        if self.model is not None:
+            self.handle = self.model.register_forward_hook(self._keep, with_kwargs=True)
+        return self
+
+    def _keep(self, module, args, kwargs, output) -> None:
+        self.call = (args, kwargs, output if isinstance(output, Tensor) else None)
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+    def recorded(self) -> tuple:
+        return self.call
