@@ -29,7 +29,7 @@ from opcomp.kernels import COLLECTIVE, KERNELS, REBINDINGS
 from opcomp.kernels.context import BucketStep, Ctx, ProbeCtx
 from opcomp.kernels.elementwise import upcoming_second_moment
 from opcomp.kernels.layers import LayerCtx, LayerSlot
-from opcomp.plan import LayerPlan, ParamInfo, Program
+from opcomp.plan import LayerPlan, ParamInfo, Plan, Program
 from opcomp.precision import working, working_dtype
 from opcomp.state import NodeState
 
@@ -151,6 +151,32 @@ class Interpreter:
                 entry = bucket.states[k].get(step.node.state_key, {})
                 return upcoming_second_moment(declared, step.node.options, entry, bucket.grads[k])
         return None
+
+
+def run_family(
+    plan: Plan, expression: str, items: list, state: Mapping, statistics, probe: Probe | None
+) -> list[Update]:
+    """One family with layer statistics or probes: its updates, not yet applied.
+
+    ``items`` are (group, bucket, participating parameters), from :meth:`Plan.families`.
+    """
+    programs = [bucket.program for _, bucket, _ in items]
+    buckets = [BucketStep(params, [state[p] for p in params]) for _, _, params in items]
+    interpreter = Interpreter(
+        plan.graphs[expression],
+        programs,
+        buckets,
+        state=state,
+        layers=plan.layers_of(expression),
+        infos=plan.infos,
+        statistics=statistics,
+        probe=probe,
+    )
+    directions = interpreter.run()
+    return [
+        Update(float(group["lr"]), program, bucket, direction)
+        for (group, _, _), program, bucket, direction in zip(items, programs, buckets, directions)
+    ]
 
 
 class Flat:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import defaultdict
 from collections.abc import Mapping
 from contextlib import nullcontext
 from typing import Literal
@@ -22,9 +21,8 @@ from opcomp.capture import Capture, Likelihood
 from opcomp.closure import CLOSURE_SHAPE, NonFinite, Probe, all_finite, first_evaluation
 from opcomp.definitions import Namespace
 from opcomp.errors import OpcompError
-from opcomp.execute import Elementwise, Interpreter, Update, apply, elementwise
+from opcomp.execute import Elementwise, apply, elementwise, run_family
 from opcomp.kernels import load as load_kernels
-from opcomp.kernels.context import BucketStep
 from opcomp.kernels.factors import Reduction, provider
 from opcomp.lang.ast import Expr
 from opcomp.plan import Plan
@@ -137,13 +135,7 @@ class Optimizer(torch.optim.Optimizer):
         return probe.estimate() if loss is None and probe is not None else loss
 
     def _step(self, loss: Tensor | None, probe: Probe | None) -> Tensor | None:
-        families: dict[str, list] = defaultdict(list)
-        for group, planned in zip(self.param_groups, self._plan.groups):
-            for bucket in planned.buckets:
-                takes = bucket.program.reads_gradient
-                params = [p for p in bucket.params if p.grad is not None or not takes]
-                if params:
-                    families[group["expr"]].append((group, bucket, params))
+        families = self._plan.families(self.param_groups)
         if not families:
             return loss
         grads = [p.grad for items in families.values() for _, _, params in items for p in params if p.grad is not None]
@@ -160,7 +152,11 @@ class Optimizer(torch.optim.Optimizer):
         saved = snapshot(self.state, touched) if fallible else None
         statistics = provider(self._capture, self._reduction) if self._capture is not None else None
         try:
-            updates = [u for e, items in fallible.items() for u in self._run(e, items, statistics, probe)]
+            updates = [
+                update
+                for expression, items in fallible.items()
+                for update in run_family(self._plan, expression, items, self.state, statistics, probe)
+            ]
         except NonFinite:
             self.state = saved
             return self._skip(loss)
@@ -177,28 +173,6 @@ class Optimizer(torch.optim.Optimizer):
             self._capture.clear()
             self._arm()
         return loss
-
-    def _run(self, expression: str, items: list, statistics, probe: Probe | None) -> list[Update]:
-        """One family with layer statistics or probes: its updates, not yet applied."""
-        programs = [bucket.program for _, bucket, _ in items]
-        buckets = [BucketStep(params, [self.state[p] for p in params]) for _, _, params in items]
-        plan = self._plan
-        layers = {node_id: layers for (e, node_id), layers in plan.layers.items() if e == expression}
-        interpreter = Interpreter(
-            plan.graphs[expression],
-            programs,
-            buckets,
-            state=self.state,
-            layers=layers,
-            infos=plan.infos,
-            statistics=statistics,
-            probe=probe,
-        )
-        directions = interpreter.run()
-        return [
-            Update(float(group["lr"]), program, bucket, direction)
-            for (group, _, _), program, bucket, direction in zip(items, programs, buckets, directions)
-        ]
 
     def _skip(self, loss):
         if self._capture is not None:

@@ -338,6 +338,22 @@ class Plan:
     def buckets(self) -> Iterator[Bucket]:
         return (bucket for group in self.groups for bucket in group.buckets)
 
+    def families(self, param_groups: list[dict]) -> dict[str, list[tuple[dict, Bucket, list[Tensor]]]]:
+        """This step's work by expression: (group, bucket, its parameters that take part) — all of
+        them for programs that need no gradient, the ones with a gradient otherwise."""
+        families: dict[str, list] = defaultdict(list)
+        for group, planned in zip(param_groups, self.groups):
+            for bucket in planned.buckets:
+                takes = bucket.program.reads_gradient
+                params = [p for p in bucket.params if p.grad is not None or not takes]
+                if params:
+                    families[group["expr"]].append((group, bucket, params))
+        return dict(families)
+
+    def layers_of(self, expression: str) -> dict[int, list[LayerPlan]]:
+        """Node id -> the layers that node captures, for one expression."""
+        return {node_id: layers for (e, node_id), layers in self.layers.items() if e == expression}
+
     def program_of(self, param: Tensor) -> Program:
         return next(b.program for b in self.buckets() if any(p is param for p in b.params))
 
