@@ -118,7 +118,7 @@ class Interpreter:
         groups: dict[object, list[int]] = defaultdict(list)
         for index, param in enumerate(params):
             module = self.infos[id(param)].module
-            groups[id(module) if module is not None else ("param", id(param))].append(index)
+            groups[id(module) if module is not None else ("alone", id(param))].append(index)
         return list(groups.values())
 
     def _rebind(self, node: Node) -> None:
