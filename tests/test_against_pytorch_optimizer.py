@@ -76,3 +76,23 @@ def test_asam_perturbation_follows_kwon_et_al_with_eta():
     opt.step(lambda: loss(model, x, y))
     for b, p, e in zip(before, model.parameters(), expected):
         torch.testing.assert_close(b - p.detach(), e, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mlp", "strided_conv", "token_model"])
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_lion_steps_like_pytorch_optimizer(name, wd):
+    from pytorch_optimizer import Lion
+
+    ours, theirs = make(name), make(name)
+    lr = 1e-3
+    opt = opcomp.build(f"lion[b1=0.9, b2=0.99, wd={wd}](g)", ours, lr=lr)
+    reference = Lion(theirs.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=wd)
+    for step in range(5):
+        x, y = batch(name, 16, seed=step)
+        for model, optimizer in ((ours, opt), (theirs, reference)):
+            optimizer.zero_grad()
+            loss(model, x, y).backward()
+            optimizer.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        # decoupled decay: p(1 − lr·wd) − lr·u there, p − lr·(u + wd·p) here; the same to rounding
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -78,6 +78,19 @@ def momentum(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
     return buffers
 
 
+@kernel("lion")
+def lion(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
+    """sign(b1·m + (1−b1)·x), then m ← b2·m + (1−b2)·x; decoupled decay wd·p added."""
+    o = ctx.options
+    momentum = ctx.buffers("exp_avg")
+    direction = torch._foreach_lerp(momentum, x, 1.0 - o.b1)
+    torch._foreach_sign_(direction)
+    torch._foreach_lerp_(momentum, x, 1.0 - o.b2)
+    if o.wd:
+        torch._foreach_add_(direction, ctx.bucket.working_params, alpha=o.wd)
+    return direction
+
+
 def correction(beta: float, step: Tensor | float) -> Tensor | float:
     """1 − β^t without cancellation, as −expm1(t·log β): a tensor for a counter tensor, a float for a count.
 

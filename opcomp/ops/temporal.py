@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from opcomp.ops.fields import Beta
+from opcomp.ops.fields import Beta, NonNegative
 from opcomp.ops.registry import Kind, OpSpec, Options, StateBuffer, register
 
 
@@ -45,5 +45,23 @@ register(
         state=(StateBuffer("momentum_buffer", "param", "velocity"),),
         summary="heavy-ball momentum with torch.optim.SGD semantics",
         formula="b ← x on the first step, else beta·b + (1−dampening)·x; returns x + beta·b if nesterov else b",
+    )
+)
+
+
+class LionOptions(Options):
+    b1: Beta = Field(0.9, description="interpolation of the update")
+    b2: Beta = Field(0.99, description="momentum decay")
+    wd: NonNegative = Field(0.0, description="decoupled weight decay")
+
+
+register(
+    OpSpec(
+        name="lion",
+        kind=Kind.TEMPORAL,
+        options=LionOptions,
+        state=(StateBuffer("exp_avg", "param", "momentum"),),
+        summary="sign of an interpolated momentum (Lion, Chen et al. 2023)",
+        formula="u = sign(b1·m + (1−b1)·x); m ← b2·m + (1−b2)·x; returns u + wd·p",
     )
 )
