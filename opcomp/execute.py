@@ -31,7 +31,7 @@ from opcomp.kernels.elementwise import upcoming_second_moment
 from opcomp.kernels.layers import LayerCtx, LayerSlot
 from opcomp.plan import LayerPlan, ParamInfo, Plan, Program
 from opcomp.precision import working, working_dtype
-from opcomp.state import NodeState
+from opcomp.state import NodeState, entry, peek
 
 
 @dataclass
@@ -109,8 +109,8 @@ class Interpreter:
             bias = flat.position.get(id(layer.bias)) if layer.bias is not None else None
             if weight is None and bias is None:
                 continue  # no gradient this step
-            state = self.state[layer.owner].setdefault(node.state_key, {})
-            slots.append(LayerSlot(layer.module, layer.name, weight, bias, layer.columns, state))
+            own = entry(self.state, layer.owner, node.state_key)
+            slots.append(LayerSlot(layer.module, layer.name, weight, bias, layer.columns, own))
         return slots
 
     def _modules(self, params: list[Tensor]) -> list[list[int]]:
@@ -148,8 +148,8 @@ class Interpreter:
         for step in program.steps:
             declared = step.node.spec.second_moment
             if step.node.scope == node.key and declared is not None:
-                entry = bucket.states[k].get(step.node.state_key, {})
-                return upcoming_second_moment(declared, step.node.options, entry, bucket.grads[k])
+                kept = peek(bucket.states[k], step.node.state_key)
+                return upcoming_second_moment(declared, step.node.options, kept, bucket.grads[k])
         return None
 
 

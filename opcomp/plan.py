@@ -21,7 +21,7 @@ from opcomp.graph import Graph, Node, lower
 from opcomp.kernels.factors import Columns, check_supported
 from opcomp.lang.ast import Expr
 from opcomp.ops import Applies
-from opcomp.state import taken
+from opcomp.state import peek, taken
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
 """Exact types: a subclass may never call its own forward (MultiheadAttention's out_proj), so it falls back."""
@@ -219,8 +219,8 @@ class LayerPlan:
 
     def due(self, state) -> bool:
         """Whether this step feeds the layer's statistics (every ``update_every`` steps of its node)."""
-        entry = state[self.owner].get(self.node.state_key, {}) if self.owner in state else {}
-        return taken(entry) % self.node.options.update_every == 0
+        kept = peek(state[self.owner], self.node.state_key) if self.owner in state else {}
+        return taken(kept) % self.node.options.update_every == 0
 
 
 @dataclass

@@ -29,6 +29,16 @@ STEP = "step"
 """The buffer in which a node counts its steps (others may count other things: estimates, floors)."""
 
 
+def entry(state, param: Tensor, key: str) -> dict:
+    """A node's entry in the optimizer state for one parameter, created empty on first use."""
+    return state[param].setdefault(key, {})
+
+
+def peek(states: dict, key: str) -> dict:
+    """A node's entry in one parameter's state dict, without creating it (empty when absent)."""
+    return states.get(key, {})
+
+
 def counter(entry: dict, like: Tensor, name: str = STEP) -> Tensor:
     """The 0-d counter ``name`` of a state entry, created at 0 on ``like``'s device in its working
     precision (fp64 counters for fp64 parameters keep bias corrections exact in double)."""
