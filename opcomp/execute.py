@@ -161,7 +161,7 @@ def run_family(
     ``items`` are (group, bucket, participating parameters), from :meth:`Plan.families`.
     """
     programs = [bucket.program for _, bucket, _ in items]
-    buckets = [BucketStep(params, [state[p] for p in params]) for _, _, params in items]
+    buckets = bucket_steps(items, state)
     interpreter = Interpreter(
         plan.graphs[expression],
         programs,
@@ -218,7 +218,12 @@ def apply(update: Update) -> None:
             param.copy_(value)
 
 
-def elementwise(graph: Graph, programs) -> bool:
+def bucket_steps(items: list, state: Mapping) -> list[BucketStep]:
+    """This step's buckets of a family: the participating parameters with their state dicts."""
+    return [BucketStep(params, [state[p] for p in params]) for _, _, params in items]
+
+
+def runs_in_place(graph: Graph, programs) -> bool:
     """Programs with no layer statistics, probes or rebound gradients: they step in place, in one function."""
     if any(node.spec.binds_gradient for node in graph.nodes):
         return False
@@ -244,7 +249,7 @@ class Elementwise:
     def run(self, expression: str, graph: Graph, items: list, state: Mapping) -> None:
         """``items``: (group, bucket, participating params) of one family."""
         programs = [bucket.program for _, bucket, _ in items]
-        buckets = [BucketStep(params, [state[p] for p in params]) for _, _, params in items]
+        buckets = bucket_steps(items, state)
         if self._compiling(items):
             key = (expression, tuple((id(bucket), len(params)) for _, bucket, params in items))
             runner = self.runners.get(key)

@@ -21,7 +21,7 @@ from opcomp.capture import Capture, Likelihood
 from opcomp.closure import CLOSURE_SHAPE, NonFinite, Probe, all_finite, first_evaluation
 from opcomp.definitions import Namespace
 from opcomp.errors import OpcompError
-from opcomp.execute import Elementwise, apply, elementwise, run_family
+from opcomp.execute import Elementwise, apply, run_family, runs_in_place
 from opcomp.kernels import load as load_kernels
 from opcomp.kernels.factors import Reduction, provider
 from opcomp.lang.ast import Expr
@@ -144,7 +144,7 @@ class Optimizer(torch.optim.Optimizer):
         if grads and not all_finite(grads):
             return self._skip(loss)
         graphs = self._plan.graphs
-        plain = {e: items for e, items in families.items() if elementwise(graphs[e], [b.program for _, b, _ in items])}
+        plain = {e: f for e, f in families.items() if runs_in_place(graphs[e], [b.program for _, b, _ in f])}
         # the others (layer statistics, probes) can meet inf or NaN mid-step: they need a way back,
         # and they run first, so nothing has been applied when one gives up
         fallible = {e: items for e, items in families.items() if e not in plain}
