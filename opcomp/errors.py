@@ -71,6 +71,10 @@ class OpcompError(Exception):
         return self.render()
 
 
+class OpcompWarning(UserWarning):
+    """The build or a step does something other than what was written, and says so (once)."""
+
+
 class OpcompSyntaxError(OpcompError):
     """The text is not a well-formed expression or definition file."""
 

@@ -110,7 +110,7 @@ class Interpreter:
             if weight is None and bias is None:
                 continue  # no gradient this step
             own = entry(self.state, layer.owner, node.state_key)
-            slots.append(LayerSlot(layer.module, layer.name, weight, bias, layer.columns, own))
+            slots.append(LayerSlot(layer.module, layer.name, weight, bias, layer.columns, layer.kind, own))
         return slots
 
     def _modules(self, params: list[Tensor]) -> list[list[int]]:

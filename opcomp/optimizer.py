@@ -26,6 +26,7 @@ from opcomp.kernels import load as load_kernels
 from opcomp.kernels.factors import Reduction, provider
 from opcomp.lang.ast import Expr
 from opcomp.plan import Plan
+from opcomp.report import warn_coverage
 from opcomp.state import load, snapshot
 
 
@@ -76,6 +77,7 @@ class Optimizer(torch.optim.Optimizer):
         default = self._plan.lower(expr)
         self._default = (expr if isinstance(expr, str) else default.canonical, default)
         super().__init__(params, {"lr": lr, "expr": default.canonical})
+        warn_coverage(self._plan, self.param_groups)
 
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, dict):

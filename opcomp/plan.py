@@ -18,17 +18,15 @@ from torch import Tensor, nn
 from opcomp.errors import OpcompError
 from opcomp.explain import explain
 from opcomp.graph import Graph, Node, lower
-from opcomp.kernels.factors import Columns, check_supported
+from opcomp.kernels.factors import Columns, Kind, check_supported, layer_kind, layer_shape
 from opcomp.lang.ast import Expr
 from opcomp.ops import Applies
 from opcomp.state import peek, taken
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
-"""Exact types: a subclass may never call its own forward (MultiheadAttention's out_proj), so it falls back."""
-
 APPLIES_NEEDS = {
     Applies.MATRIX: "a matrix (ndim >= 2)",
-    Applies.LAYER: "a weight or bias of a Linear, Conv2d or Embedding layer",
+    Applies.LAYER: "a weight or bias of a Linear (or subclass), Conv1D, Conv2d or Embedding layer, not tied to "
+    "another module and not inside a MultiheadAttention",
 }
 
 
@@ -40,11 +38,14 @@ class ParamInfo:
     shape: tuple[int, ...]
     module: nn.Module | None = None  # the module owning the parameter, when a model was given
     role: str | None = None  # its attribute name there: 'weight', 'bias', …
+    kind: Kind | None = None  # what that module computes, if it is a layer whose statistics opcomp captures
+    tied: bool = False  # one tensor held by several modules (a tied embedding and output head)
+    unhookable: bool = False  # its module computes where no hook reaches (inside a MultiheadAttention)
 
     @property
     def layer(self) -> bool:
-        """A weight or bias of a layer whose statistics opcomp captures."""
-        return type(self.module) in SUPPORTED_LAYERS and self.role in ("weight", "bias")
+        """A weight or bias of a capturable layer, held by that layer alone."""
+        return self.kind is not None and self.role in ("weight", "bias") and not self.tied
 
     def satisfies(self, applies: Applies) -> bool:
         if applies is Applies.MATRIX:
@@ -135,18 +136,9 @@ def select(graph: Graph, info: ParamInfo, written: str) -> Program:
 
     ``written`` is the expression as the user gave it, for the suggested fix.
     """
-    applies: dict[int, bool] = {}
-    chosen: dict[int, int] = {}
-    for node in graph.nodes:
-        if node.op == "fallback":
-            branch = next((i for i in node.inputs if applies[i]), None)
-            applies[node.id] = branch is not None
-            if branch is not None:
-                chosen[node.id] = branch
-        else:
-            applies[node.id] = info.satisfies(node.spec.applies) and all(applies[i] for i in node.inputs)
+    applies, chosen = applicability(graph, info)
     if not applies[graph.root.id]:
-        raise _refusal(info, _blame(graph, graph.root, applies, info), written)
+        raise _refusal(info, blame(graph, graph.root, applies, info), written)
 
     def resolve(node_id: int) -> int:
         while node_id in chosen:
@@ -164,7 +156,33 @@ def select(graph: Graph, info: ParamInfo, written: str) -> Program:
     return peel_decay(Program(steps))
 
 
-def _blame(graph: Graph, node: Node, applies: dict[int, bool], info: ParamInfo) -> Node:
+def applicability(graph: Graph, info: ParamInfo) -> tuple[dict[int, bool], dict[int, int]]:
+    """Whether each node applies to the parameter, and the branch each fallback takes for it."""
+    applies: dict[int, bool] = {}
+    chosen: dict[int, int] = {}
+    for node in graph.nodes:
+        if node.op == "fallback":
+            branch = next((i for i in node.inputs if applies[i]), None)
+            applies[node.id] = branch is not None
+            if branch is not None:
+                chosen[node.id] = branch
+        else:
+            applies[node.id] = info.satisfies(node.spec.applies) and all(applies[i] for i in node.inputs)
+    return applies, chosen
+
+
+def first_branch_refusal(graph: Graph, info: ParamInfo) -> Node | None:
+    """The operator that keeps the first branch of a root fallback from the parameter; None when
+    the branch applies (or the root is no fallback)."""
+    root = graph.root
+    if root.op != "fallback":
+        return None
+    applies, _ = applicability(graph, info)
+    first = graph.nodes[root.inputs[0]]
+    return None if applies[first.id] else blame(graph, first, applies, info)
+
+
+def blame(graph: Graph, node: Node, applies: dict[int, bool], info: ParamInfo) -> Node:
     """The operator that keeps ``node`` from applying to the parameter."""
     while True:
         if node.op == "fallback":
@@ -192,6 +210,7 @@ class LayerPlan:
     module: nn.Module
     name: str
     node: Node
+    kind: Kind
     weight: Tensor | None = None
     bias: Tensor | None = None
 
@@ -201,16 +220,13 @@ class LayerPlan:
         runs the node too), or the bias alone (it runs the node, the weight does not)."""
         if self.weight is None:
             return "bias"
-        return "weight+bias" if self.bias is not None and not isinstance(self.module, nn.Embedding) else "weight"
+        return "weight+bias" if self.bias is not None and self.kind != "embedding" else "weight"
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
         """(out, in) of the layer's X: (dim, vocabulary) for an Embedding, a bias column counted."""
-        weight = self.module.weight
-        if isinstance(self.module, nn.Embedding):
-            return weight.shape[1], weight.shape[0]
-        columns = {"weight": weight[0].numel(), "weight+bias": weight[0].numel() + 1, "bias": 1}[self.columns]
-        return weight.shape[0], columns
+        out, inputs = layer_shape(self.module, self.kind)
+        return out, {"weight": inputs, "weight+bias": inputs + 1, "bias": 1}[self.columns]
 
     @property
     def owner(self) -> Tensor:
@@ -272,6 +288,7 @@ class Plan:
         self.names = dict(names or {})  # id(param) -> name
         self.owners = dict(owners or {})  # id(param) -> (owning module, attribute name)
         self.sampling = sampling  # a likelihood was given, so fisher=mc can sample labels
+        self.tied, self.hidden_from_hooks = _tied_and_unhookable(model)
         self.graphs: dict[str, Graph] = {}
         self.groups: list[GroupPlan] = []
         self.infos: dict[int, ParamInfo] = {}  # id(param) -> what its program was made from
@@ -303,7 +320,10 @@ class Plan:
         for position, param in enumerate(params):
             name = self.names.get(id(param), f"#{position} of param group {index}")
             check_parameter(param, name)
-            info = ParamInfo(name, tuple(param.shape), *self.owners.get(id(param), (None, None)))
+            module, role = self.owners.get(id(param), (None, None))
+            unhookable = id(module) in self.hidden_from_hooks
+            kind = None if unhookable else layer_kind(module)
+            info = ParamInfo(name, tuple(param.shape), module, role, kind, id(param) in self.tied, unhookable)
             self.infos[id(param)] = info
             program = select(graph, info, written)
             bucket = buckets.setdefault(bucket_key(program, param), Bucket(program))
@@ -323,7 +343,8 @@ class Plan:
                     for param in bucket.params:
                         info = self.infos[id(param)]
                         layers = plans[(expression, step.node.id)]
-                        plan = layers.setdefault(info.module, LayerPlan(info.module, _layer_name(info), step.node))
+                        layer = LayerPlan(info.module, _layer_name(info), step.node, info.kind)
+                        plan = layers.setdefault(info.module, layer)
                         setattr(plan, info.role, param)
         self.layers = {key: list(layers.values()) for key, layers in plans.items()}
         for layer in self.all_layers():
@@ -391,6 +412,21 @@ class Plan:
             parts.extend(f"  {n:<{width}}  {s:<16} {runs[n]}{rule}" for n, s in rows)
             parts.append("")
         return "\n".join(parts).rstrip()
+
+
+def _tied_and_unhookable(model: nn.Module | None) -> tuple[set[int], set[int]]:
+    """Ids of parameters that several modules hold (tied), and of modules whose forward never runs
+    as their own: MultiheadAttention computes its projections, out_proj's included, inside
+    F.multi_head_attention_forward, where no module hook reaches."""
+    if model is None:
+        return set(), set()
+    holders: dict[int, int] = defaultdict(int)
+    for module in model.modules():
+        for _, param in module.named_parameters(recurse=False):
+            holders[id(param)] += 1
+    attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    inside = {id(m) for module in attention for m in module.modules()}
+    return {p for p, count in holders.items() if count > 1}, inside
 
 
 def _layer_name(info: ParamInfo) -> str:

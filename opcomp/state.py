@@ -15,7 +15,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from opcomp.errors import OpcompError
 from opcomp.ops import Applies, StateBuffer
@@ -143,7 +143,7 @@ def expected_shape(buffer: StateBuffer, param: Tensor, layer: LayerPlan | None) 
     if buffer.shape == "scalar":
         return ()
     out, columns = layer.matrix_shape
-    diagonal = isinstance(layer.module, nn.Embedding)  # its input factor is a diagonal
+    diagonal = layer.kind == "embedding"  # its input factor is a diagonal
     return {
         "in_factor": (columns,) if diagonal else (columns, columns),
         "out_factor": (out, out),

@@ -17,7 +17,7 @@ ROOMS = [
     ("language", ["opcomp.definitions", "opcomp.resolve", "opcomp.graph", "opcomp.explain", "opcomp.catalogue"]),
     ("runtime basics", ["opcomp.precision", "opcomp.capture", "opcomp.state", "opcomp.closure"]),
     ("kernels", ["opcomp.kernels"]),
-    ("plan", ["opcomp.plan"]),
+    ("plan", ["opcomp.plan", "opcomp.report"]),
     ("step", ["opcomp.execute"]),
     ("optimizer", ["opcomp.optimizer"]),
     ("building", ["opcomp.rules", "opcomp.builder"]),

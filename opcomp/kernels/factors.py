@@ -34,6 +34,8 @@ from opcomp.errors import OpcompError
 from opcomp.precision import working_dtype
 
 Reduction = Literal["mean", "sum"]
+Kind = Literal["linear", "conv1d", "conv2d", "embedding"]
+"""What a layer computes, as its statistics see it."""
 Columns = Literal["weight", "weight+bias", "bias"]
 """What a layer's matrix X holds: its weight, the weight with the bias as a last column, or the bias alone."""
 
@@ -115,6 +117,34 @@ class Statistics:
             summed = torch.zeros(len(pairs), d.shape[1], dtype=d.dtype, device=d.device).index_add_(0, which, d)
             total.index_add_(0, pairs % self.vocabulary, summed.square())
         return total.T / self.examples
+
+
+def layer_kind(module: nn.Module | None) -> Kind | None:
+    """Recognise a layer by what it computes, not its exact class: ``nn.Linear`` and every subclass
+    (MultiheadAttention's out_proj class, FSDP2's wrapped layers), Hugging Face's ``Conv1D`` (y = x W + b,
+    a Linear whose weight is stored transposed), ``nn.Conv2d`` and ``nn.Embedding`` and their subclasses."""
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, Tensor) and weight.ndim == 2:
+        if getattr(module, "nf", None) == weight.shape[1]:  # transformers' Conv1D: weight (in, out)
+            return "conv1d"
+    return None
+
+
+def layer_shape(module: nn.Module, kind: Kind) -> tuple[int, int]:
+    """(out, in) of the layer's weight as a matrix X acting on inputs: (dim, vocabulary) for an
+    Embedding, the stored weight transposed for a Conv1D."""
+    weight = module.weight
+    if kind == "embedding":
+        return weight.shape[1], weight.shape[0]
+    if kind == "conv1d":
+        return weight.shape[1], weight.shape[0]
+    return weight.shape[0], weight[0].numel()
 
 
 def provider(capture: Capture, reduction: Reduction):

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from opcomp.closure import finite
 from opcomp.errors import OpcompError
 from opcomp.kernels import kernel
-from opcomp.kernels.factors import Columns, Statistics
+from opcomp.kernels.factors import Columns, Kind, Statistics, layer_shape
 from opcomp.ops import Options
 from opcomp.state import advance
 
@@ -39,11 +39,12 @@ class LayerSlot:
     weight: int | None  # positions in the flat lists; None when it has no gradient this step
     bias: int | None
     columns: Columns  # what X holds, fixed at build: which of the layer's parameters run the node
+    kind: Kind  # what the layer computes (an Embedding's and a Conv1D's weights are X transposed)
     state: dict  # the node's state for this layer
 
     @property
     def embedding(self) -> bool:
-        return isinstance(self.module, nn.Embedding)
+        return self.kind == "embedding"
 
 
 @dataclass
@@ -84,23 +85,22 @@ def fresh_statistics(ctx: LayerCtx, layer: LayerSlot, count: int, needed: str) -
 
 
 def matrix_of(layer: LayerSlot, x: list[Tensor]) -> Tensor:
-    """X for the layer: (out, in), Embedding transposed, the bias as a last column when folded in.
-
-    A parameter that runs the node but has no gradient this step contributes zeros.
-    """
+    """X for the layer: (out, in) — an Embedding's and a Conv1D's stored weights transposed — the
+    bias as a last column when folded in. A parameter that runs the node but has no gradient this
+    step contributes zeros."""
     if layer.embedding:
         return x[layer.weight].T
-    rows = layer.module.weight.shape[0]
+    rows, inputs = layer_shape(layer.module, layer.kind)
     like = x[layer.weight if layer.weight is not None else layer.bias]
-
-    def block(index: int | None, columns: int) -> Tensor:
-        return like.new_zeros(rows, columns) if index is None else x[index].reshape(rows, columns)
-
     parts = []
     if layer.columns != "bias":
-        parts.append(block(layer.weight, layer.module.weight[0].numel()))
+        if layer.weight is None:
+            parts.append(like.new_zeros(rows, inputs))
+        else:
+            weight = x[layer.weight]
+            parts.append(weight.T if layer.kind == "conv1d" else weight.reshape(rows, inputs))
     if layer.columns != "weight":
-        parts.append(block(layer.bias, 1))
+        parts.append(like.new_zeros(rows, 1) if layer.bias is None else x[layer.bias].reshape(rows, 1))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
@@ -111,7 +111,7 @@ def scatter(layer: LayerSlot, direction: Tensor, like: list[Tensor], out: list) 
         return
     if layer.weight is not None:
         columns = direction[:, :-1] if layer.columns == "weight+bias" else direction
-        out[layer.weight] = columns.reshape(like[layer.weight].shape)
+        out[layer.weight] = (columns.T if layer.kind == "conv1d" else columns).reshape(like[layer.weight].shape)
     if layer.bias is not None:
         out[layer.bias] = direction[:, -1].reshape(like[layer.bias].shape)
 

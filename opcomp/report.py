@@ -1,0 +1,75 @@
+"""What a build does other than as written, said once at build time.
+
+A fallback expression (``muon(kfac(g)) | adamw``) runs its first branch where that branch applies.
+When that is less than half of a param group's parameters by size, the optimizer is mostly its
+fallback, and the build says so with the numbers and the reasons (a layer opcomp cannot hook, a
+tied embedding, 1-D parameters…), so that ``fog`` on a model it barely covers is never silently AdamW.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+from opcomp.errors import OpcompWarning
+from opcomp.ops import Applies
+from opcomp.plan import ParamInfo, Plan, first_branch_refusal
+
+MOST = 0.5
+"""Below this share of a group's parameters (by size) the first branch is reported."""
+
+NEEDS = {Applies.MATRIX: "a matrix", Applies.LAYER: "a layer of its own that hooks can see"}
+
+
+def coverage(plan: Plan, param_groups: list[dict]) -> list[str]:
+    """One line per param group whose first branch reaches less than ``MOST`` of its parameters."""
+    lines = []
+    for index, (group, planned) in enumerate(zip(param_groups, plan.groups)):
+        graph = plan.graphs[group["expr"]]
+        if graph.root.op != "fallback":
+            continue
+        total = main = 0
+        reasons: Counter = Counter()
+        fallbacks: Counter = Counter()
+        for bucket in planned.buckets:
+            for param in bucket.params:
+                info = plan.infos[id(param)]
+                total += param.numel()
+                culprit = first_branch_refusal(graph, info)
+                if culprit is None:
+                    main += param.numel()
+                else:
+                    needs = NEEDS[culprit.spec.applies]
+                    reasons[f"{why_not(culprit.spec.applies, info)} ({culprit.op} needs {needs})"] += 1
+                    fallbacks[bucket.program.describe()] += param.numel()
+        if total and main / total < MOST:
+            first = graph.nodes[graph.root.inputs[0]]
+            rest = ", ".join(f"{count} × {reason}" for reason, count in reasons.most_common())
+            lines.append(
+                f"opcomp: {planned.written}: the first branch ({first.op}) runs on {main / total:.0%} of the "
+                f"parameters of param group {index}; {1 - main / total:.0%} fell back to "
+                f"{' / '.join(fallbacks)}: {rest} — opt.explain() lists each parameter"
+            )
+    return lines
+
+
+def why_not(applies: Applies, info: ParamInfo) -> str:
+    """Why a parameter is not one an operator applies to, in a few words."""
+    owner = type(info.module).__name__ if info.module is not None else None
+    if applies is Applies.MATRIX:
+        return f"{len(info.shape)}-D parameters"
+    if info.tied:
+        return "parameters tied to another module"
+    if owner is None:
+        return "parameters outside any module"
+    if info.unhookable:
+        return "parameters inside a MultiheadAttention, which projects where no hook reaches"
+    if info.kind is None:
+        return f"parameters of a {owner}"
+    return f"{info.role} parameters of a {owner}"
+
+
+def warn_coverage(plan: Plan, param_groups: list[dict]) -> None:
+    """Say each line of :func:`coverage` once, as an :class:`OpcompWarning`."""
+    for line in coverage(plan, param_groups):
+        warnings.warn(line, OpcompWarning, stacklevel=4)
