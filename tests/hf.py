@@ -1,0 +1,60 @@
+"""transformers for the tests, without the torchvision wheel that cannot load against the CPU torch.
+
+curvlinops (a test reference) installs torchvision through backpack; its wheel is built for another
+torch and fails at import, and transformers imports it whenever it is installed. Where it fails,
+it is hidden (``sys.modules['torchvision'] = None`` makes ``find_spec`` and imports see no package);
+where it loads, it is left alone.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def transformers():
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # RuntimeError: operator torchvision::nms does not exist
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+        sys.modules["torchvision"] = None
+    import transformers as library
+
+    library.logging.set_verbosity_error()
+    return library
+
+
+def gpt2(layers: int = 2, width: int = 32, vocabulary: int = 97):
+    """A tiny GPT-2 language model, random init, no dropout (steps are reproducible)."""
+    library = transformers()
+    config = library.GPT2Config(
+        n_layer=layers,
+        n_embd=width,
+        n_head=2,
+        vocab_size=vocabulary,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return library.GPT2LMHeadModel(config)
+
+
+def vit(classes: int = 5):
+    """A tiny ViT classifier on 16×16 images, random init, no dropout."""
+    library = transformers()
+    config = library.ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=classes,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return library.ViTForImageClassification(config)

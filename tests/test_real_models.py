@@ -1,0 +1,148 @@
+"""opcomp on the models people train: Hugging Face GPT-2 and ViT (tiny configs, random init, no
+downloads), nn.MultiheadAttention, and ResNet blocks (torchvision's wheel does not load against
+this torch, so the blocks are built here as torchvision builds them)."""
+
+from __future__ import annotations
+
+import warnings
+
+import hf
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import opcomp
+
+
+def trains(model: nn.Module, expression: str, closure, steps: int = 6, lr: float | None = None) -> tuple[float, float]:
+    """(first loss, last loss) of ``steps`` closure steps."""
+    opt = opcomp.build(expression, model, lr=lr)
+    losses = [float(opt.step(closure)) for _ in range(steps)]
+    return losses[0], losses[-1]
+
+
+def tokens(seed: int = 0, batch: int = 4, length: int = 16, vocabulary: int = 97):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocabulary, (batch, length), generator=generator)
+
+
+def test_gpt2_conv1d_layers_run_kfac_and_the_tied_embedding_falls_back():
+    torch.manual_seed(0)
+    model = hf.gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", opcomp.OpcompWarning)  # the first branch covers most of GPT-2
+        runs = opcomp.build("fog", model).assignments()
+    assert runs["transformer.h.0.attn.c_attn.weight"] == "muon ← kfac"  # a Conv1D
+    assert runs["transformer.h.1.mlp.c_proj.weight"] == "muon ← kfac"
+    assert runs["transformer.h.0.attn.c_attn.bias"] == "adamw"
+    assert runs["transformer.wte.weight"] == "adamw"  # tied to lm_head: no layer statistics, by rule
+    ids = tokens()
+    first, last = trains(model, "fog", lambda: model(ids, labels=ids).loss)
+    assert last < first
+
+
+def test_a_conv1d_gets_the_statistics_and_direction_of_the_equivalent_linear():
+    """transformers' Conv1D computes x W + b: the same layer as nn.Linear with weight Wᵀ."""
+    library = hf.transformers()
+    torch.manual_seed(1)
+    conv = library.pytorch_utils.Conv1D(6, 4)  # nf=6 outputs, nx=4 inputs: weight (4, 6)
+    linear = nn.Linear(4, 6)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.T)
+        linear.bias.copy_(conv.bias)
+    x, y = torch.randn(5, 7, 4), torch.randint(0, 6, (5, 7))
+    moved = []
+    for layer in (conv, linear):
+        opt = opcomp.build("kfac[damping=0.01](g)", layer, lr=1.0)
+        before = [p.detach().clone() for p in layer.parameters()]
+        F.cross_entropy(layer(x).reshape(-1, 6), y.reshape(-1)).backward()
+        opt.step()
+        moved.append([b - p.detach() for b, p in zip(before, layer.parameters())])
+    torch.testing.assert_close(moved[0][0], moved[1][0].T)
+    torch.testing.assert_close(moved[0][1], moved[1][1])
+
+
+def test_vit_runs_kfac_on_its_patch_convolution_and_projections_and_adamw_on_tokens():
+    torch.manual_seed(0)
+    model = hf.vit()
+    runs = opcomp.build("fog", model).assignments()
+    assert runs["vit.embeddings.patch_embeddings.projection.weight"] == "muon ← kfac"  # Conv2d
+    assert runs["vit.layers.0.attention.q_proj.weight"] == "muon ← kfac"
+    assert runs["vit.embeddings.cls_token"] == "adamw"  # a raw parameter: no layer
+    generator = torch.Generator().manual_seed(2)
+    images, labels = torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 5, (8,), generator=generator)
+    first, last = trains(model, "fog", lambda: model(pixel_values=images, labels=labels).loss, lr=0.01)
+    assert last < first
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        mixed, _ = self.attention(h, h, h)
+        return self.head(mixed)
+
+
+def test_multihead_attention_falls_back_and_the_build_says_so():
+    torch.manual_seed(0)
+    model = Attention()
+    with pytest.warns(opcomp.OpcompWarning, match="inside a MultiheadAttention, which projects where no hook reaches"):
+        opt = opcomp.build("fog", model)
+    runs = opt.assignments()
+    assert runs["attention.in_proj_weight"] == runs["attention.out_proj.weight"] == "adamw"
+    assert runs["embed.weight"] == runs["head.weight"] == "muon ← kfac"
+    x, y = torch.randn(6, 5, 8), torch.randint(0, 3, (6, 5))
+    first, last = trains(model, "fog", lambda: F.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1)), lr=0.01)
+    assert last < first
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: two 3×3 convolutions with batch norm, a 1×1 downsample."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.downsample = None
+        if stride != 1 or inputs != outputs:
+            self.downsample = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def resnet(classes: int = 10) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        BasicBlock(8, 8, 1),
+        BasicBlock(8, 16, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, classes),
+    )
+
+
+@pytest.mark.parametrize("expression", ["fog", "diagfog", "muon_adamw"])
+def test_resnet_blocks_train_with_conv_layers_on_the_main_branch(expression):
+    torch.manual_seed(0)
+    model = resnet()
+    runs = opcomp.build(expression, model).assignments()
+    main = "muon" if expression == "muon_adamw" else f"muon ← {'kfac' if expression == 'fog' else 'diag_kfac'}"
+    assert runs["4.conv1.weight"] == runs["4.downsample.0.weight"] == main
+    assert runs["4.bn1.weight"] == "adamw"
+    generator = torch.Generator().manual_seed(3)
+    images, labels = torch.randn(16, 3, 8, 8, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+    first, last = trains(model, expression, lambda: F.cross_entropy(model(images), labels), lr=0.01)
+    assert last < first
