@@ -9,7 +9,8 @@ from opcomp.resolve import option_expr
 
 APPLIES_TEXT = {
     Applies.MATRIX: "matrices (ndim >= 2)",
-    Applies.LAYER: "weights and biases of Linear, Conv2d and Embedding layers",
+    Applies.LAYER: "weights and biases of Linear, Conv1D, Conv2d and Embedding layers",
+    Applies.HIDDEN: "weights of hidden Linear, Conv1D and Conv2d layers (not embeddings or the output head)",
 }
 
 
@@ -56,8 +57,8 @@ def explain(graph: Graph, written: str | None = None) -> str:
             details.append(opts)
         if node.inputs:
             details.append("inputs " + ", ".join(f"#{i}" for i in node.inputs))
-        if node.spec.applies is not Applies.ANY:
-            details.append("applies to " + APPLIES_TEXT[node.spec.applies])
+        if node.applies is not Applies.ANY:
+            details.append("applies to " + APPLIES_TEXT[node.applies])
         if node.spec.state:
             details.append("state " + ", ".join(b.name for b in node.spec.state))
         if node.scope is not None:

@@ -47,6 +47,11 @@ class Node:
         return self.spec.kind
 
     @property
+    def applies(self) -> Applies:
+        """Which parameters it acts on, with its options (``muon[hidden]`` narrows ``muon``)."""
+        return self.spec.applies_for(self.options)
+
+    @property
     def state_key(self) -> str:
         """Names this node's optimizer state; survives rebuilding with a sharing expression."""
         return self.key if self.scope is None else f"{self.key} in {self.scope}"
@@ -130,7 +135,7 @@ class Graph:
     def _restrictions(self) -> dict[int, frozenset[Applies]]:
         table: dict[int, frozenset[Applies]] = {}
         for node in self.nodes:
-            own = frozenset() if node.spec.applies is Applies.ANY else frozenset({node.spec.applies})
+            own = frozenset() if node.applies is Applies.ANY else frozenset({node.applies})
             if node.op == "fallback":  # applies where any branch does: only the last branch can widen it
                 table[node.id] = table[node.inputs[-1]]
             else:

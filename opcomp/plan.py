@@ -27,7 +27,10 @@ APPLIES_NEEDS = {
     Applies.MATRIX: "a matrix (ndim >= 2)",
     Applies.LAYER: "a weight or bias of a Linear (or subclass), Conv1D, Conv2d or Embedding layer, not tied to "
     "another module and not inside a MultiheadAttention",
+    Applies.HIDDEN: "the weight of a hidden Linear, Conv1D or Conv2d layer (not an embedding, the output head, "
+    "a tied or a raw parameter)",
 }
+HIDDEN_KINDS = ("linear", "conv1d", "conv2d")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class ParamInfo:
     kind: Kind | None = None  # what that module computes, if it is a layer whose statistics opcomp captures
     tied: bool = False  # one tensor held by several modules (a tied embedding and output head)
     unhookable: bool = False  # its module computes where no hook reaches (inside a MultiheadAttention)
+    head: bool = False  # its module is the model's output head (the last Linear, Conv1D or Conv2d)
 
     @property
     def layer(self) -> bool:
@@ -52,6 +56,9 @@ class ParamInfo:
             return len(self.shape) >= 2
         if applies is Applies.LAYER:
             return self.layer
+        if applies is Applies.HIDDEN:  # without a model there is nothing to tell hidden layers by
+            hidden = self.kind in HIDDEN_KINDS and self.role == "weight" and not (self.tied or self.head)
+            return len(self.shape) >= 2 and (self.module is None or hidden)
         return True
 
     def describe(self) -> str:
@@ -96,8 +103,15 @@ class Program:
         return any(step.node.spec.reads_gradient for step in self.steps)
 
     def describe(self) -> str:
-        ops = " ← ".join(step.node.op for step in reversed(self.steps) if step.node.op not in ("g", "p"))
-        return ops + (f" (weight decay {self.decay:g})" if self.decay else "")
+        """The operators it runs, outermost first: ``muon ← kfac``, ``0.1 × adamw``."""
+        parts, factor = [], ""
+        for step in reversed(self.steps):
+            if step.node.op == "scale":
+                factor += f"{step.node.options.c:g} × "
+            elif step.node.op not in ("g", "p"):
+                parts.append(factor + step.node.op)
+                factor = ""
+        return " ← ".join(parts) + (f" (weight decay {self.decay:g})" if self.decay else "")
 
 
 def peel_decay(program: Program) -> Program:
@@ -167,7 +181,7 @@ def applicability(graph: Graph, info: ParamInfo) -> tuple[dict[int, bool], dict[
             if branch is not None:
                 chosen[node.id] = branch
         else:
-            applies[node.id] = info.satisfies(node.spec.applies) and all(applies[i] for i in node.inputs)
+            applies[node.id] = info.satisfies(node.applies) and all(applies[i] for i in node.inputs)
     return applies, chosen
 
 
@@ -187,7 +201,7 @@ def blame(graph: Graph, node: Node, applies: dict[int, bool], info: ParamInfo) -
     while True:
         if node.op == "fallback":
             node = graph.nodes[node.inputs[-1]]
-        elif not info.satisfies(node.spec.applies):
+        elif not info.satisfies(node.applies):
             return node
         else:
             node = next(graph.nodes[i] for i in node.inputs if not applies[i])
@@ -197,7 +211,7 @@ def _refusal(info: ParamInfo, culprit: Node, written: str) -> OpcompError:
     example = f"{written} | adamw(g)" if len(written) <= 60 else "… | adamw(g)"
     return OpcompError(
         f"'{culprit.op}' cannot apply to parameter {info.describe()}: it needs "
-        f"{APPLIES_NEEDS[culprit.spec.applies]} — add a fallback for the other parameters, e.g. "
+        f"{APPLIES_NEEDS[culprit.applies]} — add a fallback for the other parameters, e.g. "
         f"'{example}', or give this parameter its own param group or rule",
         culprit.span,
     )
@@ -289,6 +303,7 @@ class Plan:
         self.owners = dict(owners or {})  # id(param) -> (owning module, attribute name)
         self.sampling = sampling  # a likelihood was given, so fisher=mc can sample labels
         self.tied, self.hidden_from_hooks = _tied_and_unhookable(model)
+        self.head = _output_head(model, self.hidden_from_hooks)
         self.graphs: dict[str, Graph] = {}
         self.groups: list[GroupPlan] = []
         self.infos: dict[int, ParamInfo] = {}  # id(param) -> what its program was made from
@@ -323,7 +338,8 @@ class Plan:
             module, role = self.owners.get(id(param), (None, None))
             unhookable = id(module) in self.hidden_from_hooks
             kind = None if unhookable else layer_kind(module)
-            info = ParamInfo(name, tuple(param.shape), module, role, kind, id(param) in self.tied, unhookable)
+            tied, head = id(param) in self.tied, module is not None and id(module) == self.head
+            info = ParamInfo(name, tuple(param.shape), module, role, kind, tied, unhookable, head)
             self.infos[id(param)] = info
             program = select(graph, info, written)
             bucket = buckets.setdefault(bucket_key(program, param), Bucket(program))
@@ -427,6 +443,14 @@ def _tied_and_unhookable(model: nn.Module | None) -> tuple[set[int], set[int]]:
     attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     inside = {id(m) for module in attention for m in module.modules()}
     return {p for p, count in holders.items() if count > 1}, inside
+
+
+def _output_head(model: nn.Module | None, unhookable: set[int]) -> int | None:
+    """The id of the model's output head: its last Linear, Conv1D or Conv2d in registration order,
+    where models put their classifier or language-model head. None without a model."""
+    layers = [m for m in (model.modules() if model is not None else ()) if layer_kind(m) in HIDDEN_KINDS]
+    layers = [m for m in layers if id(m) not in unhookable]
+    return id(layers[-1]) if layers else None
 
 
 def _layer_name(info: ParamInfo) -> str:

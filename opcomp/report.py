@@ -18,7 +18,11 @@ from opcomp.plan import ParamInfo, Plan, first_branch_refusal
 MOST = 0.5
 """Below this share of a group's parameters (by size) the first branch is reported."""
 
-NEEDS = {Applies.MATRIX: "a matrix", Applies.LAYER: "a layer of its own that hooks can see"}
+NEEDS = {
+    Applies.MATRIX: "a matrix",
+    Applies.LAYER: "a layer of its own that hooks can see",
+    Applies.HIDDEN: "a hidden layer's weight",
+}
 
 
 def coverage(plan: Plan, param_groups: list[dict]) -> list[str]:
@@ -39,8 +43,8 @@ def coverage(plan: Plan, param_groups: list[dict]) -> list[str]:
                 if culprit is None:
                     main += param.numel()
                 else:
-                    needs = NEEDS[culprit.spec.applies]
-                    reasons[f"{why_not(culprit.spec.applies, info)} ({culprit.op} needs {needs})"] += 1
+                    needs = NEEDS[culprit.applies]
+                    reasons[f"{why_not(culprit.applies, info)} ({culprit.op} needs {needs})"] += 1
                     fallbacks[bucket.program.describe()] += param.numel()
         if total and main / total < MOST:
             first = graph.nodes[graph.root.inputs[0]]
@@ -56,8 +60,12 @@ def coverage(plan: Plan, param_groups: list[dict]) -> list[str]:
 def why_not(applies: Applies, info: ParamInfo) -> str:
     """Why a parameter is not one an operator applies to, in a few words."""
     owner = type(info.module).__name__ if info.module is not None else None
-    if applies is Applies.MATRIX:
+    if applies is Applies.MATRIX or len(info.shape) < 2:
         return f"{len(info.shape)}-D parameters"
+    if applies is Applies.HIDDEN and info.head:
+        return "the output head's weight"
+    if applies is Applies.HIDDEN and info.kind == "embedding":
+        return "embeddings"
     if info.tied:
         return "parameters tied to another module"
     if owner is None:

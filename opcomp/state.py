@@ -129,7 +129,7 @@ def load(plan: Plan, saved_state: dict, by_index: dict) -> defaultdict:
         nodes = {s.node.state_key: s.node for s in plan.program_of(param).steps}
         for key, buffers in entries.items():
             node, layer = nodes.get(key), layers.get((id(param), key))
-            if node is None or (node.spec.applies is Applies.LAYER and layer is None):
+            if node is None or (node.applies is Applies.LAYER and layer is None):
                 continue  # a node this optimizer does not have, or a layer this parameter no longer holds
             check_buffers(f"parameter '{plan.infos[id(param)].name}'", node, param, layer, buffers)
             state[param][key] = {name: t.detach().clone().to(device=param.device) for name, t in buffers.items()}

@@ -1,23 +1,10 @@
-"""transformers for the tests, without the torchvision wheel that cannot load against the CPU torch.
-
-curvlinops (a test reference) installs torchvision through backpack; its wheel is built for another
-torch and fails at import, and transformers imports it whenever it is installed. Where it fails,
-it is hidden (``sys.modules['torchvision'] = None`` makes ``find_spec`` and imports see no package);
-where it loads, it is left alone.
-"""
+"""Tiny Hugging Face models for the tests: random init, no dropout, nothing downloaded (conftest
+hides a torchvision that cannot load against this torch, which transformers would import)."""
 
 from __future__ import annotations
 
-import sys
-
 
 def transformers():
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # RuntimeError: operator torchvision::nms does not exist
-        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-            del sys.modules[name]
-        sys.modules["torchvision"] = None
     import transformers as library
 
     library.logging.set_verbosity_error()

@@ -32,7 +32,7 @@ def test_explain_marks_options_that_differ_from_their_defaults(capsys):
 def test_explain_of_a_fallback_lists_its_branches(capsys):
     assert main(["explain", "fog"]) == 0
     out = capsys.readouterr().out
-    assert "branch 1    weights and biases of Linear, Conv2d and Embedding layers that are also matrices" in out
+    assert "branch 1    weights of hidden Linear, Conv1D and Conv2d layers (not embeddings or the output head)" in out
     assert "branch 2    every parameter: " in out
 
 
@@ -48,7 +48,7 @@ def test_definitions_file(tmp_path, capsys):
     defs = tmp_path / "mine.opc"
     defs.write_text("mine[b=0.9] = muon[beta=b](g) | adamw\n")
     assert main(["format", "mine[b=0.5]", "--defs", str(defs)]) == 0
-    assert capsys.readouterr().out.startswith("muon[beta=0.5, nesterov=true, steps=5](g) | adamw[")
+    assert capsys.readouterr().out.startswith("muon[beta=0.5, hidden=false, nesterov=true, steps=5](g) | adamw[")
     assert main(["format", "mine", "--defs", str(tmp_path / "missing.opc")]) == 2
     assert "cannot read" in capsys.readouterr().err
 
@@ -65,7 +65,7 @@ def test_presets_listing_measures_cost_and_state(capsys):
     assert "| fog | 0.03 | 1 forward, 1 backward |" in out
     assert "| sam_sgd | 0.1 | 2 forward, 2 backward | 4.0 |" in out  # one momentum buffer: 4 bytes
     assert "| sgd | 0.1 | 1 forward, 1 backward | 0.0 |" in out
-    assert "`muon(kfac(g)) \\| adamw(g)`" in out
+    assert "`muon[hidden](kfac(g)) \\| fallback * adamw(g)`" in out
 
 
 def test_explain_on_a_model_shows_each_parameters_rule(capsys, tmp_path):

@@ -7,19 +7,21 @@ import pytest
 import opcomp
 from opcomp.definitions import EMPTY
 
+# DESIGN §4's table, with the refinements of §8: Muon and AdaRMSuon take hidden layers only, and
+# fog, diagfog and muon_adamw give their AdamW branch its own step (a tenth of the lr by default)
 DESIGN_PRESETS = {
-    "fog": "muon(kfac(g)) | adamw(g)",
-    "diagfog": "muon(diag_kfac(g)) | adamw(g)",
+    "fog": "muon[hidden](kfac(g)) | 0.1 * adamw(g)",
+    "diagfog": "muon[hidden](diag_kfac(g)) | 0.1 * adamw(g)",
     "f3eo": "adamw(g + reject(hvp(g), g))",
-    "fs_adarmsuon": "sam[fisher](adarmsuon | adamw)",
+    "fs_adarmsuon": "sam[fisher](adarmsuon[hidden] | adamw)",
     "adagnoema": "lgn[solver=adam, steps=5](g)",
     "sgd": "g",
-    "muon_adamw": "muon(g) | adamw(g)",
+    "muon_adamw": "muon[hidden](g) | 0.1 * adamw(g)",
     "kfac_sgd": "momentum(kfac(g) | g)",
     "ekfac_sgd": "momentum(ekfac(g) | g)",
     "sam_sgd": "sam[rho=0.05](momentum(g))",
     "asam_sgd": "sam[adaptive, rho=0.5](momentum(g))",
-    "pi_muon": "0.5 * kfac(g) + 0.5 * muon(g) | adamw(g)",
+    "pi_muon": "0.5 * kfac(g) + 0.5 * muon[hidden](g) | adamw(g)",
     "mezo": "zo",
     "awzo": "zo[relative, newton, eps=0.03]",
 }

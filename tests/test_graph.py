@@ -22,7 +22,7 @@ def test_shared_sub_expression_is_one_node_with_one_state():
 
 
 def test_sharing_sees_through_aliases_defaults_and_definitions():
-    graph = opcomp.lower("adarms(grad) + adam[b1=0.9](g) + muon_adamw - (muon(g) | adamw)")
+    graph = opcomp.lower("adarms(grad) + adam[b1=0.9](g) + muon_adamw - (muon[hidden](g) | 0.1 * adamw)")
     assert ops(graph).count("adam") == 1
     assert ops(graph).count("muon") == 1
     assert ops(graph).count("fallback") == 1

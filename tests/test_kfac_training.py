@@ -33,11 +33,11 @@ def test_preset_trains_a_small_cnn_on_digits(preset):
     statistic = "kfac" if preset == "fog" else "diag_kfac"
     assert opt.assignments() == {
         "0.weight": f"muon ← {statistic}",
-        "0.bias": "adamw",
+        "0.bias": "0.1 × adamw",
         "2.weight": f"muon ← {statistic}",
-        "2.bias": "adamw",
-        "5.weight": f"muon ← {statistic}",
-        "5.bias": "adamw",
+        "2.bias": "0.1 × adamw",
+        "5.weight": "0.1 × adamw",  # the output head
+        "5.bias": "0.1 × adamw",
     }
 
 
@@ -59,5 +59,6 @@ def test_preset_trains_a_small_character_transformer_on_python_help_text(preset)
         losses.append(loss.item())
     assert mean(losses[-5:]) < 0.85 * mean(losses[:5])
     runs = opt.assignments()
-    assert runs["blocks.0.norm1.weight"] == "adamw" and runs["blocks.0.query.bias"] == "adamw"
-    assert runs["blocks.0.query.weight"] == runs["tokens.weight"] == runs["head.weight"] == f"muon ← {statistic}"
+    assert runs["blocks.0.norm1.weight"] == runs["blocks.0.query.bias"] == "0.1 × adamw"
+    assert runs["tokens.weight"] == runs["head.weight"] == "0.1 × adamw"  # the embedding and the output head
+    assert runs["blocks.0.query.weight"] == runs["blocks.1.down.weight"] == f"muon ← {statistic}"

@@ -9,7 +9,8 @@ from opcomp.lang.ast import Call, Fallback, Name, Neg, Num, Option, Product, Sum
 
 ADAM = "adam[b1=0.9, b2=0.999, eps=1e-08]"
 ADAMW = "adamw[b1=0.9, b2=0.999, eps=1e-08, wd=0.01]"
-MUON = "muon[beta=0.95, nesterov=true, steps=5]"
+MUON = "muon[beta=0.95, hidden=false, nesterov=true, steps=5]"
+HIDDEN_MUON = "muon[beta=0.95, hidden=true, nesterov=true, steps=5]"
 KFAC = "kfac[damping=0.001, damping_mode=factored, decay=0.95, fisher=empirical, invert_every=10, update_every=1]"
 DIAG_KFAC = "diag_kfac[damping=0.001, decay=0.95, update_every=1]"
 
@@ -62,7 +63,7 @@ def test_numbers_keep_their_type():
     assert opcomp.parse("3") == Num(3) and isinstance(opcomp.parse("3").value, int)
     assert isinstance(opcomp.parse("3.0").value, float)
     assert opcomp.parse("1e-3") == Num(0.001)
-    assert opcomp.format("orth[steps=3]") == "orth[steps=3](g)"
+    assert opcomp.format("orth[steps=3]") == "orth[hidden=false, steps=3](g)"
     assert opcomp.format("momentum[beta=1/2]".replace("1/2", "0.5")) == (
         "momentum[beta=0.5, dampening=0.0, nesterov=false](g)"
     )
@@ -95,8 +96,8 @@ def test_comments_and_newlines_are_whitespace():
 
 
 def test_presets_expand_by_name_and_options_substitute():
-    assert opcomp.format("fog") == f"{MUON}({KFAC}(g)) | {ADAMW}(g)"
-    assert opcomp.format("pi_muon[lam=0.25]") == f"0.75 * {KFAC}(g) + 0.25 * {MUON}(g) | {ADAMW}(g)"
+    assert opcomp.format("fog") == f"{HIDDEN_MUON}({KFAC}(g)) | 0.1 * {ADAMW}(g)"
+    assert opcomp.format("pi_muon[lam=0.25]") == f"0.75 * {KFAC}(g) + 0.25 * {HIDDEN_MUON}(g) | {ADAMW}(g)"
     assert (
         opcomp.format("sam_sgd[rho=0.1]")
         == "sam[eta=0.01, mode=plain, rho=0.1](momentum[beta=0.9, dampening=0.0, nesterov=false](g))"

@@ -35,8 +35,9 @@ def test_gpt2_conv1d_layers_run_kfac_and_the_tied_embedding_falls_back():
         runs = opcomp.build("fog", model).assignments()
     assert runs["transformer.h.0.attn.c_attn.weight"] == "muon ← kfac"  # a Conv1D
     assert runs["transformer.h.1.mlp.c_proj.weight"] == "muon ← kfac"
-    assert runs["transformer.h.0.attn.c_attn.bias"] == "adamw"
-    assert runs["transformer.wte.weight"] == "adamw"  # tied to lm_head: no layer statistics, by rule
+    assert runs["transformer.h.0.attn.c_attn.bias"] == "0.1 × adamw"
+    assert runs["transformer.wte.weight"] == "0.1 × adamw"  # tied to lm_head: no layer statistics, by rule
+    assert runs["transformer.wpe.weight"] == "0.1 × adamw"  # an embedding: not a hidden layer
     ids = tokens()
     first, last = trains(model, "fog", lambda: model(ids, labels=ids).loss)
     assert last < first
@@ -69,7 +70,8 @@ def test_vit_runs_kfac_on_its_patch_convolution_and_projections_and_adamw_on_tok
     runs = opcomp.build("fog", model).assignments()
     assert runs["vit.embeddings.patch_embeddings.projection.weight"] == "muon ← kfac"  # Conv2d
     assert runs["vit.layers.0.attention.q_proj.weight"] == "muon ← kfac"
-    assert runs["vit.embeddings.cls_token"] == "adamw"  # a raw parameter: no layer
+    assert runs["vit.embeddings.cls_token"] == "0.1 × adamw"  # a raw parameter: no layer
+    assert runs["classifier.weight"] == "0.1 × adamw"  # the output head
     generator = torch.Generator().manual_seed(2)
     images, labels = torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 5, (8,), generator=generator)
     first, last = trains(model, "fog", lambda: model(pixel_values=images, labels=labels).loss, lr=0.01)
@@ -95,8 +97,8 @@ def test_multihead_attention_falls_back_and_the_build_says_so():
     with pytest.warns(opcomp.OpcompWarning, match="inside a MultiheadAttention, which projects where no hook reaches"):
         opt = opcomp.build("fog", model)
     runs = opt.assignments()
-    assert runs["attention.in_proj_weight"] == runs["attention.out_proj.weight"] == "adamw"
-    assert runs["embed.weight"] == runs["head.weight"] == "muon ← kfac"
+    assert runs["attention.in_proj_weight"] == runs["attention.out_proj.weight"] == "0.1 × adamw"
+    assert runs["embed.weight"] == "muon ← kfac" and runs["head.weight"] == "0.1 × adamw"
     x, y = torch.randn(6, 5, 8), torch.randint(0, 3, (6, 5))
     first, last = trains(model, "fog", lambda: F.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1)), lr=0.01)
     assert last < first
@@ -141,7 +143,7 @@ def test_resnet_blocks_train_with_conv_layers_on_the_main_branch(expression):
     runs = opcomp.build(expression, model).assignments()
     main = "muon" if expression == "muon_adamw" else f"muon ← {'kfac' if expression == 'fog' else 'diag_kfac'}"
     assert runs["4.conv1.weight"] == runs["4.downsample.0.weight"] == main
-    assert runs["4.bn1.weight"] == "adamw"
+    assert runs["4.bn1.weight"] == runs["7.weight"] == "0.1 × adamw"  # a norm and the output head
     generator = torch.Generator().manual_seed(3)
     images, labels = torch.randn(16, 3, 8, 8, generator=generator), torch.randint(0, 10, (16,), generator=generator)
     first, last = trains(model, expression, lambda: F.cross_entropy(model(images), labels), lr=0.01)

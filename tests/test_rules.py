@@ -62,7 +62,7 @@ def test_first_matching_rule_wins_and_default_catches_the_rest(tmp_path):
         "4.weight": "rule 2", "4.bias": "rule 2",
         "5.weight": "default", "5.bias": "default",
     }  # fmt: skip
-    assert opt.assignments()["0.weight"] == "muon ← kfac" and opt.assignments()["0.bias"] == "adamw"
+    assert opt.assignments()["0.weight"] == "muon ← kfac" and opt.assignments()["0.bias"] == "0.1 × adamw"
     lrs = {group["rule"]: group["lr"] for group in opt.param_groups}
     assert lrs == {"rule 1": 0.01, "rule 2": 0.005, "rule 3": 0.01, "default": 0.01}
     expressions = {group["rule"]: group["expr"] for group in opt.param_groups}

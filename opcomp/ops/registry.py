@@ -34,7 +34,8 @@ class Applies(enum.StrEnum):
 
     ANY = "any"
     MATRIX = "matrix"  # ndim >= 2 (viewed as rows x rest)
-    LAYER = "layer"  # a weight or bias of a supported module: Linear, Conv2d, Embedding
+    LAYER = "layer"  # a weight or bias of a supported module: Linear, Conv1D, Conv2d, Embedding
+    HIDDEN = "hidden"  # a hidden layer's weight: of a Linear, Conv1D or Conv2d of its own, not the output head
 
 
 class Options(BaseModel):
@@ -135,6 +136,7 @@ class OpSpec:
     params: tuple[str, ...] = ("x",)  # argument names; () for leaves
     aliases: tuple[str, ...] = ()
     applies: Applies = Applies.ANY
+    applies_when: Callable[[Any], Applies] | None = None  # narrower, when the options say so
     needs: Needs = Needs()
     needs_when: Callable[[Any], Needs] | None = None  # what it needs, when that depends on the options
     state: tuple[StateBuffer, ...] = ()
@@ -156,6 +158,9 @@ class OpSpec:
 
     def cost_for(self, options: Options) -> Cost:
         return self.cost_when(options) if self.cost_when else self.cost
+
+    def applies_for(self, options: Options) -> Applies:
+        return self.applies_when(options) if self.applies_when else self.applies
 
     def needs_for(self, options: Options) -> Needs:
         return self.needs_when(options) if self.needs_when else self.needs

@@ -9,7 +9,17 @@ from opcomp.ops.registry import Applies, Kind, OpSpec, Options, StateBuffer, reg
 from opcomp.ops.statistical import ADAM_SECOND_MOMENT, MOMENTS, AdamOptions
 
 
-class OrthOptions(Options):
+class MatrixOptions(Options):
+    hidden: bool = Field(
+        False, description="only hidden layers' weights: not embeddings, output heads, tied or raw parameters"
+    )
+
+
+def _matrices(options: MatrixOptions) -> Applies:
+    return Applies.HIDDEN if options.hidden else Applies.MATRIX
+
+
+class OrthOptions(MatrixOptions):
     steps: Count = Field(5, description="Newton–Schulz iterations")
 
 
@@ -19,6 +29,7 @@ register(
         kind=Kind.STRUCTURAL,
         options=OrthOptions,
         applies=Applies.MATRIX,
+        applies_when=_matrices,
         summary="approximate polar factor by quintic Newton–Schulz",
         formula=(
             "X = x viewed as (rows, −1) / (‖x‖_F + 1e-7), transposed if tall; repeat steps: "
@@ -39,6 +50,7 @@ register(
         kind=Kind.STRUCTURAL,
         options=MuonOptions,
         applies=Applies.MATRIX,
+        applies_when=_matrices,
         state=(StateBuffer("momentum_buffer", "param", "momentum"),),
         summary="momentum, orthogonalised (torch.optim.Muon semantics)",
         formula="m.lerp_(x, 1−beta); u = x.lerp(m, beta) if nesterov else m; returns orth(u)·√max(1, rows/cols)",
@@ -46,7 +58,7 @@ register(
 )
 
 
-class AdaRMSuonOptions(AdamOptions):
+class AdaRMSuonOptions(AdamOptions, MatrixOptions):
     steps: Count = Field(5, description="Newton–Schulz iterations")
 
 
@@ -56,6 +68,7 @@ register(
         kind=Kind.STRUCTURAL,
         options=AdaRMSuonOptions,
         applies=Applies.MATRIX,
+        applies_when=_matrices,
         state=MOMENTS,
         second_moment=ADAM_SECOND_MOMENT,
         summary="Adam direction orthogonalised with its energy kept",
