@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from opcomp.errors import OpcompError
 from opcomp.explain import explain
 from opcomp.graph import Graph, Node, lower
-from opcomp.kernels.factors import Columns, Kind, check_supported, layer_kind, layer_shape
+from opcomp.kernels.factors import Columns, Kind, check_supported, diagonal_sides, layer_kind, matrix_shape
 from opcomp.lang.ast import Expr
 from opcomp.ops import Applies
 from opcomp.state import peek, taken
@@ -239,8 +239,12 @@ class LayerPlan:
     @property
     def matrix_shape(self) -> tuple[int, int]:
         """(out, in) of the layer's X: (dim, vocabulary) for an Embedding, a bias column counted."""
-        out, inputs = layer_shape(self.module, self.kind)
-        return out, {"weight": inputs, "weight+bias": inputs + 1, "bias": 1}[self.columns]
+        return matrix_shape(self.module, self.kind, self.columns)
+
+    @property
+    def diagonal_sides(self) -> tuple[bool, bool]:
+        """Whether A and G are kept as their diagonals (an Embedding's A; factors above max_dim)."""
+        return diagonal_sides(self.kind, self.matrix_shape, getattr(self.node.options, "max_dim", None))
 
     @property
     def owner(self) -> Tensor:

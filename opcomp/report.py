@@ -77,7 +77,38 @@ def why_not(applies: Applies, info: ParamInfo) -> str:
     return f"{info.role} parameters of a {owner}"
 
 
+def budget(plan: Plan) -> list[str]:
+    """One line per layer node with factors above its ``max_dim``: which layers keep a diagonal,
+    and what the dense factors would have taken."""
+    lines = []
+    for (_, _), layers in plan.layers.items():
+        node = layers[0].node
+        limit = getattr(node.options, "max_dim", None)
+        if limit is None:
+            continue
+        over, dense_bytes = [], 0
+        for layer in layers:
+            out, inputs = layer.matrix_shape
+            sides = [(side, size) for side, size in (("A", inputs), ("G", out)) if size > limit]
+            sides = [(side, size) for side, size in sides if not (side == "A" and layer.kind == "embedding")]
+            over += [f"{layer.name} {side} ({size})" for side, size in sides]
+            dense_bytes += sum(4 * size * size for _, size in sides)
+        if over:
+            factors = "factor" if len(over) == 1 else "factors"
+            lines.append(
+                f"opcomp: {node.op} keeps the diagonal of {len(over)} {factors} above max_dim={limit} (dense, in "
+                f"fp32, they would take {mebibytes(dense_bytes)}): {', '.join(over)} — raise "
+                f"{node.op}[max_dim=...] to keep them dense"
+            )
+    return lines
+
+
+def mebibytes(nbytes: int) -> str:
+    """A size as people read it: MiB below a GiB, GiB above."""
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes < 2**30 else f"{nbytes / 2**30:.2f} GiB"
+
+
 def warn_coverage(plan: Plan, param_groups: list[dict]) -> None:
-    """Say each line of :func:`coverage` once, as an :class:`OpcompWarning`."""
-    for line in coverage(plan, param_groups):
+    """Say each line of :func:`coverage` and :func:`budget` once, as an :class:`OpcompWarning`."""
+    for line in coverage(plan, param_groups) + budget(plan):
         warnings.warn(line, OpcompWarning, stacklevel=4)

@@ -143,10 +143,10 @@ def expected_shape(buffer: StateBuffer, param: Tensor, layer: LayerPlan | None) 
     if buffer.shape == "scalar":
         return ()
     out, columns = layer.matrix_shape
-    diagonal = layer.kind == "embedding"  # its input factor is a diagonal
+    diagonal_in, diagonal_out = layer.diagonal_sides
     return {
-        "in_factor": (columns,) if diagonal else (columns, columns),
-        "out_factor": (out, out),
+        "in_factor": (columns,) if diagonal_in else (columns, columns),
+        "out_factor": (out,) if diagonal_out else (out, out),
         "in_diag": (columns,),
         "out_diag": (out,),
         "layer_matrix": (out, columns),

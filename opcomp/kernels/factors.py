@@ -85,17 +85,19 @@ class Statistics:
     def G_diagonal(self) -> Tensor:
         return sum(r.square().sum(0) for r in self._rows("d")) / self.examples
 
-    def eigen_scale(self, q_g: Tensor, q_a: Tensor | None) -> Tensor:
+    def eigen_scale(self, q_g: Tensor | None, q_a: Tensor | None) -> Tensor:
         """E_n[(Q_Gᵀ ∇W_n Q_A)²] over per-example gradients ∇W_n = Σ_s d_ns a_nsᵀ, (out, in).
 
         Positions are summed before squaring: that is what makes it the per-example gradient of a
-        conv or a sequence model, not of its rows. An Embedding has Q_A = I.
+        conv or a sequence model, not of its rows. A missing Q (a factor kept diagonal, an
+        Embedding's A) is the identity.
         """
         if self.vocabulary:
             return self._embedding_scale(q_g)
         total = None
         for sample in self.samples:
-            d, a = sample.d @ q_g, sample.a @ q_a
+            d = sample.d if q_g is None else sample.d @ q_g
+            a = sample.a if q_a is None else sample.a @ q_a
             if d.shape[1] == 1:  # no sharing: Σ_n (d_n²)(a_n²)ᵀ in one product
                 part = d[:, 0].square().T @ a[:, 0].square()
             else:
@@ -107,11 +109,12 @@ class Statistics:
             total = part if total is None else total + part
         return total / self.examples
 
-    def _embedding_scale(self, q_g: Tensor) -> Tensor:
+    def _embedding_scale(self, q_g: Tensor | None) -> Tensor:
         """Rows of one example that hit one token add up before squaring (X is (dim, vocabulary))."""
-        total = torch.zeros(self.vocabulary, q_g.shape[0], dtype=q_g.dtype, device=q_g.device)
+        dim = self.samples[0].d.shape[-1]
+        total = torch.zeros(self.vocabulary, dim, dtype=self.samples[0].d.dtype, device=self.samples[0].d.device)
         for sample in self.samples:
-            d = (sample.d @ q_g).flatten(0, 1)
+            d = (sample.d if q_g is None else sample.d @ q_g).flatten(0, 1)
             example = torch.arange(len(sample.a), device=d.device).unsqueeze(1).expand_as(sample.a)
             pairs, which = torch.unique((example * self.vocabulary + sample.a).flatten(), return_inverse=True)
             summed = torch.zeros(len(pairs), d.shape[1], dtype=d.dtype, device=d.device).index_add_(0, which, d)
@@ -145,6 +148,20 @@ def layer_shape(module: nn.Module, kind: Kind) -> tuple[int, int]:
     if kind == "conv1d":
         return weight.shape[1], weight.shape[0]
     return weight.shape[0], weight[0].numel()
+
+
+def matrix_shape(module: nn.Module, kind: Kind, columns: Columns) -> tuple[int, int]:
+    """(out, in) of the matrix X a layer node preconditions: the weight's, a bias column counted."""
+    out, inputs = layer_shape(module, kind)
+    return out, {"weight": inputs, "weight+bias": inputs + 1, "bias": 1}[columns]
+
+
+def diagonal_sides(kind: Kind, shape: tuple[int, int], max_dim: int | None) -> tuple[bool, bool]:
+    """(A kept as its diagonal, G kept as its diagonal) for a layer's (out, in) matrix: an
+    Embedding's A always (its input is one-hot), and any factor above ``max_dim``, the size budget."""
+    out, inputs = shape
+    limit = max_dim if max_dim is not None else max(shape)
+    return kind == "embedding" or inputs > limit, out > limit
 
 
 def provider(capture: Capture, reduction: Reduction):

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from opcomp.closure import finite
 from opcomp.errors import OpcompError
 from opcomp.kernels import kernel
-from opcomp.kernels.factors import Columns, Kind, Statistics, layer_shape
+from opcomp.kernels.factors import Columns, Kind, Statistics, diagonal_sides, layer_shape, matrix_shape
 from opcomp.ops import Options
 from opcomp.state import advance
 
@@ -45,6 +45,10 @@ class LayerSlot:
     @property
     def embedding(self) -> bool:
         return self.kind == "embedding"
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return matrix_shape(self.module, self.kind, self.columns)
 
 
 @dataclass
@@ -148,13 +152,28 @@ def damped_inverse(batch: Tensor) -> tuple[Tensor]:
 
 def pi_split(a: Tensor, g: Tensor, damping: float) -> tuple[float, float]:
     """Martens & Grosse's factored damping: λ_A = π√λ, λ_G = √λ/π, π² = (tr A/dim A)/(tr G/dim G)."""
-    trace_a = float(a.sum() if a.ndim == 1 else a.diagonal().sum()) / max(1, a.shape[0])
-    trace_g = float(g.diagonal().sum()) / max(1, g.shape[0])
+    trace_a = float(trace(a)) / max(1, a.shape[0])
+    trace_g = float(trace(g)) / max(1, g.shape[0])
     ratio = trace_a / trace_g if trace_g > 0 else 0.0
     pi = math.sqrt(ratio) if 0.0 < ratio < math.inf else 0.0
     pi = pi if 0.0 < pi < math.inf else 1.0  # degenerate factors: split the damping evenly
     root = math.sqrt(damping)
     return pi * root, root / pi
+
+
+def trace(factor: Tensor) -> Tensor:
+    """The trace of a factor kept dense (a matrix) or as its diagonal (a vector)."""
+    return factor.sum() if factor.ndim == 1 else factor.diagonal().sum()
+
+
+def left(g_inverse: Tensor, matrix: Tensor) -> Tensor:
+    """G⁻¹ X for G⁻¹ kept dense or as a diagonal."""
+    return g_inverse @ matrix if g_inverse.ndim == 2 else g_inverse.unsqueeze(1) * matrix
+
+
+def right(matrix: Tensor, a_inverse: Tensor) -> Tensor:
+    """X A⁻¹ for A⁻¹ kept dense or as a diagonal."""
+    return matrix @ a_inverse if a_inverse.ndim == 2 else matrix * a_inverse
 
 
 @dataclass
@@ -164,26 +183,26 @@ class Refresh:
     layers: list[LayerSlot] = field(default_factory=list)
 
     def eigenbases(self) -> None:
-        """Q and eigenvalues of A (diagonal for an Embedding: Q_A = I) and of G, per layer."""
-        dense = [layer for layer in self.layers if not layer.embedding]
-        for layer, (values, vectors) in zip(dense, by_size([layer.state["A"] for layer in dense], eigen)):
-            layer.state["A_eigenvalues"], layer.state["Q_A"] = values, vectors
-        for layer in self.layers:
-            if layer.embedding:
-                layer.state["A_eigenvalues"] = layer.state["A"].clamp_min(0.0)
-        for layer, (values, vectors) in zip(self.layers, by_size([layer.state["G"] for layer in self.layers], eigen)):
-            layer.state["G_eigenvalues"], layer.state["Q_G"] = values, vectors
+        """Eigenvalues and, for a dense factor, eigenvectors of A and G per layer; a factor kept
+        diagonal is its own eigenvalues, with the identity as basis (no Q stored)."""
+        for name in ("A", "G"):
+            dense = [layer for layer in self.layers if layer.state[name].ndim == 2]
+            for layer, (values, vectors) in zip(dense, by_size([layer.state[name] for layer in dense], eigen)):
+                layer.state[f"{name}_eigenvalues"], layer.state[f"Q_{name}"] = values, vectors
+            for layer in self.layers:
+                if layer.state[name].ndim == 1:
+                    layer.state[f"{name}_eigenvalues"] = layer.state[name].clamp_min(0.0)
+                    layer.state.pop(f"Q_{name}", None)
 
 
 def in_eigenbasis(layer: LayerSlot, matrix: Tensor, scale: Tensor, damping: float) -> Tensor:
-    """Q_G ((Q_Gᵀ X Q_A) ⊘ (scale + λ)) Q_Aᵀ, with Q_A = I for an Embedding."""
-    q_g = layer.state["Q_G"]
-    rotated = q_g.T @ matrix
-    if not layer.embedding:
-        rotated = rotated @ layer.state["Q_A"]
+    """Q_G ((Q_Gᵀ X Q_A) ⊘ (scale + λ)) Q_Aᵀ, a missing Q being the identity."""
+    q_g, q_a = layer.state.get("Q_G"), layer.state.get("Q_A")
+    rotated = matrix if q_g is None else q_g.T @ matrix
+    rotated = rotated if q_a is None else rotated @ q_a
     rotated = rotated / (scale + damping)
-    result = q_g @ rotated
-    return result if layer.embedding else result @ layer.state["Q_A"].T
+    rotated = rotated if q_g is None else q_g @ rotated
+    return rotated if q_a is None else rotated @ q_a.T
 
 
 def kronecker_eigenvalues(layer: LayerSlot) -> Tensor:
@@ -194,8 +213,9 @@ def update_factors(ctx: LayerCtx, layer: LayerSlot, count: int) -> Statistics | 
     statistics = fresh_statistics(ctx, layer, count, "G")
     if statistics is not None:
         decay = ctx.options.decay
-        average(layer.state, "A", statistics.A_diagonal() if layer.embedding else statistics.A(), decay)
-        average(layer.state, "G", statistics.G(), decay)
+        diagonal_a, diagonal_g = diagonal_sides(layer.kind, layer.matrix_shape, ctx.options.max_dim)
+        average(layer.state, "A", statistics.A_diagonal() if diagonal_a else statistics.A(), decay)
+        average(layer.state, "G", statistics.G_diagonal() if diagonal_g else statistics.G(), decay)
     return statistics
 
 
@@ -216,30 +236,27 @@ def kfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
         matrix = matrix_of(layer, x)
         if o.damping_mode == "exact":
             direction = in_eigenbasis(layer, matrix, kronecker_eigenvalues(layer), o.damping)
-        elif layer.embedding:
-            direction = layer.state["G_inv"] @ matrix * layer.state["A_inv"]
         else:
-            direction = layer.state["G_inv"] @ matrix @ layer.state["A_inv"]
+            direction = right(left(layer.state["G_inv"], matrix), layer.state["A_inv"])
         scatter(layer, direction, x, out)
     return out
 
 
 def invert_factored(layers: list[LayerSlot], damping: float) -> None:
-    """A_inv = (A + λ_A I)⁻¹, G_inv = (G + λ_G I)⁻¹ with π-split damping, batched by size."""
+    """A_inv = (A + λ_A I)⁻¹, G_inv = (G + λ_G I)⁻¹ with π-split damping, batched by size; a factor
+    kept diagonal inverts element-wise."""
     splits = [pi_split(layer.state["A"], layer.state["G"], damping) for layer in layers]
-    damped_a, damped_g = [], []
-    for layer, (lambda_a, lambda_g) in zip(layers, splits):
-        a, g = layer.state["A"], layer.state["G"]
-        damped_g.append(g + lambda_g * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
-        if layer.embedding:
-            layer.state["A_inv"] = 1.0 / (a + lambda_a)
-        else:
-            damped_a.append(a + lambda_a * torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
-    dense = [layer for layer in layers if not layer.embedding]
-    for layer, (inverse,) in zip(dense, by_size(damped_a, damped_inverse)):
-        layer.state["A_inv"] = inverse
-    for layer, (inverse,) in zip(layers, by_size(damped_g, damped_inverse)):
-        layer.state["G_inv"] = inverse
+    for name, side in (("A", 0), ("G", 1)):
+        dense, damped = [], []
+        for layer, split in zip(layers, splits):
+            factor, lam = layer.state[name], split[side]
+            if factor.ndim == 1:
+                layer.state[f"{name}_inv"] = 1.0 / (factor + lam)
+            else:
+                dense.append(layer)
+                damped.append(factor + lam * torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device))
+        for layer, (inverse,) in zip(dense, by_size(damped, damped_inverse)):
+            layer.state[f"{name}_inv"] = inverse
 
 
 @kernel("diag_kfac", collective="layers")
@@ -282,8 +299,8 @@ def ekfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
             layer.state["scale"] = kronecker_eigenvalues(layer)
     for layer in ctx.layers:
         if id(layer) in fresh:
-            q_a = None if layer.embedding else layer.state["Q_A"]
-            average(layer.state, "scale", fresh[id(layer)].eigen_scale(layer.state["Q_G"], q_a), o.decay)
+            scale = fresh[id(layer)].eigen_scale(layer.state.get("Q_G"), layer.state.get("Q_A"))
+            average(layer.state, "scale", scale, o.decay)
     out: list = [None] * len(x)
     for layer in ctx.layers:
         direction = in_eigenbasis(layer, matrix_of(layer, x), layer.state["scale"], o.damping)

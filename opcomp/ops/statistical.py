@@ -106,7 +106,13 @@ class DiagKfacOptions(LayerOptions):
     damping: Positive = Field(1e-3, description="added to each factor")
 
 
-class KfacOptions(DiagKfacOptions):
+class FactorOptions(DiagKfacOptions):
+    max_dim: Count = Field(
+        4096, description="factors of a larger dimension are kept as their diagonal (the size budget, O(d) memory)"
+    )
+
+
+class KfacOptions(FactorOptions):
     invert_every: Count = Field(10, description="steps between refreshing the inverses")
     damping_mode: Literal["factored", "exact"] = Field(
         "factored", description="π-split damping per factor, or (G⊗A + λI)⁻¹ through the eigenbases"
@@ -116,7 +122,7 @@ class KfacOptions(DiagKfacOptions):
     )
 
 
-class EkfacOptions(DiagKfacOptions):
+class EkfacOptions(FactorOptions):
     invert_every: Count = Field(10, description="steps between refreshing the eigenbases")
     fisher: Literal["empirical", "mc"] = Field("empirical", description="as in kfac")
 
@@ -130,12 +136,16 @@ def _mc_needs(options) -> Needs:
 
 
 _FACTORS = (
-    StateBuffer("A", "in_factor", "E[a aᵀ] of layer inputs (bias as an appended 1; a diagonal for an Embedding)"),
-    StateBuffer("G", "out_factor", "E[δ δᵀ] of output gradients, per example"),
+    StateBuffer(
+        "A",
+        "in_factor",
+        "E[a aᵀ] of layer inputs (bias as an appended 1; its diagonal for an Embedding or above max_dim)",
+    ),
+    StateBuffer("G", "out_factor", "E[δ δᵀ] of output gradients, per example (its diagonal above max_dim)"),
 )
 _EIGENBASES = (
-    StateBuffer("Q_A", "in_factor", "eigenbasis of A (none for an Embedding)"),
-    StateBuffer("Q_G", "out_factor", "eigenbasis of G"),
+    StateBuffer("Q_A", "in_factor", "eigenbasis of A (none when A is kept diagonal)"),
+    StateBuffer("Q_G", "out_factor", "eigenbasis of G (none when G is kept diagonal)"),
     StateBuffer("A_eigenvalues", "in_diag", "eigenvalues of A"),
     StateBuffer("G_eigenvalues", "out_diag", "eigenvalues of G"),
 )
