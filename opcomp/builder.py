@@ -52,8 +52,9 @@ def build(
     reduction averages.
 
     ``compile``: run element-wise expressions as one ``torch.compile``d step (fused kernels, the
-    learning rate a 0-d tensor so schedules never recompile): "on", "off", or "auto" — on CUDA, or
-    on the CPU from a million parameters, where a cold compile's seconds pay off.
+    learning rate a 0-d tensor so schedules never recompile): "on", "off", or "auto" — on CUDA only:
+    on the CPU a cold compile costs 5–40 s and pays back after 80–750 steps (docs/performance.md),
+    so long CPU runs ask for "on". A step that compiles says so first (:class:`OpcompNotice`).
     """
     namespace = presets() if namespace is None else namespace
     if isinstance(model_or_params, nn.Module):

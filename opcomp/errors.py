@@ -75,6 +75,11 @@ class OpcompWarning(UserWarning):
     """The build or a step does something other than what was written, and says so (once)."""
 
 
+class OpcompNotice(UserWarning):
+    """A step about to take a while for a reason worth one line (compiling), not a departure from
+    what was written; ``warnings.filterwarnings("ignore", category=opcomp.OpcompNotice)`` hides it."""
+
+
 class OpcompSyntaxError(OpcompError):
     """The text is not a well-formed expression or definition file."""
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from opcomp.closure import Probe
+from opcomp.errors import OpcompNotice
 from opcomp.graph import Graph, Node
 from opcomp.kernels import COLLECTIVE, KERNELS, REBINDINGS
 from opcomp.kernels.context import BucketStep, Ctx, ProbeCtx
@@ -238,7 +239,7 @@ def step_in_place(graph: Graph, programs: list[Program], buckets: list[BucketSte
 
 class Elementwise:
     """Runs element-wise families: eagerly, or as one ``torch.compile``d step per family and
-    participation (``compile``: "auto" on CUDA and from a million parameters on the CPU), the
+    participation (``compile``: "on", or "auto" on CUDA), the
     learning rates as 0-d tensors so schedules never recompile."""
 
     def __init__(self, compile: str) -> None:  # noqa: A002 - the option's documented name
@@ -254,6 +255,7 @@ class Elementwise:
             key = (expression, tuple((id(bucket), len(params)) for _, bucket, params in items))
             runner = self.runners.get(key)
             if runner is None:
+                announce_compile(expression, sum(len(params) for _, _, params in items))
                 runner = self.runners[key] = compiled(graph, programs)
             try:
                 runner(buckets, [self._lr_tensor(group, params[0]) for group, _, params in items])
@@ -271,11 +273,12 @@ class Elementwise:
         step_in_place(graph, programs, buckets, [float(group["lr"]) for group, _, _ in items])
 
     def _compiling(self, items: list) -> bool:
-        """auto: on CUDA, or on the CPU from a million parameters (a cold compile there takes seconds)."""
+        """auto: on CUDA only. On the CPU a cold compile costs 5–40 s and pays back after 80–750
+        steps (``python -m opcomp.bench.compile_cost``, docs/performance.md), longer than many CPU
+        runs: there it takes ``compile="on"``."""
         if self.compile != "auto":
             return self.compile == "on"
-        params = [p for _, _, params in items for p in params]
-        return any(p.is_cuda for p in params) or sum(p.numel() for p in params) >= 1_000_000
+        return any(p.is_cuda for _, _, params in items for p in params)
 
     def _lr_tensor(self, group: dict, param: Tensor) -> Tensor:
         """The group's learning rate as a 0-d tensor in the parameters' working precision, refreshed
@@ -286,6 +289,21 @@ class Elementwise:
         tensor = self.lr_tensors[key]
         tensor.fill_(float(group["lr"]))
         return tensor
+
+
+COMPILE_SECONDS_PER_TENSOR = 0.25
+"""A cold compile's cost per parameter tensor, as measured on the CPU (0.17–0.28 s)."""
+
+
+def announce_compile(expression: str, tensors: int) -> None:
+    """One line before a first call compiles, so a long first step is never a silent one."""
+    seconds = max(1, round(COMPILE_SECONDS_PER_TENSOR * tensors))
+    warnings.warn(
+        f"opcomp: compiling the fused step of {expression} over {tensors} tensors once, ~{seconds} s "
+        "(later steps reuse it; compile='off' steps eagerly)",
+        OpcompNotice,
+        stacklevel=8,
+    )
 
 
 def compiled(graph: Graph, programs: list[Program]) -> Callable:

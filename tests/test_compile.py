@@ -5,6 +5,8 @@ A cold compile costs seconds on this CPU, so these tests are few and marked ``co
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -74,3 +76,28 @@ def test_fifty_steps_of_a_cosine_schedule_compile_no_more_graphs():
     assert counters["stats"]["unique_graphs"] == 0
     assert sum(counters["recompiles"].values()) == 0
     assert opt.param_groups[0]["lr"] < 1e-4  # the schedule did move the rate
+
+
+def test_a_compiling_step_says_so_once_and_auto_leaves_the_cpu_eager(monkeypatch):
+    from opcomp import execute
+
+    compiles = []
+    original = execute.compiled
+    monkeypatch.setattr(execute, "compiled", lambda graph, programs: compiles.append(1) or original(graph, programs))
+    model = nn.Sequential(nn.Linear(1000, 1000), nn.Linear(1000, 10))  # 1M parameters: still eager
+    automatic = opcomp.build("adamw", model, lr=1e-3)
+    model(torch.randn(2, 1000)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no notice, no compile
+        automatic.step()
+    assert compiles == []
+
+    small = nn.Linear(3, 2)
+    forced = opcomp.build("adamw", small, lr=1e-3, compile="on")
+    small(torch.ones(1, 3)).sum().backward()
+    with pytest.warns(opcomp.OpcompNotice, match=r"compiling the fused step of adamw.* over 2 tensors once, ~1 s"):
+        forced.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        forced.step()  # the same graph: no second line
+    assert compiles == [1]

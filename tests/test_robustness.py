@@ -229,7 +229,7 @@ def test_automatic_compilation_falls_back_to_eager_when_the_compiler_fails(monke
         return run
 
     monkeypatch.setattr(execute, "compiled", broken)
-    # "auto" leaves models this small eager: let it compile them, as it would a large one
+    # "auto" leaves the CPU eager: let it compile here, as it would on CUDA
     monkeypatch.setattr(execute.Elementwise, "_compiling", lambda self, items: self.compile != "off")
     reference, model = net(), net()
     eager = opcomp.build("adamw", reference, lr=0.01, compile="off")
