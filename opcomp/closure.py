@@ -60,8 +60,9 @@ def finite(values: Sequence[Tensor]) -> list[Tensor]:
     return list(values)
 
 
-def check_loss(loss, *, probing: bool, params: Sequence[Tensor]) -> Tensor:
-    """The closure's return value, checked: a scalar loss tensor with a graph to the parameters."""
+def check_loss(loss, *, probing: bool) -> Tensor:
+    """The closure's return value, checked: a scalar loss tensor, with a graph to the parameters
+    when opcomp differentiates it (``probing``)."""
     if not isinstance(loss, Tensor):
         got = "None" if loss is None else type(loss).__name__
         raise OpcompError(f"the closure returned {got}; it must return the loss tensor: {CLOSURE_SHAPE}")
@@ -70,19 +71,39 @@ def check_loss(loss, *, probing: bool, params: Sequence[Tensor]) -> Tensor:
             f"the closure returned a tensor of shape {tuple(loss.shape)}; the loss must be a scalar "
             "(reduce it with .mean() or .sum())"
         )
-    if probing and any(p.grad is not None for p in params):
-        raise OpcompError(
-            "the closure called backward(); with probe operators opcomp runs every backward pass itself, "
-            f"so the closure only returns the loss: {CLOSURE_SHAPE}"
-        )
-    if not loss.requires_grad and not probing:
-        return loss
-    if not loss.requires_grad:
+    if probing and not loss.requires_grad:
         raise OpcompError(
             "the closure's loss does not depend on the parameters (computed under torch.no_grad() or "
             "detached); return the loss as the model computed it"
         )
     return loss
+
+
+class GradMarks:
+    """Which tensor each parameter's ``.grad`` was, and its version, before a closure ran: the
+    closure ran backward when one changed (a new tensor, or the same one added to in place)."""
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.params = params
+        self.marks = [(p.grad, None if p.grad is None else p.grad._version) for p in params]
+
+    def backward_ran(self) -> bool:
+        return any(p.grad is not g or (g is not None and g._version != v) for p, (g, v) in zip(self.params, self.marks))
+
+    def added_to(self) -> list[int]:
+        """Parameters whose gradient from before the call was added to in place (accumulation)."""
+        return [i for i, (p, (g, _)) in enumerate(zip(self.params, self.marks)) if g is not None and p.grad is g]
+
+
+@contextmanager
+def own_grads(params: Sequence[Tensor]) -> Iterator[None]:
+    """``.grad`` of ``params`` as it was before, whatever a closure's backward does inside."""
+    saved = [p.grad for p in params]
+    try:
+        yield
+    finally:
+        for param, grad in zip(params, saved):
+            param.grad = grad
 
 
 @dataclass
@@ -104,6 +125,8 @@ class Probe:
     output: Tensor | None = None  # and what it returned, inside the loss graph
     evaluations: int = 1  # forward passes through the closure this step
     probed: list[float] = field(default_factory=list)  # losses at shifted points
+    calls_backward: bool | None = None  # the closure runs backward itself (None: not seen yet)
+    params: Sequence[Tensor] = ()  # every parameter of the optimizer, whose .grad a closure may write
     _loss_gradient: Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -138,13 +161,43 @@ class Probe:
                     buffer.data.copy_(value)
 
     def evaluate(self, *, grad: bool) -> Tensor:
-        """The closure's loss at the current point (with its graph when ``grad``); NonFinite if inf or NaN."""
+        """The closure's loss at the current point (with its graph when ``grad``); NonFinite if inf
+        or NaN. Without ``grad``, a closure that calls backward runs with gradients on and leaves
+        ``.grad`` as it was."""
         self.evaluations += 1
-        with torch.set_grad_enabled(grad):
-            loss = check_loss(self.closure(), probing=False, params=())
+        if grad:
+            with torch.enable_grad():
+                loss = check_loss(self.closure(), probing=not self.calls_backward)
+        else:
+            with own_grads(self.params) if self.calls_backward is not False else nullcontext():
+                if self.calls_backward is None:
+                    loss = self._first_without_gradients()
+                else:
+                    with torch.set_grad_enabled(self.calls_backward):
+                        loss = check_loss(self.closure(), probing=False)
         if not bool(torch.isfinite(loss.detach())):
             raise NonFinite
         return loss
+
+    def _first_without_gradients(self) -> Tensor:
+        """The first loss-only evaluation of a closure not seen yet: under no_grad, or, when its own
+        backward refuses that, again with gradients (running statistics as after one pass)."""
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()] if self.model is not None else []
+        marks = GradMarks(self.params)
+        try:
+            with torch.no_grad():
+                loss = check_loss(self.closure(), probing=False)
+            self.calls_backward = marks.backward_ran()
+            return loss
+        except RuntimeError as error:
+            if "does not require grad" not in str(error):
+                raise
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
+        self.calls_backward = True
+        with torch.enable_grad():
+            return check_loss(self.closure(), probing=False)
 
     def centre(self) -> Tensor:
         """The loss at p: the first evaluation's, or one forward pass (no graph) when there was none."""
@@ -168,10 +221,18 @@ class Probe:
         return torch.tensor(sum(self.probed) / len(self.probed)) if self.probed else torch.tensor(float("nan"))
 
     def gradient_at(self, params: Sequence[Tensor], directions: Iterable[Tensor], scale: float) -> list[Tensor]:
-        """∇L(p + scale·d) for ``params`` (zeros where the loss does not reach one)."""
+        """∇L(p + scale·d) for ``params`` (zeros where the loss does not reach one): opcomp's own
+        backward, or what a closure that calls backward leaves in ``.grad``."""
         with self.shifted(params, directions, scale):
-            loss = self.evaluate(grad=True)
-            grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+            if self.calls_backward:
+                with own_grads(self.params):
+                    for param in self.params:
+                        param.grad = None
+                    self.evaluate(grad=True)
+                    grads = [p.grad for p in params]
+            else:
+                loss = self.evaluate(grad=True)
+                grads = torch.autograd.grad(loss, list(params), allow_unused=True)
         return finite([_zero_like(p) if g is None else working(g.detach()) for p, g in zip(params, grads)])
 
     def check_model_call(self) -> None:
@@ -202,28 +263,33 @@ def first_evaluation(
 
     Returns the detached loss and, when the expressions probe, the :class:`Probe` that carries what
     the probes need from this call. Expressions that estimate from loss values alone get no call
-    here: their probes evaluate the closure themselves.
+    here: their probes evaluate the closure themselves. A closure that runs backward itself keeps
+    torch's semantics (``.grad`` as it leaves it, accumulation included); first-order probes then
+    read ``.grad`` after each of their calls, and second-order ones refuse it.
     """
     nodes = [n for graph in graphs for n in graph.nodes]
     double = any(n.spec.needs.double_backward for n in nodes)
     # Gauss–Newton probes (gnvp, lgn) differentiate the loss at the model's recorded output
     outputs = any(n.spec.needs.closure and n.spec.needs.model for n in nodes)
+    if probing and not any(graph.trains for graph in graphs):
+        return None, Probe(closure, model, disarm, None, evaluations=0, params=params)
+    recorder = ModelCall(model if outputs else None)
+    marks = GradMarks(params)
+    with torch.enable_grad(), recorder, second_derivatives(double):
+        loss = closure()
+    if marks.backward_ran():
+        check_loss(loss, probing=False)
+        if probing:
+            refuse_own_backward(nodes, params, marks)
+            return loss.detach(), Probe(closure, model, disarm, loss.detach(), calls_backward=True, params=params)
+        return loss.detach(), None
+    loss = check_loss(loss, probing=probing)
     for param in params:
         param.grad = None
-    if probing and not any(graph.trains for graph in graphs):
-        return None, Probe(closure, model, disarm, None, evaluations=0)
-    recorder = ModelCall(model if outputs else None)
-    # fused attention kernels have no second derivative: differentiate through the math one
-    backend = sdpa_kernel([SDPBackend.MATH]) if double else nullcontext()
-    with torch.enable_grad(), recorder, backend:
-        loss = closure()
-    loss = check_loss(loss, probing=probing, params=params)
-    if not probing and any(p.grad is not None for p in params):
-        return loss.detach(), None  # a torch-style closure ran its own backward
     graph_grads = {}
     if loss.requires_grad and any(n.spec.reads_gradient for n in nodes):
         trainable = [p for p in params if p.requires_grad]
-        with torch.enable_grad():
+        with torch.enable_grad(), second_derivatives(double):
             grads = torch.autograd.grad(loss, trainable, create_graph=double, retain_graph=probing, allow_unused=True)
         for param, grad in zip(trainable, grads):
             param.grad = None if grad is None else grad.detach()
@@ -231,7 +297,32 @@ def first_evaluation(
                 graph_grads[id(param)] = grad
     if not probing:
         return loss.detach(), None
-    return loss.detach(), Probe(closure, model, disarm, loss, graph_grads, *recorder.recorded())
+    return loss.detach(), Probe(closure, model, disarm, loss, graph_grads, *recorder.recorded(), params=params)
+
+
+def second_derivatives(needed: bool):
+    """Fused attention kernels have no second derivative: forward and backward passes that will
+    be differentiated again go through the math kernel (a checkpointed model recomputes its
+    forward inside the backward, so the backward needs it too)."""
+    return sdpa_kernel([SDPBackend.MATH]) if needed else nullcontext()
+
+
+def refuse_own_backward(nodes, params: Sequence[Tensor], marks: GradMarks) -> None:
+    """A closure that ran backward gives gradients, nothing to differentiate again or replay, and
+    with probes it must not add to gradients from before the step (its probes see one batch)."""
+    second = [n.op for n in nodes if n.spec.needs.closure and (n.spec.needs.double_backward or n.spec.needs.model)]
+    if second:
+        raise OpcompError(
+            f"'{second[0]}' differentiates the loss again, which needs opcomp's own backward pass, but the "
+            f"closure called backward() itself: return the loss instead ({CLOSURE_SHAPE}); in Lightning, "
+            "set automatic_optimization = False and call opt.step(closure) in training_step (docs/integrations.md)"
+        )
+    if marks.added_to():
+        raise OpcompError(
+            "the closure's backward() added to gradients from before the step (gradient accumulation), but the "
+            "probes evaluate the closure again and see only its batch: accumulate inside the closure (loop over "
+            "the micro-batches and return their mean loss), or zero the gradients with set_to_none=True first"
+        )
 
 
 class ModelCall:

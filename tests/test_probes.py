@@ -341,17 +341,93 @@ class TestClosureProtocol:
         with pytest.raises(opcomp.OpcompError, match=r"'sam' evaluates the loss again .* opt.step\(closure\)"):
             opt.step()
 
-    def test_a_closure_that_calls_backward_is_refused_for_probes(self):
+    @pytest.mark.parametrize(("expression", "op"), [("f3eo", "hvp"), ("adagnoema", "lgn")])
+    def test_second_order_probes_refuse_a_closure_that_calls_backward_with_the_fix(self, expression, op):
         model = tiny()
-        opt = opcomp.build("f3eo", model)
+        opt = opcomp.build(expression, model)
+        before = [p.detach().clone() for p in model.parameters()]
 
         def closure():
             loss = loss_of(model, *batch())
             loss.backward()
             return loss
 
-        with pytest.raises(opcomp.OpcompError, match="the closure called backward"):
+        with pytest.raises(opcomp.OpcompError, match=f"'{op}' differentiates the loss again.*return the loss instead"):
             opt.step(closure)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and not opt.state
+
+    @staticmethod
+    def lightning_style(model, opt, x, y):
+        """What Lightning's automatic optimization hands to step: zero_grad, forward, backward,
+        and the loss returned detached."""
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_of(model, x, y)
+            loss.backward()
+            return loss.detach().clone()
+
+        return closure
+
+    @staticmethod
+    def plain(model, x, y):
+        return lambda: loss_of(model, x, y)
+
+    @pytest.mark.parametrize("expression", ["sam_sgd", "asam_sgd", "adamw(grad_at[rho=0.1](g))", "mezo", "awzo"])
+    def test_first_order_probes_take_a_closure_that_calls_backward_and_step_the_same(self, expression):
+        results = []
+        for style in ("returns the loss", "calls backward"):
+            model = tiny()
+            opt = opcomp.build(expression, model, lr=0.05)
+            losses = []
+            for step in range(3):
+                x, y = batch(seed=step)
+                torch.manual_seed(step)  # zo draws its probes from the global generator
+                backward = style == "calls backward"
+                closure = self.lightning_style(model, opt, x, y) if backward else self.plain(model, x, y)
+                losses.append(float(opt.step(closure)))
+            results.append((losses, [p.detach().clone() for p in model.parameters()]))
+        (losses, params), (their_losses, theirs) = results
+        assert losses == their_losses
+        assert all(torch.equal(a, b) for a, b in zip(params, theirs))
+        assert any(not torch.equal(a, b) for a, b in zip(params, tiny().parameters()))  # it trained
+
+    def test_probes_refuse_gradients_accumulated_before_the_step(self):
+        model = tiny()
+        opt = opcomp.build("sam_sgd", model)
+        x, y = batch()
+        loss_of(model, x, y).backward()  # the first micro-batch, outside the step
+        before = [p.detach().clone() for p in model.parameters()]
+
+        def closure():  # the last micro-batch: no zero_grad, its backward adds to the first's
+            loss = loss_of(model, x, y)
+            loss.backward()
+            return loss
+
+        with pytest.raises(opcomp.OpcompError, match="added to gradients from before the step.*accumulate inside"):
+            opt.step(closure)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+    @staticmethod
+    def torch_style(model, x, y):
+        def closure():
+            loss = loss_of(model, x, y)
+            loss.backward()
+            return loss
+
+        return closure
+
+    def test_a_torch_style_closure_accumulating_micro_batches_steps_like_torch(self):
+        """Gradients from earlier micro-batches stay: the closure's backward adds the last one."""
+        results = []
+        for make in (lambda m: opcomp.build("adamw", m, lr=0.01), lambda m: torch.optim.AdamW(m.parameters(), lr=0.01)):
+            model = tiny()
+            opt = make(model)
+            x, y = batch(size=8)
+            loss_of(model, x[:4], y[:4]).backward()
+            opt.step(self.torch_style(model, x[4:], y[4:]))
+            results.append(flatten([p.detach().clone() for p in model.parameters()]))
+        torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
 
     @pytest.mark.parametrize(
         ("returned", "words"),
