@@ -14,6 +14,7 @@ from opcomp.kernels.factors import Reduction
 from opcomp.lang.ast import Call, Expr, Name, Option
 from opcomp.lang.parser import parse
 from opcomp.optimizer import Optimizer
+from opcomp.prediction import Output
 from opcomp.resolve import canonicalize, option_expr
 from opcomp.rules import Rules, is_rule_file
 from opcomp.rules import load as load_rules
@@ -31,6 +32,7 @@ def build(
     reduction: Reduction = "mean",
     likelihood: Likelihood | None = None,
     class_dim: int | None = None,
+    output: Output = "logits",
     compile: Literal["auto", "on", "off"] = "auto",  # noqa: A002 - the option's documented name
     **options,
 ) -> Optimizer:
@@ -50,6 +52,10 @@ def build(
     ``F.cross_entropy`` reads (N, C, d1, …) — pass ``class_dim=-1`` for (N, T, C) language-model
     logits — and the last dim for a Gaussian. Other dims after the first are positions, which a mean
     reduction averages.
+
+    ``output`` says where the prediction is when the model's forward returns more than a tensor
+    (``fisher=mc`` samples from it, Gauss–Newton products differentiate at it): a key or attribute,
+    "logits" by default as in Hugging Face's ``ModelOutput``, or a function of the return value.
 
     ``compile``: run element-wise expressions as one ``torch.compile``d step (fused kernels, the
     learning rate a 0-d tensor so schedules never recompile): "on", "off", or "auto" — on CUDA only:
@@ -99,6 +105,7 @@ def build(
         reduction=reduction,
         likelihood=likelihood,
         class_dim=class_dim,
+        output=output,
         compile=compile,
     )
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from opcomp.errors import OpcompError
+from opcomp.prediction import Prediction
 
 Likelihood = Literal["categorical", "gaussian"]
 
@@ -60,6 +61,7 @@ class Capture:
     likelihood: Likelihood | None = None
     class_dim: int = 1
     reduction: Literal["mean", "sum"] = "mean"
+    prediction: Prediction = field(default_factory=Prediction)  # where the prediction is in the model's output
     armed: bool = True
     sample: bool = False  # also record Monte Carlo Fisher gradients
     entries: dict[nn.Module, list[Entry]] = field(default_factory=dict)
@@ -100,11 +102,7 @@ class Capture:
         self._forward_id = None
         if not (self._recording() and self.sample):
             return
-        if not isinstance(output, Tensor):
-            raise OpcompError(
-                f"fisher=mc samples labels from the model's output, but the model returned a "
-                f"{type(output).__name__}; wrap it so that it returns the prediction tensor"
-            )
+        output = self.prediction(output)
         pending = [e for entries in self.entries.values() for e in entries if e.output is not None]
         if not pending:
             return

@@ -16,9 +16,10 @@ by copying it back (bit for bit) and every buffer of the model (running statisti
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from opcomp.errors import OpcompError
 from opcomp.precision import working, working_dtype
+from opcomp.prediction import Prediction
 
 CLOSURE_SHAPE = "def closure(): return loss_fn(model(x), y)"
 
@@ -120,14 +122,13 @@ class Probe:
     disarm: Callable[[], Iterator[None]]  # context manager that silences statistics capture
     loss: Tensor | None
     graph_grads: dict[int, Tensor] = field(default_factory=dict)  # id(param) -> ∇L with its graph
-    inputs: tuple = ()  # what the model's forward received in the first evaluation
-    input_kwargs: dict = field(default_factory=dict)
-    output: Tensor | None = None  # and what it returned, inside the loss graph
+    calls: list[ModelCallRecord] = field(default_factory=list)  # the model's forwards in the first evaluation
     evaluations: int = 1  # forward passes through the closure this step
     probed: list[float] = field(default_factory=list)  # losses at shifted points
+    prediction: Prediction = field(default_factory=Prediction)  # where the prediction is in the model's output
     calls_backward: bool | None = None  # the closure runs backward itself (None: not seen yet)
     params: Sequence[Tensor] = ()  # every parameter of the optimizer, whose .grad a closure may write
-    _loss_gradient: Tensor | None = None
+    _loss_gradients: list[Tensor] | None = None
 
     def __post_init__(self) -> None:
         self.trained = self.loss is not None  # whether this step's training pass has run
@@ -233,31 +234,32 @@ class Probe:
             else:
                 loss = self.evaluate(grad=True)
                 grads = torch.autograd.grad(loss, list(params), allow_unused=True)
-        return finite([_zero_like(p) if g is None else working(g.detach()) for p, g in zip(params, grads)])
+        return finite([zeros_like_working(p) if g is None else working(g.detach()) for p, g in zip(params, grads)])
 
     def check_model_call(self) -> None:
         """Gauss–Newton products replay the model's forward: the closure must have called it."""
-        if self.output is None:
+        if not self.calls:
             raise OpcompError(
-                "Gauss–Newton products need the model's output: the closure must call the model given to "
-                "opcomp.build, and the model must return the prediction tensor"
+                "Gauss–Newton products need the model's output: the closure must call the model given to opcomp.build"
             )
 
-    def loss_gradient(self) -> Tensor:
-        """∂L/∂f at the model's output f, with its graph (for products with the loss Hessian)."""
+    def loss_gradients(self) -> list[Tensor]:
+        """∂L/∂f_i at each recorded model output f_i, with its graph (for products with the loss
+        Hessian; several outputs when the closure accumulates micro-batches)."""
         self.check_model_call()
-        if self._loss_gradient is None:
-            (self._loss_gradient,) = torch.autograd.grad(self.loss, self.output, create_graph=True, retain_graph=True)
-        return self._loss_gradient
+        if self._loss_gradients is None:
+            outputs = [call.output for call in self.calls]
+            self._loss_gradients = list(torch.autograd.grad(self.loss, outputs, create_graph=True, retain_graph=True))
+        return self._loss_gradients
 
 
-def _zero_like(param: Tensor) -> Tensor:
-    """The gradient of a parameter the loss does not reach, in its working precision."""
+def zeros_like_working(param: Tensor) -> Tensor:
+    """Zeros for a parameter the loss does not reach, in its working precision."""
     return torch.zeros_like(param, dtype=working_dtype(param.dtype))
 
 
 def first_evaluation(
-    closure, params: list[Tensor], graphs, model: nn.Module | None, disarm, probing: bool
+    closure, params: list[Tensor], graphs, model: nn.Module | None, disarm, probing: bool, prediction: Prediction
 ) -> tuple[Tensor | None, Probe | None]:
     """The closure's first call, at the current parameters, and opcomp's own backward pass.
 
@@ -271,16 +273,17 @@ def first_evaluation(
     double = any(n.spec.needs.double_backward for n in nodes)
     # Gauss–Newton probes (gnvp, lgn) differentiate the loss at the model's recorded output
     outputs = any(n.spec.needs.closure and n.spec.needs.model for n in nodes)
+    twice = any(n.spec.differentiates_twice for n in nodes)  # the training pass's graph, again
     if probing and not any(graph.trains for graph in graphs):
         return None, Probe(closure, model, disarm, None, evaluations=0, params=params)
-    recorder = ModelCall(model if outputs else None)
+    recorder = ModelCall(model if outputs else None, prediction)
     marks = GradMarks(params)
-    with torch.enable_grad(), recorder, second_derivatives(double):
+    with torch.enable_grad(), recorder, second_derivatives(twice):
         loss = closure()
     if marks.backward_ran():
         check_loss(loss, probing=False)
         if probing:
-            refuse_own_backward(nodes, params, marks)
+            refuse_own_backward(nodes, marks)
             return loss.detach(), Probe(closure, model, disarm, loss.detach(), calls_backward=True, params=params)
         return loss.detach(), None
     loss = check_loss(loss, probing=probing)
@@ -289,7 +292,7 @@ def first_evaluation(
     graph_grads = {}
     if loss.requires_grad and any(n.spec.reads_gradient for n in nodes):
         trainable = [p for p in params if p.requires_grad]
-        with torch.enable_grad(), second_derivatives(double):
+        with torch.enable_grad(), second_derivatives(twice):
             grads = torch.autograd.grad(loss, trainable, create_graph=double, retain_graph=probing, allow_unused=True)
         for param, grad in zip(trainable, grads):
             param.grad = None if grad is None else grad.detach()
@@ -297,20 +300,29 @@ def first_evaluation(
                 graph_grads[id(param)] = grad
     if not probing:
         return loss.detach(), None
-    return loss.detach(), Probe(closure, model, disarm, loss, graph_grads, *recorder.recorded(), params=params)
+    return loss.detach(), Probe(
+        closure, model, disarm, loss, graph_grads, recorder.calls, prediction=prediction, params=params
+    )
 
 
-def second_derivatives(needed: bool):
-    """Fused attention kernels have no second derivative: forward and backward passes that will
-    be differentiated again go through the math kernel (a checkpointed model recomputes its
-    forward inside the backward, so the backward needs it too)."""
-    return sdpa_kernel([SDPBackend.MATH]) if needed else nullcontext()
+def second_derivatives(needed: bool = True):
+    """For passes that are differentiated again (or transformed by torch.func): attention through
+    the math kernel, since fused ones have no second or forward-mode derivative, and torch.compile'd
+    code run eagerly, since compiled graphs have no double backward. A checkpointed model
+    recomputes its forward inside the backward, so the backward takes this context too."""
+    if not needed:
+        return nullcontext()
+    stack = ExitStack()
+    stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    if "torch._dynamo" in sys.modules:  # else nothing is compiled, and importing it costs a second
+        stack.enter_context(torch.compiler.set_stance("force_eager"))
+    return stack
 
 
-def refuse_own_backward(nodes, params: Sequence[Tensor], marks: GradMarks) -> None:
+def refuse_own_backward(nodes, marks: GradMarks) -> None:
     """A closure that ran backward gives gradients, nothing to differentiate again or replay, and
     with probes it must not add to gradients from before the step (its probes see one batch)."""
-    second = [n.op for n in nodes if n.spec.needs.closure and (n.spec.needs.double_backward or n.spec.needs.model)]
+    second = [n.op for n in nodes if n.spec.differentiates_twice]
     if second:
         raise OpcompError(
             f"'{second[0]}' differentiates the loss again, which needs opcomp's own backward pass, but the "
@@ -325,25 +337,32 @@ def refuse_own_backward(nodes, params: Sequence[Tensor], marks: GradMarks) -> No
         )
 
 
-class ModelCall:
-    """Records what the model's forward received and returned, while active (for Gauss–Newton products)."""
+@dataclass
+class ModelCallRecord:
+    """One forward of the model: what it received, and its prediction inside the loss graph."""
 
-    def __init__(self, model: nn.Module | None) -> None:
+    args: tuple
+    kwargs: dict
+    output: Tensor
+
+
+class ModelCall:
+    """Records every forward of the model while active (Gauss–Newton products replay them)."""
+
+    def __init__(self, model: nn.Module | None, prediction: Prediction) -> None:
         self.model = model
+        self.prediction = prediction
         self.handle = None
-        self.call: tuple = ((), {}, None)
+        self.calls: list[ModelCallRecord] = []
 
     def __enter__(self):
         if self.model is not None:
             self.handle = self.model.register_forward_hook(self._keep, with_kwargs=True)
         return self
 
-    def _keep(self, module, args, kwargs, output) -> None:
-        self.call = (args, kwargs, output if isinstance(output, Tensor) else None)
+    def _keep(self, module, args, kwargs, returned) -> None:
+        self.calls.append(ModelCallRecord(args, kwargs, self.prediction(returned)))
 
     def __exit__(self, *exc) -> None:
         if self.handle is not None:
             self.handle.remove()
-
-    def recorded(self) -> tuple:
-        return self.call

@@ -26,7 +26,8 @@ from opcomp.kernels import load as load_kernels
 from opcomp.kernels.factors import Reduction, provider
 from opcomp.lang.ast import Expr
 from opcomp.plan import Plan
-from opcomp.report import warn_coverage
+from opcomp.prediction import Output, Prediction
+from opcomp.report import warn_at_build
 from opcomp.state import load, snapshot
 
 
@@ -52,6 +53,7 @@ class Optimizer(torch.optim.Optimizer):
         reduction: Reduction = "mean",
         likelihood: Likelihood | None = None,
         class_dim: int | None = None,
+        output: Output = "logits",
         compile: Literal["auto", "on", "off"] = "auto",  # noqa: A002 - the option's documented name
     ) -> None:
         _check_lr(lr, "the optimizer")
@@ -65,6 +67,7 @@ class Optimizer(torch.optim.Optimizer):
             raise OpcompError(
                 f"class_dim is a dimension of the model's output other than the batch's 0, got {class_dim!r}"
             )
+        self._prediction = Prediction(output)
         load_kernels()  # registers every kernel family
         self._plan = Plan(namespace, model, names, owners, sampling=likelihood is not None)
         self._elementwise = Elementwise(compile)
@@ -77,7 +80,7 @@ class Optimizer(torch.optim.Optimizer):
         default = self._plan.lower(expr)
         self._default = (expr if isinstance(expr, str) else default.canonical, default)
         super().__init__(params, {"lr": lr, "expr": default.canonical})
-        warn_coverage(self._plan, self.param_groups)
+        warn_at_build(self._plan, self.param_groups)
 
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, dict):
@@ -103,7 +106,9 @@ class Optimizer(torch.optim.Optimizer):
         self._capture = None
         if modules:
             model = self._plan.model
-            self._capture = Capture(model, modules, self._likelihood, self._class_dim, self._reduction)
+            self._capture = Capture(
+                model, modules, self._likelihood, self._class_dim, self._reduction, self._prediction
+            )
         self._arm()
 
     def _arm(self) -> None:
@@ -132,7 +137,9 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             params = [p for group in self.param_groups for p in group["params"]]
             disarm = self._capture.disarmed if self._capture is not None else nullcontext
-            loss, probe = first_evaluation(closure, params, graphs, self._plan.model, disarm, bool(probing))
+            loss, probe = first_evaluation(
+                closure, params, graphs, self._plan.model, disarm, bool(probing), self._prediction
+            )
         loss = self._step(loss, probe)
         return probe.estimate() if loss is None and probe is not None else loss
 

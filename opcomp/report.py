@@ -8,8 +8,11 @@ tied embedding, 1-D parameters…), so that ``fog`` on a model it barely covers 
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections import Counter
+
+from torch import nn
 
 from opcomp.errors import OpcompWarning
 from opcomp.ops import Applies
@@ -108,7 +111,30 @@ def mebibytes(nbytes: int) -> str:
     return f"{nbytes / 2**20:.1f} MiB" if nbytes < 2**30 else f"{nbytes / 2**30:.2f} GiB"
 
 
-def warn_coverage(plan: Plan, param_groups: list[dict]) -> None:
-    """Say each line of :func:`coverage` and :func:`budget` once, as an :class:`OpcompWarning`."""
-    for line in coverage(plan, param_groups) + budget(plan):
+def compiled_twice(plan: Plan, param_groups: list[dict]) -> list[str]:
+    """A line when a torch.compile'd model meets an expression that differentiates its loss twice:
+    compiled graphs have no double backward, so that pass runs eagerly."""
+    if plan.model is None or not any(compiled(m) for m in plan.model.modules()):
+        return []
+    nodes = [n for group in param_groups for n in plan.graphs[group["expr"]].nodes if n.spec.differentiates_twice]
+    if not nodes:
+        return []
+    return [
+        f"opcomp: '{nodes[0].op}' differentiates the loss twice, which torch.compile'd graphs cannot: every step "
+        "runs the closure's first pass eagerly (torch.compiler.set_stance('force_eager')), so compiling this "
+        "model buys nothing for this optimizer"
+    ]
+
+
+def compiled(module: nn.Module) -> bool:
+    """``torch.compile(module)``'s wrapper, or a module compiled in place (``module.compile()``)."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    wrapped = dynamo is not None and isinstance(module, dynamo.OptimizedModule)
+    return wrapped or getattr(module, "_compiled_call_impl", None) is not None
+
+
+def warn_at_build(plan: Plan, param_groups: list[dict]) -> None:
+    """Say each line of :func:`coverage`, :func:`budget` and :func:`compiled_twice` once, as an
+    :class:`OpcompWarning`."""
+    for line in coverage(plan, param_groups) + budget(plan) + compiled_twice(plan, param_groups):
         warnings.warn(line, OpcompWarning, stacklevel=4)

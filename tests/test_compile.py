@@ -101,3 +101,26 @@ def test_a_compiling_step_says_so_once_and_auto_leaves_the_cpu_eager(monkeypatch
         warnings.simplefilter("error")
         forced.step()  # the same graph: no second line
     assert compiles == [1]
+
+
+@pytest.mark.parametrize("expression", ["f3eo", "adagnoema"])  # a second derivative; Gauss–Newton products
+def test_second_order_probes_step_a_compiled_model_as_its_eager_original(expression):
+    """Compiled graphs have no double backward: the training pass runs eagerly, and the build says so."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    original = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    original.load_state_dict(eager.state_dict())
+    compiled = torch.compile(original)
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = opcomp.build(expression, compiled)
+    announced = [str(w.message) for w in caught if issubclass(w.category, opcomp.OpcompWarning)]
+    assert any("differentiates the loss twice, which torch.compile'd graphs cannot" in m for m in announced)
+    reference = opcomp.build(expression, eager)
+    for _ in range(2):
+        loss = opt.step(lambda: nn.functional.cross_entropy(compiled(x), y))
+        expected = reference.step(lambda: nn.functional.cross_entropy(eager(x), y))
+        torch.testing.assert_close(loss, expected)
+    for a, b in zip(original.parameters(), eager.parameters()):
+        assert torch.equal(a, b)

@@ -71,26 +71,57 @@ def test_hvp_equals_torch_autograd_functional_hvp():
     torch.testing.assert_close(direction_of("hvp(g)", model, x, y), expected, rtol=1e-3, atol=1e-5)
 
 
-def test_gnvp_equals_an_explicit_jacobian_times_loss_hessian_times_jacobian():
-    model, (x, y) = tiny(), batch()
-    reference_model = copy.deepcopy(model)
-    g = gradient(reference_model, x, y)
-    params = flatten([p.detach() for p in reference_model.parameters()])
-    names = [n for n, _ in reference_model.named_parameters()]
-    shapes = [p.shape for _, p in reference_model.named_parameters()]
+def explicit_gauss_newton(model, x, y) -> torch.Tensor:
+    """J_fᵀ H_L J_f of the mean cross-entropy, (P, P), from torch.func's jacrev and hessian."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    params = flatten([p.detach() for p in model.parameters()])
 
     def outputs(vector):
         values, start = {}, 0
         for name, shape in zip(names, shapes):
             values[name] = vector[start : start + shape.numel()].reshape(shape)
             start += shape.numel()
-        return functional_call(reference_model, values, (x,)).reshape(-1)
+        return functional_call(model, values, (x,)).reshape(-1)
 
     jacobian = jacrev(outputs)(params)  # (N·C, P)
     logits = outputs(params).detach()
     loss_hessian = hessian(lambda f: F.cross_entropy(f.reshape(len(y), -1), y), logits)  # (N·C, N·C)
-    expected = jacobian.T @ loss_hessian @ jacobian @ g
+    return jacobian.T @ loss_hessian @ jacobian
+
+
+def test_gnvp_equals_an_explicit_jacobian_times_loss_hessian_times_jacobian():
+    model, (x, y) = tiny(), batch()
+    reference_model = copy.deepcopy(model)
+    expected = explicit_gauss_newton(reference_model, x, y) @ gradient(reference_model, x, y)
     torch.testing.assert_close(direction_of("gnvp(g)", model, x, y), expected, rtol=1e-3, atol=1e-5)
+
+
+def test_gnvp_of_an_accumulated_loss_is_the_full_batch_product():
+    """The closure runs the model on two micro-batches: both forwards count, not the last one."""
+    model, (x, y) = tiny(), batch()
+    reference_model = copy.deepcopy(model)
+    expected = explicit_gauss_newton(reference_model, x, y) @ gradient(reference_model, x, y)
+    opt = opcomp.build("gnvp(g)", model, lr=1.0)
+    before = flatten([p.detach().clone() for p in model.parameters()])
+    opt.step(lambda: (loss_of(model, x[:3], y[:3]) + loss_of(model, x[3:], y[3:])) / 2)
+    moved = before - flatten([p.detach() for p in model.parameters()])
+    torch.testing.assert_close(moved, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_gnvp_through_batchnorm_in_training_mode_uses_batch_statistics_and_updates_running_ones_once():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = batch()
+    reference_model = copy.deepcopy(model)
+    reference_model[1].track_running_stats = False  # batch statistics, nothing updated: what training sees
+    reference_model[1].running_mean = reference_model[1].running_var = None
+    expected = explicit_gauss_newton(reference_model, x, y) @ gradient(reference_model, x, y)
+    once = copy.deepcopy(model)
+    once(x)  # one training forward's update of the running statistics
+    torch.testing.assert_close(direction_of("gnvp(g)", model, x, y), expected, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(model[1].running_mean, once[1].running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(model[1].running_var, once[1].running_var, rtol=0, atol=0)
 
 
 def test_f3eo_direction_against_an_explicit_hessian():

@@ -4,6 +4,7 @@ this torch, so the blocks are built here as torchvision builds them)."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import hf
@@ -148,3 +149,71 @@ def test_resnet_blocks_train_with_conv_layers_on_the_main_branch(expression):
     images, labels = torch.randn(16, 3, 8, 8, generator=generator), torch.randint(0, 10, (16,), generator=generator)
     first, last = trains(model, expression, lambda: F.cross_entropy(model(images), labels), lr=0.01)
     assert last < first
+
+
+def moved_by(expression: str, model: nn.Module, closure, **build) -> torch.Tensor:
+    """u of one step at lr 1, flattened: (p before − p after)."""
+    opt = opcomp.build(expression, model, lr=1.0, **build)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    opt.step(closure)
+    return before - torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("expression", ["hvp(g)", "gnvp(g)", "lgn(g)"])
+def test_gpt2_second_order_probes_read_logits_and_agree_under_gradient_checkpointing(expression):
+    """GPT-2 returns a ModelOutput (the prediction is its logits) and keeps a cache; with gradient
+    checkpointing the backward recomputes the forward, which must run the same attention kernel."""
+    ids = tokens(length=8)
+    moved = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = hf.gpt2()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        moved.append(moved_by(expression, model, lambda model=model: model(ids, labels=ids).loss))
+    plain, checkpointed = moved
+    assert plain.norm() > 0
+    assert (checkpointed - plain).norm() / plain.norm() < 1e-5
+
+
+def test_adagnoema_trains_gpt2():
+    torch.manual_seed(0)
+    model = hf.gpt2()
+    ids = tokens()
+    first, last = trains(model, "adagnoema", lambda: model(ids, labels=ids).loss)
+    assert last < first
+
+
+def test_monte_carlo_fisher_samples_from_a_model_outputs_logits():
+    torch.manual_seed(0)
+    model = hf.gpt2()
+    ids = tokens()
+    opt = opcomp.build("kfac[mc](g) | adamw(g)", model, lr=1e-3, likelihood="categorical", class_dim=-1)
+    opt.step(lambda: model(ids, labels=ids).loss)
+    state = opt.state[model.transformer.h[0].mlp.c_fc.weight]
+    (factors,) = [value for key, value in state.items() if key.startswith("kfac[")]
+    assert factors["G"].abs().sum() > 0
+
+
+class TupleModel(nn.Module):
+    """Returns (logits, features), as models written without dicts often do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        features = torch.tanh(self.body(x))
+        return self.head(features), features
+
+
+def test_where_the_prediction_is_can_be_said_and_a_missing_one_is_named():
+    torch.manual_seed(0)
+    model = TupleModel()
+    plain = nn.Sequential(copy.deepcopy(model.body), nn.Tanh(), copy.deepcopy(model.head))
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    opt = opcomp.build("gnvp(g)", model)
+    with pytest.raises(opcomp.OpcompError, match=r"returned a tuple.*build with output='<key>' or output=lambda"):
+        opt.step(lambda: F.cross_entropy(model(x)[0], y))
+    moved = moved_by("gnvp(g)", model, lambda: F.cross_entropy(model(x)[0], y), output=lambda returned: returned[0])
+    torch.testing.assert_close(moved, moved_by("gnvp(g)", plain, lambda: F.cross_entropy(plain(x), y)))

@@ -7,10 +7,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, jvp, vjp
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from opcomp.closure import Probe, finite
+from opcomp.closure import Probe, finite, second_derivatives, zeros_like_working
 from opcomp.kernels import kernel
 from opcomp.kernels.context import ProbeCtx
 from opcomp.kernels.elementwise import adam_denominator, adam_ratio, update_moments
@@ -18,42 +16,55 @@ from opcomp.ops.statistical import AdamOptions
 from opcomp.precision import working
 
 
+def hessian_products(probe: Probe, params: Sequence[Tensor], vectors: Sequence[Tensor]) -> list[Tensor | None]:
+    """H·v per parameter by differentiating ⟨∇L, v⟩ once more (the first backward kept its graph);
+    None where the gradient does not reach a parameter."""
+    grads = [probe.graph_grads[id(p)] for p in params]
+    with second_derivatives():
+        return list(
+            torch.autograd.grad(
+                grads, params, [v.to(p.dtype) for v, p in zip(vectors, params)], retain_graph=True, allow_unused=True
+            )
+        )
+
+
 @kernel("hvp", collective="probe")
 def hvp(ctx: ProbeCtx, x: list[Tensor]) -> list[Tensor]:
-    """H·x by differentiating ⟨∇L, x⟩ once more (the first backward kept its graph)."""
-    grads = [ctx.probe.graph_grads[id(p)] for p in ctx.params]
-    products = torch.autograd.grad(
-        grads, ctx.params, [v.to(p.dtype) for v, p in zip(x, ctx.params)], retain_graph=True, allow_unused=True
-    )
+    """H·x."""
+    products = hessian_products(ctx.probe, ctx.params, x)
     return finite([torch.zeros_like(v) if h is None else h.detach().to(v.dtype) for h, v in zip(products, x)])
 
 
 class GaussNewton:
-    """v ↦ Jᵀ H_L J v for a subset of the parameters, with torch.func over the model's forward."""
+    """v ↦ Jᵀ H_L J v for a subset of the parameters, on the first evaluation's own graph.
+
+    Jᵀu differentiates the recorded model outputs (every forward the closure ran, so an
+    accumulated loss's micro-batches all count); J v differentiates Jᵀu once more with respect to
+    u (the double-backward trick); H_L differentiates ∂L/∂f, cross terms between outputs included.
+    Nothing is replayed: batch norms keep their training-mode statistics, caches, hooks and
+    checkpointing are the training pass's own.
+    """
 
     def __init__(self, probe: Probe, params: Sequence[Tensor]) -> None:
         probe.check_model_call()
-        model = probe.model
-        names = {id(p): n for n, p in model.named_parameters()}
-        self.keys = [names[id(p)] for p in params]
-        fixed = {n: p.detach() for n, p in model.named_parameters()}
-        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # probes never move running stats
-        self.primals = tuple(p.detach() for p in params)
-
-        def forward(*values: Tensor) -> Tensor:
-            arguments = {**fixed, **dict(zip(self.keys, values)), **buffers}
-            with sdpa_kernel([SDPBackend.MATH]):  # fused attention kernels have no forward-mode derivative
-                return functional_call(model, arguments, probe.inputs, probe.input_kwargs)
-
-        self.forward = forward
-        self.probe = probe
-        _, self.pullback = vjp(forward, *self.primals)
+        self.probe, self.params = probe, list(params)
+        self.outputs = [call.output for call in probe.calls]
+        self.duals = [torch.zeros_like(output, requires_grad=True) for output in self.outputs]
+        with second_derivatives():
+            self.transposed = torch.autograd.grad(
+                self.outputs, self.params, self.duals, create_graph=True, retain_graph=True, allow_unused=True
+            )
 
     def __call__(self, v: Sequence[Tensor]) -> list[Tensor]:
-        tangents = tuple(t.to(p.dtype) for t, p in zip(v, self.primals))
-        _, jv = jvp(self.forward, self.primals, tangents)
-        (hjv,) = torch.autograd.grad(self.probe.loss_gradient(), self.probe.output, jv, retain_graph=True)
-        return [working(t) for t in self.pullback(hjv)]
+        reached = [(t, vi.to(t.dtype)) for t, vi in zip(self.transposed, v) if t is not None]
+        with second_derivatives():
+            jvs = torch.autograd.grad(
+                [t for t, _ in reached], self.duals, [vi for _, vi in reached], retain_graph=True, allow_unused=True
+            )
+            jvs = [torch.zeros_like(o) if jv is None else jv for jv, o in zip(jvs, self.outputs)]
+            hjvs = torch.autograd.grad(self.probe.loss_gradients(), self.outputs, jvs, retain_graph=True)
+            products = torch.autograd.grad(self.outputs, self.params, hjvs, retain_graph=True, allow_unused=True)
+        return [zeros_like_working(vi) if gv is None else working(gv) for gv, vi in zip(products, v)]
 
 
 @kernel("gnvp", collective="probe")

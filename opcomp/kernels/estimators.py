@@ -14,6 +14,7 @@ from torch import Tensor
 from opcomp.closure import finite
 from opcomp.kernels import kernel
 from opcomp.kernels.context import ProbeCtx
+from opcomp.kernels.curvature import hessian_products
 from opcomp.kernels.elementwise import correction
 from opcomp.precision import working, working_dtype
 from opcomp.state import taken
@@ -80,10 +81,7 @@ def diag_hessian(ctx: ProbeCtx, x: list[Tensor]) -> list[Tensor]:
     averages = ctx.state.buffers("hess_sq")
     if step % o.update_every == 0:
         z = list(noise(ctx, step, gaussian=False))
-        grads = [ctx.probe.graph_grads[id(p)] for p in ctx.params]
-        products = torch.autograd.grad(
-            grads, ctx.params, [zi.to(p.dtype) for zi, p in zip(z, ctx.params)], retain_graph=True, allow_unused=True
-        )
+        products = hessian_products(ctx.probe, ctx.params, z)
         estimates = finite([zi * (0 if h is None else working(h.detach())) for zi, h in zip(z, products)])
         for average, estimate in zip(averages, estimates):
             average.mul_(o.beta).addcmul_(estimate, estimate, value=1 - o.beta)

@@ -26,8 +26,8 @@ register(
         name="gnvp",
         kind=Kind.PROBE,
         needs=Needs(closure=True, model=True),
-        cost=Cost(forward=3, backward=1, memory="the loss graph, kept for the loss Hessian"),
-        summary="Gauss–Newton-vector product (torch.func jvp + vjp)",
+        cost=Cost(backward=3, memory="the loss graph and the graph of Jᵀu (create_graph)"),
+        summary="Gauss–Newton-vector product on the training pass's graph (double-backward trick)",
         formula="Jᵀ H_L J x, J = ∂outputs/∂p, H_L = ∂²loss/∂outputs²",
     )
 )
@@ -79,7 +79,7 @@ register(
         options=LgnOptions,
         needs=Needs(closure=True, model=True),
         cost_when=lambda o: Cost(
-            forward=1 + 2 * o.steps, backward=1 + o.steps, memory="the loss graph", per_layer=True
+            backward=1 + 2 * o.steps, memory="the loss graph and the layer's graph of Jᵀu", per_layer=True
         ),
         summary="layerwise Gauss–Newton step from matrix-free products",
         formula="per layer l: −d*, d* ≈ argmin_d xᵀd + ½dᵀ(G_l + λI)d, i.e. (G_l + λI)⁻¹x",

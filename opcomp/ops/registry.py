@@ -153,6 +153,12 @@ class OpSpec:
         return len(self.params)
 
     @property
+    def differentiates_twice(self) -> bool:
+        """Differentiates the training pass's graph again: Hessian products the gradient,
+        Gauss–Newton products the backward through the model's outputs."""
+        return self.needs.double_backward or (self.needs.closure and self.needs.model)
+
+    @property
     def callable(self) -> bool:
         return self.symbol is None
 
