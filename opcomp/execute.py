@@ -90,7 +90,9 @@ class Interpreter:
             return
         flat = Flat(self.buckets, running)
         arguments = flat.arguments(self.values, len(node.inputs))
-        if collective == "layers":
+        if collective == "global":
+            out = kernel(Ctx(node.options, BucketStep(flat.params, flat.states), node.state_key), *arguments)
+        elif collective == "layers":
             out = kernel(LayerCtx(node.options, self._layer_slots(node, flat), self.statistics), *arguments)
         else:
             with torch.enable_grad():
@@ -228,7 +230,7 @@ def runs_in_place(graph: Graph, programs) -> bool:
     """Programs with no layer statistics, probes or rebound gradients: they step in place, in one function."""
     if any(node.spec.binds_gradient for node in graph.nodes):
         return False
-    return not any(COLLECTIVE.get(s.node.op) or s.node.scope for p in programs for s in p.steps)
+    return not any(COLLECTIVE.get(s.node.op) in ("layers", "probe") or s.node.scope for p in programs for s in p.steps)
 
 
 def step_in_place(graph: Graph, programs: list[Program], buckets: list[BucketStep], lrs: list) -> None:

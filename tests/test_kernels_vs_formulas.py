@@ -86,3 +86,26 @@ def test_adarmsuon_is_adam_energy_on_the_orthogonalised_adam_direction(shape):
         o = _zeropower_via_newtonschulz(a, (3.4445, -4.7750, 2.0315), 5, 1e-7).float()
         total += o * (a.norm() / o.norm())
     assert (run("adarmsuon(g)", grads) - total).abs().max() <= 1e-3 * total.abs().max()
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])  # binds every step; never binds
+@pytest.mark.parametrize("compile_mode", ["off", pytest.param("on", marks=pytest.mark.compile)])
+def test_clip_global_then_adamw_equals_torch_clip_grad_norm_then_adamw(max_norm, compile_mode):
+    """One norm over every parameter, whatever its shape or bucket, as torch.nn.utils.clip_grad_norm_."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    ours = opcomp.build(f"adamw(clip_global[max_norm={max_norm}](g))", models[0], lr=0.01, compile=compile_mode)
+    theirs = torch.optim.AdamW(models[1].parameters(), lr=0.01)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x, y = torch.randn(8, 3, generator=generator), torch.randn(8, 2, generator=generator)
+        for model in models:
+            model.zero_grad()
+            (model(x) - y).square().sum().backward()
+        norm = torch.nn.utils.clip_grad_norm_(models[1].parameters(), max_norm)
+        assert (norm > max_norm) == (max_norm == 0.5)
+        ours.step()
+        theirs.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

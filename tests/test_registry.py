@@ -15,7 +15,7 @@ DESIGN_CATALOGUE = {
     Kind.SOURCE: ["g", "p", "grad_at"],
     Kind.TEMPORAL: ["ema", "momentum"],
     Kind.STATISTICAL: ["adam", "adamw", "rms", "diag_fisher", "kfac", "diag_kfac", "ekfac", "diag_hessian"],
-    Kind.STRUCTURAL: ["orth", "muon", "sign", "normalize", "clip", "reject", "project", "adarmsuon"],
+    Kind.STRUCTURAL: ["orth", "muon", "sign", "normalize", "clip", "clip_global", "reject", "project", "adarmsuon"],
     Kind.PROBE: ["hvp", "gnvp", "sam", "lgn", "zo"],
 }
 

@@ -6,8 +6,9 @@ over the list; work that needs per-parameter reductions or matrix products runs 
 stacked into one slab.
 
 A *collective* kernel runs once over every parameter of an expression that runs its node, not per
-bucket: layer kernels (a layer's weight and bias share statistics) and probe kernels (a product
-with the Hessian or a shifted evaluation couples all parameters).
+bucket: layer kernels (a layer's weight and bias share statistics), probe kernels (a product
+with the Hessian or a shifted evaluation couples all parameters) and global kernels (a norm over
+every parameter, as ``clip_grad_norm_`` takes; they cannot fail, so they still step in place).
 
 An operator whose spec ``binds_gradient`` (``sam``) also registers a *rebinding*: before any node
 runs, it computes, from a :class:`ProbeCtx` over the parameters whose programs read ``g`` inside
@@ -20,11 +21,12 @@ from collections.abc import Callable
 from typing import Literal
 
 KERNELS: dict[str, Callable] = {}
-COLLECTIVE: dict[str, Literal["layers", "probe"]] = {}
+Collective = Literal["layers", "probe", "global"]
+COLLECTIVE: dict[str, Collective] = {}
 REBINDINGS: dict[str, Callable] = {}
 
 
-def kernel(name: str, collective: Literal["layers", "probe"] | None = None):
+def kernel(name: str, collective: Collective | None = None):
     """Register the kernel of operator ``name``."""
 
     def register(fn: Callable) -> Callable:

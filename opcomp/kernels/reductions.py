@@ -39,6 +39,15 @@ def clip(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
     return unstack(slab * per_row(factor), x)
 
 
+@kernel("clip_global", collective="global")
+def clip_global(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
+    """torch.nn.utils.clip_grad_norm_ over every parameter running the node: one 2-norm of all of
+    them, the factor max_norm/(norm + 1e-6) clamped to at most 1."""
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(x)))
+    factor = (ctx.options.max_norm / (total + 1e-6)).clamp(max=1.0)
+    return torch._foreach_mul(x, factor)
+
+
 def along(x: list[Tensor], y: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Slabs of x and y, and the coefficient c = ⟨x, y⟩/‖y‖² per parameter (0 where y = 0)."""
     xs, ys = stack(x), stack(y)

@@ -111,6 +111,16 @@ register(
 
 register(
     OpSpec(
+        name="clip_global",
+        kind=Kind.STRUCTURAL,
+        options=ClipOptions,
+        summary="shrink to at most max_norm over every parameter running it (torch's clip_grad_norm_)",
+        formula="x·min(1, max_norm/(‖x‖ + 1e-6)), ‖x‖ the 2-norm of all parameters' x together",
+    )
+)
+
+register(
+    OpSpec(
         name="reject",
         kind=Kind.STRUCTURAL,
         params=("x", "y"),
