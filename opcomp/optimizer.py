@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from opcomp.capture import Capture, Likelihood
-from opcomp.closure import CLOSURE_SHAPE, NonFinite, Probe, all_finite, first_evaluation
+from opcomp.closure import CLOSURE_SHAPE, NonFinite, Probe, all_finite, finite, first_evaluation
 from opcomp.definitions import Namespace
 from opcomp.errors import OpcompError
 from opcomp.execute import Elementwise, apply, run_family, runs_in_place
@@ -127,7 +127,7 @@ class Optimizer(torch.optim.Optimizer):
         closure that calls backward itself, or none after ``loss.backward()``.
         """
         graphs = [self._plan.graphs[group["expr"]] for group in self.param_groups]
-        probing = [n for graph in graphs for n in graph.nodes if n.spec.needs.closure]
+        probing = self._probes()
         if closure is None and probing:
             raise OpcompError(
                 f"'{probing[0].op}' evaluates the loss again during the step: call opt.step(closure) "
@@ -142,6 +142,15 @@ class Optimizer(torch.optim.Optimizer):
             )
         loss = self._step(loss, probe)
         return probe.estimate() if loss is None and probe is not None else loss
+
+    @property
+    def needs_closure(self) -> bool:
+        """Whether a step evaluates the loss again (probes): then it takes ``opt.step(closure)``."""
+        return bool(self._probes())
+
+    def _probes(self) -> list:
+        graphs = [self._plan.graphs[group["expr"]] for group in self.param_groups]
+        return [n for graph in graphs for n in graph.nodes if n.spec.needs.closure]
 
     def _step(self, loss: Tensor | None, probe: Probe | None) -> Tensor | None:
         families = self._plan.families(self.param_groups)
@@ -166,6 +175,7 @@ class Optimizer(torch.optim.Optimizer):
                 for expression, items in fallible.items()
                 for update in run_family(self._plan, expression, items, self.state, statistics, probe)
             ]
+            finite([value for update in updates for value in update.direction])  # nothing non-finite lands
         except NonFinite:
             self.state = saved
             return self._skip(loss)
@@ -190,8 +200,8 @@ class Optimizer(torch.optim.Optimizer):
         if not self._warned_skip:
             self._warned_skip = True
             warnings.warn(
-                "opcomp: a gradient holds inf or NaN, so this step was skipped and nothing changed; "
-                "opt.skipped_steps counts the skips (this warning is shown once)",
+                "opcomp: a gradient, a probe or the step itself held inf or NaN, so this step was skipped and "
+                "nothing changed; opt.skipped_steps counts the skips (this warning is shown once)",
                 RuntimeWarning,
                 stacklevel=4,
             )

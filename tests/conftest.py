@@ -9,8 +9,10 @@ from hypothesis import HealthCheck, settings
 def _hide_a_torchvision_that_cannot_load() -> None:
     """curvlinops (a test reference) installs torchvision through backpack, and its wheel is built
     for another torch: it fails at import, and transformers imports it whenever it is installed.
-    Where it fails it is hidden from the whole session, before anything caches that it exists
-    (``sys.modules['torchvision'] = None`` makes ``find_spec`` and imports see no package)."""
+    The setup command uninstalls it (as CI does); where it is still there and fails, it is hidden
+    from the whole session, before anything caches that it exists (``sys.modules['torchvision'] =
+    None`` makes ``find_spec`` and imports see no package). That keeps transformers working, not
+    Lightning, whose torchmetrics reads the installed metadata: there, uninstall it."""
     try:
         import torchvision  # noqa: F401
     except Exception:  # RuntimeError: operator torchvision::nms does not exist

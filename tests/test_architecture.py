@@ -21,9 +21,10 @@ ROOMS = [
     ("step", ["opcomp.execute"]),
     ("optimizer", ["opcomp.optimizer"]),
     ("building", ["opcomp.rules", "opcomp.builder"]),
+    ("integrations", ["opcomp.integrations"]),
     ("tools", ["opcomp.cli", "opcomp.bench"]),
 ]
-PUBLIC_API_USERS = {"building", "tools"}  # may import the package root, opcomp/__init__
+PUBLIC_API_USERS = {"building", "integrations", "tools"}  # may import the package root, opcomp/__init__
 
 
 def module_name(path: Path) -> str:

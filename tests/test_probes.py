@@ -543,6 +543,31 @@ def test_a_non_finite_probe_skips_the_whole_step_and_restores_state(expression):
                 assert torch.equal(tensor, after[index][key][name]), (index, key, name)
 
 
+def test_a_step_whose_direction_is_not_finite_is_skipped_and_changes_nothing(monkeypatch):
+    """Probed gradients and losses are checked as they arrive; what a formula makes of them
+    (an overflow, 0/0) is checked before anything is applied."""
+    from opcomp import kernels
+
+    model, (x, y) = tiny(), batch()
+    opt = opcomp.build("momentum(sam(sign(g)))", model, lr=0.01)
+    opt.step(lambda: loss_of(model, x, y))
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    sign = kernels.KERNELS["sign"]
+    monkeypatch.setitem(kernels.KERNELS, "sign", lambda ctx, v: [t / 0.0 for t in sign(ctx, v)])
+    with pytest.warns(RuntimeWarning, match="the step itself held inf or NaN"):
+        opt.step(lambda: loss_of(model, x, y))
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    after = opt.state_dict()["state"]
+    assert all(
+        torch.equal(tensor, after[index][key][name])
+        for index in state
+        for key in state[index]
+        for name, tensor in state[index][key].items()
+    )
+
+
 def test_grad_at_is_the_gradient_at_the_shifted_point():
     model, (x, y) = tiny(), batch()
     reference = copy.deepcopy(model)
@@ -636,3 +661,14 @@ def test_awzo_measures_curvature_rather_than_its_rounding_floor():
     _, tiny_eps = train_steps(task, "zo[relative, newton, eps=0.001]", 0.03, 20)
     assert floored_share(preset, 20) <= 0.25
     assert floored_share(tiny_eps, 20) == 1.0
+
+
+def test_a_probed_numerator_with_no_second_moment_leaves_the_weight_alone():
+    """L = (w·u − 1)² at w = 1, u = 0: ∂L/∂w = 0 exactly, so v̂_w = 0, while at p + ε it is not.
+    g_sam/(√v̂ + eps) would move w by lr·g_sam/eps; with no scale to normalise by, it stays."""
+    w, u = nn.Parameter(torch.ones(1)), nn.Parameter(torch.zeros(1))
+    opt = opcomp.build("sam[fisher, rho=0.1](adam(g))", [w, u], lr=0.01)
+    opt.step(lambda: ((w * u - 1) ** 2).sum())
+    assert torch.equal(w.detach(), torch.ones(1))
+    # u: the ascent ε = rho·sign(g_u) = −0.1, g_sam_u = 2(w(u + ε) − 1)·w = −2.2, v̂_u = g_u² = 4
+    torch.testing.assert_close(u.detach(), torch.tensor([0.01 * 2.2 / (2.0 + 1e-8)]))

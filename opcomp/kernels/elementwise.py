@@ -149,14 +149,16 @@ def adam_direction(ctx: Ctx, x: list[Tensor], b1: float, b2: float, eps: float) 
     """m̂/(√v̂ + eps) with torch.optim.Adam's moment updates; the moments live in ctx's state.
 
     Inside sam (FS-AdaRMSuon, ADR-0007) both moments keep reading the raw gradient and the
-    probed input replaces m̂ as the numerator: x/(√v̂ + eps).
+    probed input replaces m̂ as the numerator: x/(√v̂ + eps), and 0 where v̂ = 0 — a raw gradient
+    that was exactly zero at every step (an unused weight, a bf16 gradient rounded to zero) gives
+    no scale, and dividing by eps alone would move that weight by lr·x/eps.
     """
     exp_avg, exp_avg_sq = ctx.buffers("exp_avg"), ctx.buffers("exp_avg_sq")
     steps = ctx.tick()
     update_moments(exp_avg, exp_avg_sq, ctx.bucket.grads if ctx.scope is not None else x, b1, b2)
     denominator = adam_denominator(exp_avg_sq, steps, b2, eps)
     if ctx.scope is not None:
-        return torch._foreach_div(x, denominator)
+        return [torch.where(v > 0, value / d, 0.0) for value, v, d in zip(x, exp_avg_sq, denominator)]
     return adam_ratio(exp_avg, denominator, steps, b1)
 
 

@@ -1,0 +1,1 @@
+"""Adapters for training frameworks that own the loop: each imports its framework when imported."""

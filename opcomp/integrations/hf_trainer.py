@@ -1,0 +1,133 @@
+"""``transformers.Trainer`` with an opcomp optimizer, probes included.
+
+    from opcomp.integrations.hf_trainer import OpcompTrainer
+
+    trainer = OpcompTrainer(model=model, args=args, train_dataset=data, expr="sam_sgd")
+    trainer.train()
+
+Expressions without probes take the Trainer's own path: its backward, its gradient accumulation
+and ``max_grad_norm`` clipping, then ``optimizer.step()`` — opcomp is an ordinary torch optimizer
+there. Expressions with probes need ``opt.step(closure)``, and the Trainer's loop calls ``step()``
+without one after the backward it ran itself; so for them each training step runs
+``opt.step(closure)`` with a closure that returns ``compute_loss`` (opcomp runs every backward),
+and the loop's own ``step()`` that follows is a no-op. Clipping then belongs in the expression
+(``clip_global``), and gradient accumulation and fp16 loss scaling, which would act between the
+Trainer's backward and its step, are refused with the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import transformers
+
+import opcomp
+from opcomp.errors import OpcompError
+
+
+class ClosureStepper(torch.optim.Optimizer):
+    """The optimizer a Trainer's loop holds for a probe expression: :meth:`step_with` runs the
+    opcomp optimizer with a closure, and the closure-less ``step()`` the loop calls afterwards
+    does nothing. Param groups, state and state dicts are the opcomp optimizer's own, so learning
+    rate schedules and checkpoints act on it."""
+
+    def __init__(self, optimizer: opcomp.Optimizer) -> None:  # no super().__init__: everything is shared
+        self.optimizer = optimizer
+        self._stepped = False
+
+    @property
+    def defaults(self) -> dict:
+        return self.optimizer.defaults
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def step_with(self, closure) -> torch.Tensor:
+        loss = self.optimizer.step(closure)
+        self._stepped = True
+        return loss
+
+    def step(self, closure=None):
+        if closure is not None:
+            return self.step_with(closure)
+        if not self._stepped:
+            raise OpcompError(
+                "this optimizer steps inside OpcompTrainer.training_step, with a closure; the loop called "
+                "step() without one first"
+            )
+        self._stepped = False
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def __getattr__(self, name: str) -> Any:  # explain(), assignments(), skipped_steps…
+        if name == "optimizer":
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
+
+class OpcompTrainer(transformers.Trainer):
+    """A ``transformers.Trainer`` whose optimizer is ``opcomp.build(expr, model, lr=args.learning_rate,
+    **build_options)``; any scheduler the arguments ask for drives its learning rate."""
+
+    def __init__(self, *args, expr: str, build_options: dict | None = None, **kwargs) -> None:
+        self.expr, self.build_options = expr, dict(build_options or {})
+        self.stepper: ClosureStepper | None = None
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            built = opcomp.build(self.expr, model or self.model, lr=self.args.learning_rate, **self.build_options)
+            if built.needs_closure:
+                self._refuse_between_backward_and_step()
+                built = self.stepper = ClosureStepper(built)
+            self.optimizer = built
+        return self.optimizer
+
+    def _refuse_between_backward_and_step(self) -> None:
+        """What the Trainer does between its backward and its step has no place in a probe step."""
+        if self.args.gradient_accumulation_steps > 1:
+            raise OpcompError(
+                f"{self.expr} evaluates the loss again inside its step, so the Trainer's gradient accumulation "
+                f"(gradient_accumulation_steps={self.args.gradient_accumulation_steps}) cannot feed it: raise "
+                "per_device_train_batch_size instead, or write the loop yourself with a closure that loops over "
+                "the micro-batches (docs/integrations.md)"
+            )
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            raise OpcompError(
+                f"{self.expr} runs its own backward passes, so the Trainer cannot clip between backward and step "
+                f"(max_grad_norm={self.args.max_grad_norm}): set max_grad_norm=0 and clip in the expression, "
+                "e.g. sam(momentum(clip_global[max_norm=1](g)))"
+            )
+        if self.args.fp16:
+            raise OpcompError(
+                f"{self.expr} runs its own backward passes, which fp16 loss scaling cannot see: use bf16=True"
+            )
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        if self.stepper is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+
+        def closure() -> torch.Tensor:
+            with self.compute_loss_context_manager():
+                return self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+
+        return self.stepper.step_with(closure).detach()
