@@ -237,7 +237,7 @@ class Probe:
         return finite([zeros_like_working(p) if g is None else working(g.detach()) for p, g in zip(params, grads)])
 
     def check_model_call(self) -> None:
-        """Gauss–Newton products replay the model's forward: the closure must have called it."""
+        """Gauss–Newton products differentiate at the model's outputs: the closure must have called it."""
         if not self.calls:
             raise OpcompError(
                 "Gauss–Newton products need the model's output: the closure must call the model given to opcomp.build"
@@ -306,10 +306,10 @@ def first_evaluation(
 
 
 def second_derivatives(needed: bool = True):
-    """For passes that are differentiated again (or transformed by torch.func): attention through
-    the math kernel, since fused ones have no second or forward-mode derivative, and torch.compile'd
-    code run eagerly, since compiled graphs have no double backward. A checkpointed model
-    recomputes its forward inside the backward, so the backward takes this context too."""
+    """For passes that are differentiated again: attention through the math kernel, since fused
+    ones have no second derivative, and torch.compile'd code run eagerly, since compiled graphs
+    have no double backward. A checkpointed model recomputes its forward inside the backward, so
+    the backward takes this context too."""
     if not needed:
         return nullcontext()
     stack = ExitStack()

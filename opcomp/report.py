@@ -4,6 +4,8 @@ A fallback expression (``muon(kfac(g)) | adamw``) runs its first branch where th
 When that is less than half of a param group's parameters by size, the optimizer is mostly its
 fallback, and the build says so with the numbers and the reasons (a layer opcomp cannot hook, a
 tied embedding, 1-D parameters…), so that ``fog`` on a model it barely covers is never silently AdamW.
+Likewise a layer factor kept diagonal because it exceeds ``max_dim`` (with what the dense one would
+have cost), and a compiled model whose training pass a second-order expression must run eagerly.
 """
 
 from __future__ import annotations

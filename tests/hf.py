@@ -13,20 +13,10 @@ def transformers():
 
 def gpt2(layers: int = 2, width: int = 32, vocabulary: int = 97):
     """A tiny GPT-2 language model, random init, no dropout (steps are reproducible)."""
-    library = transformers()
-    config = library.GPT2Config(
-        n_layer=layers,
-        n_embd=width,
-        n_head=2,
-        vocab_size=vocabulary,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return library.GPT2LMHeadModel(config)
+    transformers()  # quiet
+    from opcomp.bench.models import gpt2_lm
+
+    return gpt2_lm(vocabulary, 64, layers=layers, width=width, heads=2)
 
 
 def vit(classes: int = 5):

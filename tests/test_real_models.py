@@ -1,6 +1,6 @@
 """opcomp on the models people train: Hugging Face GPT-2 and ViT (tiny configs, random init, no
-downloads), nn.MultiheadAttention, and ResNet blocks (torchvision's wheel does not load against
-this torch, so the blocks are built here as torchvision builds them)."""
+downloads), nn.MultiheadAttention, and torchvision's ResNet layout (its wheel does not load
+against this torch, so opcomp.bench.models builds it as torchvision does)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import opcomp
+from opcomp.bench.models import ResNet
 
 
 def trains(model: nn.Module, expression: str, closure, steps: int = 6, lr: float | None = None) -> tuple[float, float]:
@@ -105,48 +106,16 @@ def test_multihead_attention_falls_back_and_the_build_says_so():
     assert last < first
 
 
-class BasicBlock(nn.Module):
-    """torchvision's ResNet BasicBlock: two 3×3 convolutions with batch norm, a 1×1 downsample."""
-
-    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(outputs)
-        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(outputs)
-        self.downsample = None
-        if stride != 1 or inputs != outputs:
-            self.downsample = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-def resnet(classes: int = 10) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, 1, 1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        BasicBlock(8, 8, 1),
-        BasicBlock(8, 16, 2),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, classes),
-    )
-
-
 @pytest.mark.parametrize("expression", ["fog", "diagfog", "muon_adamw"])
 def test_resnet_blocks_train_with_conv_layers_on_the_main_branch(expression):
     torch.manual_seed(0)
-    model = resnet()
+    model = ResNet(widths=(8, 16), blocks=(1, 1))  # torchvision's layout, narrow and short
     runs = opcomp.build(expression, model).assignments()
     main = "muon" if expression == "muon_adamw" else f"muon ← {'kfac' if expression == 'fog' else 'diag_kfac'}"
-    assert runs["4.conv1.weight"] == runs["4.downsample.0.weight"] == main
-    assert runs["4.bn1.weight"] == runs["7.weight"] == "0.1 × adamw"  # a norm and the output head
+    assert runs["conv1.weight"] == runs["layer2.0.conv1.weight"] == runs["layer2.0.downsample.0.weight"] == main
+    assert runs["layer2.0.bn1.weight"] == runs["fc.weight"] == "0.1 × adamw"  # a norm and the output head
     generator = torch.Generator().manual_seed(3)
-    images, labels = torch.randn(16, 3, 8, 8, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+    images, labels = torch.randn(16, 3, 16, 16, generator=generator), torch.randint(0, 10, (16,), generator=generator)
     first, last = trains(model, expression, lambda: F.cross_entropy(model(images), labels), lr=0.01)
     assert last < first
 

@@ -88,3 +88,92 @@ class CharTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         return self.head(self.norm(self.blocks(self.tokens(tokens) + self.positions(positions))))
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: two 3×3 convolutions with batch norm, a 1×1 downsample
+    where the shape changes."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.downsample = None
+        if stride != 1 or inputs != outputs:
+            self.downsample = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet with BasicBlocks, module names included (``conv1``, ``layer1.0.conv1``,
+    ``fc``): a 7×7/2 stem and max pool, one stage per width (the first at stride 1, the others 2),
+    average pool, linear classifier. ``resnet18`` is widths 64–512, two blocks a stage. Built here
+    because torchvision's wheel does not load against every torch build."""
+
+    def __init__(self, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), classes: int = 10, channels: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, widths[0], 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        inputs = widths[0]
+        for stage, (width, count) in enumerate(zip(widths, blocks), 1):
+            stride = 1 if stage == 1 else 2
+            layers = [BasicBlock(inputs if i == 0 else width, width, stride if i == 0 else 1) for i in range(count)]
+            self.add_module(f"layer{stage}", nn.Sequential(*layers))
+            inputs = width
+        self.stages = len(widths)
+        self.fc = nn.Linear(inputs, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        for stage in range(1, self.stages + 1):
+            x = getattr(self, f"layer{stage}")(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def resnet18(classes: int = 10, channels: int = 3) -> ResNet:
+    return ResNet(classes=classes, channels=channels)
+
+
+class Logits(nn.Module):
+    """A Hugging Face language model seen as tokens → logits, as the tasks' losses read models."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, use_cache=False).logits
+
+
+def gpt2_lm(vocabulary: int, length: int, layers: int = 4, width: int = 128, heads: int = 4) -> nn.Module:
+    """Hugging Face's GPT2LMHeadModel (tied head), random init, no dropout; transformers is a test
+    extra."""
+    try:
+        import transformers
+    except ImportError as error:
+        raise ImportError("GPT-2 needs transformers: pip install 'opcomp[test]'") from error
+    config = transformers.GPT2Config(
+        vocab_size=vocabulary,
+        n_positions=length,
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def gpt2(vocabulary: int, length: int) -> nn.Module:
+    """The gpt2 task's model: a small GPT-2, tokens → logits."""
+    return Logits(gpt2_lm(vocabulary, length))

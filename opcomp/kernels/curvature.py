@@ -57,6 +57,8 @@ class GaussNewton:
 
     def __call__(self, v: Sequence[Tensor]) -> list[Tensor]:
         reached = [(t, vi.to(t.dtype)) for t, vi in zip(self.transposed, v) if t is not None]
+        if not reached:  # no parameter here reaches the outputs: G is zero on them
+            return [zeros_like_working(vi) for vi in v]
         with second_derivatives():
             jvs = torch.autograd.grad(
                 [t for t, _ in reached], self.duals, [vi for _, vi in reached], retain_graph=True, allow_unused=True
