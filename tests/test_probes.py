@@ -365,6 +365,12 @@ def test_sam_with_batchnorm_equals_a_reference_computed_without_the_probe_machin
 
 
 class TestClosureProtocol:
+    @pytest.mark.parametrize(
+        ("expression", "needs"), [("sam_sgd", True), ("mezo", True), ("fog", False), ("adamw", False)]
+    )
+    def test_the_optimizer_says_whether_its_step_needs_a_closure(self, expression, needs):
+        assert opcomp.build(expression, tiny()).needs_closure is needs
+
     def test_probes_need_a_closure(self):
         model = tiny()
         opt = opcomp.build("sam_sgd", model)
