@@ -396,3 +396,28 @@ def test_factors_above_max_dim_are_the_dense_factors_diagonals_and_the_build_say
     )
     torch.testing.assert_close(moved, expected[:, :-1], rtol=1e-4, atol=1e-6)
     assert any("keeps the diagonal of 1 factor above max_dim=6" in m and "2 A (7)" in m for m in announced)
+
+
+def test_an_eigendecomposition_that_fails_in_fp32_is_done_again_in_fp64(monkeypatch):
+    """LAPACK's eigh can fail to converge on a large, rank-deficient fp32 factor (ResNet-18's
+    2304-wide conv inputs at the first step); the step then decomposes in fp64, same result."""
+    x, y = data(16, seed=5)
+    eigh = torch.linalg.eigh
+
+    def fails_in_fp32(matrix, *args, **kwargs):
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: the algorithm failed to converge")
+        return eigh(matrix, *args, **kwargs)
+
+    moved = []
+    for failing in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5))
+        opt = opcomp.build("ekfac[damping=0.01](g)", model, lr=1.0)
+        before = [p.detach().clone() for p in model.parameters()]
+        F.cross_entropy(model(x), y.clamp(max=4)).backward()
+        if failing:
+            monkeypatch.setattr(torch.linalg, "eigh", fails_in_fp32)
+        opt.step()
+        moved.append(torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())]))
+    torch.testing.assert_close(moved[1], moved[0], rtol=1e-4, atol=1e-6)
