@@ -6,6 +6,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+import opcomp.distributed as distributed
 from opcomp.capture import Likelihood
 from opcomp.definitions import Namespace, presets
 from opcomp.errors import OpcompError
@@ -34,6 +35,7 @@ def build(
     class_dim: int | None = None,
     output: Output = "logits",
     compile: Literal["auto", "on", "off"] = "auto",  # noqa: A002 - the option's documented name
+    data_parallel: distributed.Setting = "auto",
     **options,
 ) -> Optimizer:
     """The optimizer for ``expr`` (an expression, a preset, or a ``.toml`` rule file) over a model.
@@ -61,10 +63,18 @@ def build(
     learning rate a 0-d tensor so schedules never recompile): "on", "off", or "auto" — on CUDA only:
     on the CPU a cold compile costs 5–40 s and pays back after 80–750 steps (docs/performance.md),
     so long CPU runs ask for "on". A step that compiles says so first (:class:`OpcompNotice`).
+
+    ``data_parallel``: under ``DistributedDataParallel`` ("auto", given the wrapped model) opcomp
+    reduces what it computes itself — layer statistics, its own backward passes, probes — over the
+    wrapper's group, so every rank steps as one process on the global batch (docs/distributed.md).
+    Pass the group when the model is wrapped elsewhere (Lightning, Trainer), or "local".
     """
     namespace = presets() if namespace is None else namespace
     if isinstance(model_or_params, nn.Module):
         model = model_or_params
+    model, parallel = distributed.resolve(model, data_parallel)  # names are the module's, not DDP's
+    data_parallel = parallel if parallel is not None else data_parallel
+    if isinstance(model_or_params, nn.Module):
         params = [p for p in model.parameters() if p.requires_grad]
     elif isinstance(model_or_params, (set, frozenset)):
         raise OpcompError(
@@ -107,6 +117,7 @@ def build(
         class_dim=class_dim,
         output=output,
         compile=compile,
+        data_parallel=data_parallel,
     )
 
 

@@ -16,6 +16,7 @@ by copying it back (bit for bit) and every buffer of the model (running statisti
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from opcomp.distributed import DataParallel
 from opcomp.errors import OpcompError
 from opcomp.precision import working, working_dtype
 from opcomp.prediction import Prediction
@@ -128,6 +130,7 @@ class Probe:
     prediction: Prediction = field(default_factory=Prediction)  # where the prediction is in the model's output
     calls_backward: bool | None = None  # the closure runs backward itself (None: not seen yet)
     params: Sequence[Tensor] = ()  # every parameter of the optimizer, whose .grad a closure may write
+    parallel: DataParallel | None = None  # the ranks over which probed losses and gradients are averaged
     _loss_gradients: list[Tensor] | None = None
 
     def __post_init__(self) -> None:
@@ -163,8 +166,9 @@ class Probe:
 
     def evaluate(self, *, grad: bool) -> Tensor:
         """The closure's loss at the current point (with its graph when ``grad``); NonFinite if inf
-        or NaN. Without ``grad``, a closure that calls backward runs with gradients on and leaves
-        ``.grad`` as it was."""
+        or NaN (across ranks that is decided after their values are pooled, so all decide alike).
+        Without ``grad``, a closure that calls backward runs with gradients on and leaves ``.grad``
+        as it was."""
         self.evaluations += 1
         if grad:
             with torch.enable_grad():
@@ -176,7 +180,7 @@ class Probe:
                 else:
                     with torch.set_grad_enabled(self.calls_backward):
                         loss = check_loss(self.closure(), probing=False)
-        if not bool(torch.isfinite(loss.detach())):
+        if self.parallel is None and not bool(torch.isfinite(loss.detach())):
             raise NonFinite
         return loss
 
@@ -205,14 +209,28 @@ class Probe:
         if self.loss is None:
             self.trained = True
             self.loss = self.evaluate(grad=False)
-        return self.loss.detach()
+        if self.parallel is None:
+            return self.loss.detach()
+        return self.loss.detach().new_tensor(self.pooled(float(self.loss)))
 
     def loss_at(self, params: Sequence[Tensor], directions: Iterable[Tensor], scale: float) -> float:
         """L(p + scale·d), without a graph."""
         with self.shifted(params, directions, scale):
-            value = float(self.evaluate(grad=False))
+            value = self.pooled(float(self.evaluate(grad=False)))
         self.probed.append(value)
         return value
+
+    def pooled(self, loss: float) -> float:
+        """A probed loss over every rank's batch; NonFinite (on every rank alike) if inf or NaN."""
+        value = loss if self.parallel is None else self.parallel.mean_value(loss)
+        if not math.isfinite(value):
+            raise NonFinite
+        return value
+
+    def reduced(self, grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor | None]:
+        """Gradients or curvature products of opcomp's own backward, averaged over the ranks as DDP
+        averages gradients (unchanged in one process)."""
+        return list(grads) if self.parallel is None else self.parallel.mean_gradients(grads, params)
 
     def estimate(self) -> Tensor:
         """What the step reports as its loss without a training pass: the mean of the probed losses,
@@ -234,6 +252,9 @@ class Probe:
             else:
                 loss = self.evaluate(grad=True)
                 grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+                grads = self.reduced([None if g is None else g.detach() for g in grads], params)
+                if self.parallel is not None:
+                    self.pooled(float(loss))
         return finite([zeros_like_working(p) if g is None else working(g.detach()) for p, g in zip(params, grads)])
 
     def check_model_call(self) -> None:
@@ -259,7 +280,14 @@ def zeros_like_working(param: Tensor) -> Tensor:
 
 
 def first_evaluation(
-    closure, params: list[Tensor], graphs, model: nn.Module | None, disarm, probing: bool, prediction: Prediction
+    closure,
+    params: list[Tensor],
+    graphs,
+    model: nn.Module | None,
+    disarm,
+    probing: bool,
+    prediction: Prediction,
+    parallel: DataParallel | None = None,
 ) -> tuple[Tensor | None, Probe | None]:
     """The closure's first call, at the current parameters, and opcomp's own backward pass.
 
@@ -267,7 +295,9 @@ def first_evaluation(
     the probes need from this call. Expressions that estimate from loss values alone get no call
     here: their probes evaluate the closure themselves. A closure that runs backward itself keeps
     torch's semantics (``.grad`` as it leaves it, accumulation included); first-order probes then
-    read ``.grad`` after each of their calls, and second-order ones refuse it.
+    read ``.grad`` after each of their calls, and second-order ones refuse it. The gradients of
+    opcomp's own backward are averaged over ``parallel``'s ranks; a closure's backward is the
+    wrapper's (DDP averages it).
     """
     nodes = [n for graph in graphs for n in graph.nodes]
     double = any(n.spec.needs.double_backward for n in nodes)
@@ -275,7 +305,7 @@ def first_evaluation(
     outputs = any(n.spec.needs.closure and n.spec.needs.model for n in nodes)
     twice = any(n.spec.differentiates_twice for n in nodes)  # the training pass's graph, again
     if probing and not any(graph.trains for graph in graphs):
-        return None, Probe(closure, model, disarm, None, evaluations=0, params=params)
+        return None, Probe(closure, model, disarm, None, evaluations=0, params=params, parallel=parallel)
     recorder = ModelCall(model if outputs else None, prediction)
     marks = GradMarks(params)
     with torch.enable_grad(), recorder, second_derivatives(twice):
@@ -284,7 +314,8 @@ def first_evaluation(
         check_loss(loss, probing=False)
         if probing:
             refuse_own_backward(nodes, marks)
-            return loss.detach(), Probe(closure, model, disarm, loss.detach(), calls_backward=True, params=params)
+            probe = Probe(closure, model, disarm, loss.detach(), calls_backward=True, params=params, parallel=parallel)
+            return loss.detach(), probe
         return loss.detach(), None
     loss = check_loss(loss, probing=probing)
     for param in params:
@@ -294,14 +325,18 @@ def first_evaluation(
         trainable = [p for p in params if p.requires_grad]
         with torch.enable_grad(), second_derivatives(twice):
             grads = torch.autograd.grad(loss, trainable, create_graph=double, retain_graph=probing, allow_unused=True)
-        for param, grad in zip(trainable, grads):
-            param.grad = None if grad is None else grad.detach()
+        averaged = [None if g is None else g.detach() for g in grads]
+        if parallel is not None:
+            averaged = parallel.mean_gradients(averaged, trainable)
+        for param, grad, mean in zip(trainable, grads, averaged):
+            param.grad = mean
             if double and grad is not None:
-                graph_grads[id(param)] = grad
+                graph_grads[id(param)] = grad  # this rank's, with its graph: products are averaged after
     if not probing:
         return loss.detach(), None
+    calls = recorder.calls
     return loss.detach(), Probe(
-        closure, model, disarm, loss, graph_grads, recorder.calls, prediction=prediction, params=params
+        closure, model, disarm, loss, graph_grads, calls, prediction=prediction, params=params, parallel=parallel
     )
 
 

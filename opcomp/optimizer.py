@@ -17,13 +17,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+import opcomp.distributed as distributed
 from opcomp.capture import Capture, Likelihood
 from opcomp.closure import CLOSURE_SHAPE, NonFinite, Probe, all_finite, finite, first_evaluation
 from opcomp.definitions import Namespace
 from opcomp.errors import OpcompError
 from opcomp.execute import Elementwise, apply, run_family, runs_in_place
+from opcomp.kernels import COLLECTIVE
 from opcomp.kernels import load as load_kernels
-from opcomp.kernels.factors import Reduction, provider
+from opcomp.kernels.factors import Reduction, StepStatistics
 from opcomp.lang.ast import Expr
 from opcomp.plan import Plan
 from opcomp.prediction import Output, Prediction
@@ -55,6 +57,7 @@ class Optimizer(torch.optim.Optimizer):
         class_dim: int | None = None,
         output: Output = "logits",
         compile: Literal["auto", "on", "off"] = "auto",  # noqa: A002 - the option's documented name
+        data_parallel: distributed.Setting = "auto",
     ) -> None:
         _check_lr(lr, "the optimizer")
         if compile not in ("auto", "on", "off"):
@@ -68,6 +71,7 @@ class Optimizer(torch.optim.Optimizer):
                 f"class_dim is a dimension of the model's output other than the batch's 0, got {class_dim!r}"
             )
         self._prediction = Prediction(output)
+        model, self._parallel = distributed.resolve(model, data_parallel)
         load_kernels()  # registers every kernel family
         self._plan = Plan(namespace, model, names, owners, sampling=likelihood is not None)
         self._elementwise = Elementwise(compile)
@@ -80,6 +84,15 @@ class Optimizer(torch.optim.Optimizer):
         default = self._plan.lower(expr)
         self._default = (expr if isinstance(expr, str) else default.canonical, default)
         super().__init__(params, {"lr": lr, "expr": default.canonical})
+        nodes = [n for group in self.param_groups for n in self._plan.graphs[group["expr"]].nodes]
+        distributed.check(
+            [p for group in self.param_groups for p in group["params"]],
+            self._parallel,
+            data_parallel,
+            statistics=self._capture is not None,
+            probes=bool(self._probes()),
+            global_norm=any(COLLECTIVE.get(n.op) == "global" for n in nodes),
+        )
         warn_at_build(self._plan, self.param_groups)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -138,7 +151,7 @@ class Optimizer(torch.optim.Optimizer):
             params = [p for group in self.param_groups for p in group["params"]]
             disarm = self._capture.disarmed if self._capture is not None else nullcontext
             loss, probe = first_evaluation(
-                closure, params, graphs, self._plan.model, disarm, bool(probing), self._prediction
+                closure, params, graphs, self._plan.model, disarm, bool(probing), self._prediction, self._parallel
             )
         loss = self._step(loss, probe)
         return probe.estimate() if loss is None and probe is not None else loss
@@ -168,7 +181,8 @@ class Optimizer(torch.optim.Optimizer):
         fallible = {e: items for e, items in families.items() if e not in plain}
         touched = [p for items in fallible.values() for _, _, params in items for p in params]
         saved = snapshot(self.state, touched) if fallible else None
-        statistics = provider(self._capture, self._reduction) if self._capture is not None else None
+        capture = self._capture
+        statistics = StepStatistics(capture, self._reduction, self._parallel) if capture is not None else None
         try:
             updates = [
                 update

@@ -15,7 +15,17 @@ ROOMS = [
     ("text", ["opcomp._resources", "opcomp.errors", "opcomp.lang"]),
     ("catalogue", ["opcomp.ops"]),
     ("language", ["opcomp.definitions", "opcomp.resolve", "opcomp.graph", "opcomp.explain", "opcomp.catalogue"]),
-    ("runtime basics", ["opcomp.precision", "opcomp.prediction", "opcomp.capture", "opcomp.state", "opcomp.closure"]),
+    (
+        "runtime basics",
+        [
+            "opcomp.precision",
+            "opcomp.prediction",
+            "opcomp.distributed",
+            "opcomp.capture",
+            "opcomp.state",
+            "opcomp.closure",
+        ],
+    ),
     ("kernels", ["opcomp.kernels"]),
     ("plan", ["opcomp.plan", "opcomp.report"]),
     ("step", ["opcomp.execute"]),

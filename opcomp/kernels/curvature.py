@@ -17,15 +17,14 @@ from opcomp.precision import working
 
 
 def hessian_products(probe: Probe, params: Sequence[Tensor], vectors: Sequence[Tensor]) -> list[Tensor | None]:
-    """H·v per parameter by differentiating ⟨∇L, v⟩ once more (the first backward kept its graph);
-    None where the gradient does not reach a parameter."""
+    """H·v per parameter by differentiating ⟨∇L, v⟩ once more (the first backward kept its graph),
+    averaged over the ranks; None where the gradient does not reach a parameter."""
     grads = [probe.graph_grads[id(p)] for p in params]
     with second_derivatives():
-        return list(
-            torch.autograd.grad(
-                grads, params, [v.to(p.dtype) for v, p in zip(vectors, params)], retain_graph=True, allow_unused=True
-            )
+        products = torch.autograd.grad(
+            grads, params, [v.to(p.dtype) for v, p in zip(vectors, params)], retain_graph=True, allow_unused=True
         )
+    return probe.reduced(products, params)
 
 
 @kernel("hvp", collective="probe")
@@ -57,15 +56,16 @@ class GaussNewton:
 
     def __call__(self, v: Sequence[Tensor]) -> list[Tensor]:
         reached = [(t, vi.to(t.dtype)) for t, vi in zip(self.transposed, v) if t is not None]
-        if not reached:  # no parameter here reaches the outputs: G is zero on them
-            return [zeros_like_working(vi) for vi in v]
-        with second_derivatives():
-            jvs = torch.autograd.grad(
-                [t for t, _ in reached], self.duals, [vi for _, vi in reached], retain_graph=True, allow_unused=True
-            )
-            jvs = [torch.zeros_like(o) if jv is None else jv for jv, o in zip(jvs, self.outputs)]
-            hjvs = torch.autograd.grad(self.probe.loss_gradients(), self.outputs, jvs, retain_graph=True)
-            products = torch.autograd.grad(self.outputs, self.params, hjvs, retain_graph=True, allow_unused=True)
+        products: Sequence[Tensor | None] = [None] * len(v)  # no parameter here reaches the outputs: G is 0
+        if reached:
+            with second_derivatives():
+                jvs = torch.autograd.grad(
+                    [t for t, _ in reached], self.duals, [vi for _, vi in reached], retain_graph=True, allow_unused=True
+                )
+                jvs = [torch.zeros_like(o) if jv is None else jv for jv, o in zip(jvs, self.outputs)]
+                hjvs = torch.autograd.grad(self.probe.loss_gradients(), self.outputs, jvs, retain_graph=True)
+                products = torch.autograd.grad(self.outputs, self.params, hjvs, retain_graph=True, allow_unused=True)
+        products = self.probe.reduced(products, self.params)  # averaged over the ranks' batches
         return [zeros_like_working(vi) if gv is None else working(gv) for gv, vi in zip(products, v)]
 
 

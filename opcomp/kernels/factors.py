@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from opcomp.capture import Capture, Entry
+from opcomp.distributed import DataParallel
 from opcomp.errors import OpcompError
 from opcomp.precision import working_dtype
 
@@ -164,20 +165,29 @@ def diagonal_sides(kind: Kind, shape: tuple[int, int], max_dim: int | None) -> t
     return kind == "embedding" or inputs > limit, out > limit
 
 
-def provider(capture: Capture, reduction: Reduction):
-    """This step's statistics per (layer, columns, sampled), taken from the capture and computed
-    on first use: ``provider(capture, reduction)(layer_slot, sampled) -> Statistics | None``."""
-    entries = {module: capture.take(module) for module in capture.modules}
-    cache: dict[tuple, Statistics | None] = {}
+class StepStatistics:
+    """This step's statistics per (layer, columns, sampled), taken from the capture and computed on
+    first use (``step_statistics(layer_slot, sampled) -> Statistics | None``), and the data-parallel
+    group whose ranks pool theirs (None in one process)."""
 
-    def statistics_of(layer, sampled: bool) -> Statistics | None:
+    def __init__(self, capture: Capture, reduction: Reduction, parallel: DataParallel | None = None) -> None:
+        self.entries = {module: capture.take(module) for module in capture.modules}
+        self.reduction, self.parallel = reduction, parallel
+        self.cache: dict[tuple, Statistics | None] = {}
+
+    def __call__(self, layer, sampled: bool) -> Statistics | None:
         key = (layer.module, layer.columns, sampled)
-        if key not in cache:
-            usable = [e for e in entries[layer.module] if not sampled or e.sampled is not None]
-            cache[key] = statistics(layer.module, usable, reduction, layer.columns, sampled) if usable else None
-        return cache[key]
+        if key not in self.cache:
+            usable = [e for e in self.entries[layer.module] if not sampled or e.sampled is not None]
+            found = statistics(layer.module, usable, self.reduction, layer.columns, sampled) if usable else None
+            self.cache[key] = found
+        return self.cache[key]
 
-    return statistics_of
+    def pooled(self, values: list[Tensor], counts: list[int]) -> tuple[list[Tensor], list[float]]:
+        """Each value a mean over its count of rows, pooled over the ranks (as it is in one process)."""
+        if self.parallel is None:
+            return values, [float(n) for n in counts]
+        return self.parallel.pooled(values, counts)
 
 
 def check_supported(module: nn.Module, name: str) -> None:

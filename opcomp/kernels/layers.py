@@ -25,8 +25,17 @@ from torch import Tensor, nn
 from opcomp.closure import finite
 from opcomp.errors import OpcompError
 from opcomp.kernels import kernel
-from opcomp.kernels.factors import Columns, Kind, Statistics, diagonal_sides, layer_shape, matrix_shape
+from opcomp.kernels.factors import (
+    Columns,
+    Kind,
+    Statistics,
+    StepStatistics,
+    diagonal_sides,
+    layer_shape,
+    matrix_shape,
+)
 from opcomp.ops import Options
+from opcomp.precision import working_dtype
 from opcomp.state import advance
 
 
@@ -57,7 +66,7 @@ class LayerCtx:
 
     options: Options
     layers: list[LayerSlot]
-    statistics: Callable[[LayerSlot, bool], Statistics | None]  # (layer, sampled) -> this step's
+    statistics: StepStatistics  # (layer, sampled) -> this step's, and how ranks pool them
 
 
 def step_counts(ctx: LayerCtx) -> list[int]:
@@ -75,17 +84,43 @@ def average(state: dict, name: str, value: Tensor, decay: float) -> None:
         state[name].mul_(decay).add_(value, alpha=1.0 - decay)
 
 
-def fresh_statistics(ctx: LayerCtx, layer: LayerSlot, count: int, needed: str) -> Statistics | None:
-    """This step's statistics when they are due; an error if a layer never had any."""
-    if count % ctx.options.update_every:
-        return None
-    statistics = ctx.statistics(layer, getattr(ctx.options, "fisher", "empirical") == "mc")
-    if statistics is None and needed not in layer.state:
-        raise OpcompError(
-            f"layer '{layer.name}' has no statistics: its forward and backward must run on the model given "
-            "to opcomp.build, with gradients enabled, before opt.step()"
-        )
-    return statistics
+def fold_statistics(
+    ctx: LayerCtx, counts: list[int], names: tuple[str, str], diagonal: Callable[[LayerSlot], tuple[bool, bool]]
+) -> dict[int, Statistics | None]:
+    """Average this step's A and G (each kept dense or as its diagonal, as ``diagonal`` says) into
+    the state ``names`` of every layer whose statistics are due, pooled over the ranks in one
+    reduction. Returns the due layers (by id) that some rank had statistics for, with this rank's
+    (None where only others had some)."""
+    sampled = getattr(ctx.options, "fisher", "empirical") == "mc"
+    due = [layer for layer, count in zip(ctx.layers, counts) if count % ctx.options.update_every == 0]
+    found = [ctx.statistics(layer, sampled) for layer in due]
+    values, rows = [], []
+    for layer, statistics in zip(due, found):
+        diagonal_a, diagonal_g = diagonal(layer)
+        if statistics is None:  # none here: zeros that count for nothing, so every rank reduces alike
+            out, inputs = layer.matrix_shape
+            like = dict(dtype=working_dtype(layer.module.weight.dtype), device=layer.module.weight.device)
+            values += [torch.zeros((inputs,) if diagonal_a else (inputs, inputs), **like)]
+            values += [torch.zeros((out,) if diagonal_g else (out, out), **like)]
+            rows += [0, 0]
+        else:
+            values += [statistics.A_diagonal() if diagonal_a else statistics.A()]
+            values += [statistics.G_diagonal() if diagonal_g else statistics.G()]
+            rows += [statistics.a_count, statistics.examples]
+    values, rows = ctx.statistics.pooled(values, rows)
+    fresh = {}
+    for index, (layer, statistics) in enumerate(zip(due, found)):
+        if not rows[2 * index + 1]:
+            if names[1] not in layer.state:
+                raise OpcompError(
+                    f"layer '{layer.name}' has no statistics: its forward and backward must run on the model given "
+                    "to opcomp.build, with gradients enabled, before opt.step()"
+                )
+            continue
+        average(layer.state, names[0], values[2 * index], ctx.options.decay)
+        average(layer.state, names[1], values[2 * index + 1], ctx.options.decay)
+        fresh[id(layer)] = statistics
+    return fresh
 
 
 def matrix_of(layer: LayerSlot, x: list[Tensor]) -> Tensor:
@@ -224,24 +259,19 @@ def kronecker_eigenvalues(layer: LayerSlot) -> Tensor:
     return layer.state["G_eigenvalues"].unsqueeze(1) * layer.state["A_eigenvalues"].unsqueeze(0)
 
 
-def update_factors(ctx: LayerCtx, layer: LayerSlot, count: int) -> Statistics | None:
-    statistics = fresh_statistics(ctx, layer, count, "G")
-    if statistics is not None:
-        decay = ctx.options.decay
-        diagonal_a, diagonal_g = diagonal_sides(layer.kind, layer.matrix_shape, ctx.options.max_dim)
-        average(layer.state, "A", statistics.A_diagonal() if diagonal_a else statistics.A(), decay)
-        average(layer.state, "G", statistics.G_diagonal() if diagonal_g else statistics.G(), decay)
-    return statistics
+def update_factors(ctx: LayerCtx, counts: list[int]) -> dict[int, Statistics | None]:
+    """KFAC's A and G, each dense or kept diagonal by the size budget."""
+    return fold_statistics(
+        ctx, counts, ("A", "G"), lambda layer: diagonal_sides(layer.kind, layer.matrix_shape, ctx.options.max_dim)
+    )
 
 
 @kernel("kfac", collective="layers")
 def kfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
     o = ctx.options
-    due = Refresh()
-    for layer, count in zip(ctx.layers, step_counts(ctx)):
-        update_factors(ctx, layer, count)
-        if count % o.invert_every == 0:
-            due.layers.append(layer)
+    counts = step_counts(ctx)
+    update_factors(ctx, counts)
+    due = Refresh([layer for layer, count in zip(ctx.layers, counts) if count % o.invert_every == 0])
     if o.damping_mode == "exact":
         due.eigenbases()
     else:
@@ -279,11 +309,8 @@ def diag_kfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
     """X ⊙ 1/((diag G + λ)(diag A + λ)ᵀ), the DiagFOG code's outer product of factor diagonals."""
     o = ctx.options
     out: list = [None] * len(x)
-    for layer, count in zip(ctx.layers, step_counts(ctx)):
-        statistics = fresh_statistics(ctx, layer, count, "G_diag")
-        if statistics is not None:
-            average(layer.state, "A_diag", statistics.A_diagonal(), o.decay)
-            average(layer.state, "G_diag", statistics.G_diagonal(), o.decay)
+    fold_statistics(ctx, step_counts(ctx), ("A_diag", "G_diag"), lambda layer: (True, True))
+    for layer in ctx.layers:
         denominator = (layer.state["G_diag"] + o.damping).unsqueeze(1) * (layer.state["A_diag"] + o.damping)
         scatter(layer, matrix_of(layer, x) / denominator, x, out)
     return out
@@ -299,23 +326,26 @@ def ekfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
     when the refresh falls on a step without statistics).
     """
     o = ctx.options
-    due = Refresh()
-    fresh: dict[int, Statistics] = {}
-    for layer, count in zip(ctx.layers, step_counts(ctx)):
-        statistics = update_factors(ctx, layer, count)
-        if statistics is not None:
-            fresh[id(layer)] = statistics
-        if count % o.invert_every == 0:
-            due.layers.append(layer)
+    counts = step_counts(ctx)
+    fresh = update_factors(ctx, counts)
+    due = Refresh([layer for layer, count in zip(ctx.layers, counts) if count % o.invert_every == 0])
     due.eigenbases()
     for layer in due.layers:
         layer.state.pop("scale", None)  # fitted in the old basis
         if id(layer) not in fresh:
             layer.state["scale"] = kronecker_eigenvalues(layer)
-    for layer in ctx.layers:
-        if id(layer) in fresh:
-            scale = fresh[id(layer)].eigen_scale(layer.state.get("Q_G"), layer.state.get("Q_A"))
-            average(layer.state, "scale", scale, o.decay)
+    corrected = [layer for layer in ctx.layers if id(layer) in fresh]
+    scales, examples = [], []
+    for layer in corrected:
+        statistics = fresh[id(layer)]
+        if statistics is None:  # only other ranks had statistics for it
+            scales.append(torch.zeros_like(kronecker_eigenvalues(layer)))
+            examples.append(0)
+        else:
+            scales.append(statistics.eigen_scale(layer.state.get("Q_G"), layer.state.get("Q_A")))
+            examples.append(statistics.examples)
+    for layer, scale in zip(corrected, ctx.statistics.pooled(scales, examples)[0]):
+        average(layer.state, "scale", scale, o.decay)
     out: list = [None] * len(x)
     for layer in ctx.layers:
         direction = in_eigenbasis(layer, matrix_of(layer, x), layer.state["scale"], o.damping)

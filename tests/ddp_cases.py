@@ -1,0 +1,185 @@
+"""Training runs that must come out the same under DDP on 2 ranks (half batches) and in one process
+(the whole batch). Run as a script by :func:`launch`'s ranks; imported by the tests for the one-
+process reference.
+
+    python tests/ddp_cases.py RANK WORLD PORT OUT_DIR
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import opcomp
+
+STEPS = 3
+BATCH = 64  # every factor full rank: EKFAC's basis within a null space is arbitrary
+PRESETS = [
+    "adamw",
+    "muon_adamw",
+    "fog",
+    "diagfog",
+    "kfac_sgd",
+    "ekfac_sgd",
+    "f3eo",
+    "sam_sgd",
+    "fs_adarmsuon",
+    "adagnoema",
+    "mezo",
+]
+LOOPS = {"closure": "opt.step(closure), opcomp's own backward", "backward": "loss.backward(); opt.step()"}
+
+
+class Tokens(nn.Module):
+    """Embedding, a Linear over every position, a head on the mean: the sequence layer shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.embed(ids))).mean(1))
+
+
+def conv_net() -> nn.Module:
+    """A strided conv, then two Linears."""
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(36, 12), nn.Tanh(), nn.Linear(12, 3)
+    )
+
+
+MODELS = {"conv": (conv_net, lambda g: torch.randn(BATCH, 1, 8, 8, generator=g)), "tokens": (Tokens, None)}
+
+
+def data(model_name: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole batch of a step, the same in every process."""
+    generator = torch.Generator().manual_seed(100 + step)
+    if model_name == "tokens":
+        x = torch.randint(0, 11, (BATCH, 5), generator=generator)
+    else:
+        x = MODELS[model_name][1](generator)
+    return x, torch.randint(0, 3, (BATCH,), generator=generator)
+
+
+def fresh(model_name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return MODELS[model_name][0]()
+
+
+def train(
+    preset: str, model_name: str, loop: str, rank: int = 0, world: int = 1, swapped: bool = False
+) -> list[torch.Tensor]:
+    """The parameters after STEPS steps; under DDP when ``world`` > 1, each rank on its share;
+    ``swapped``: the batch's halves in the other order (what one process's rounding alone does)."""
+    model = fresh(model_name)
+    wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # coverage notices of the small models
+        opt = opcomp.build(preset, wrapped, lr=0.01)
+    share = BATCH // world
+    for step in range(STEPS):
+        x, y = data(model_name, step)
+        if swapped:
+            x, y = x.roll(BATCH // 2, 0), y.roll(BATCH // 2, 0)
+        x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+        if loop == "closure" or opt.needs_closure:
+            opt.step(lambda x=x, y=y: F.cross_entropy(wrapped(x), y))
+        else:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(wrapped(x), y).backward()
+            opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def cases() -> list[tuple[str, str, str]]:
+    """(preset, model, loop): every preset on both models through the closure; the plain loop where
+    DDP's own backward reduces the gradients (presets without probes)."""
+    out = [(preset, model, "closure") for preset in PRESETS for model in MODELS]
+    return out + [(preset, "conv", "backward") for preset in ("fog", "ekfac_sgd", "diagfog")]
+
+
+def refusals(world: int) -> dict[str, str]:
+    """What building does where opcomp cannot be exact: the error's text, per situation."""
+    out = {}
+    for name, build in {
+        "not wrapped": lambda: opcomp.build("fog", fresh("conv")),
+        "fsdp2": lambda: opcomp.build("fog", _fully_sharded(world)),
+    }.items():
+        try:
+            build()
+            out[name] = "built"
+        except opcomp.OpcompError as error:
+            out[name] = str(error)
+    out["local"] = type(opcomp.build("fog", fresh("conv"), data_parallel="local")).__name__
+    return out
+
+
+def _fully_sharded(world: int) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = fresh("conv")
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(out_dir: Path, world: int = 2, timeout: float = 300.0) -> list[dict]:
+    """Run this file on ``world`` ranks (gloo on 127.0.0.1, a free port) and return each rank's
+    results; every child is killed and reaped whatever happens."""
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent.parent))
+    children = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(rank), str(world), str(port), str(out_dir)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    try:
+        outputs = [child.communicate(timeout=timeout)[0] for child in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+    for rank, (child, output) in enumerate(zip(children, outputs)):
+        assert child.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(world)]
+
+
+def main(rank: int, world: int, port: int, out_dir: Path) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results = {case: train(*case, rank=rank, world=world) for case in cases()}
+        torch.save({"results": results, "refusals": refusals(world)}, out_dir / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
