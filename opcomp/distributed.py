@@ -73,6 +73,27 @@ class DataParallel:
         """A scalar (a probed loss) averaged over the ranks."""
         return float(self.mean([torch.tensor([value], dtype=torch.float64, device=self.device)])[0])
 
+    def owners(self, costs: Sequence[float]) -> list[int]:
+        """The rank that computes each piece of work: longest first, each to the least loaded rank
+        (LPT). Every rank derives the same assignment from the same costs, with no communication."""
+        loads = [0.0] * self.size
+        owner = [0] * len(costs)
+        for index in sorted(range(len(costs)), key=lambda i: -costs[i]):
+            rank = min(range(self.size), key=loads.__getitem__)
+            owner[index] = rank
+            loads[rank] += costs[index]
+        return owner
+
+    def shared(self, results: Sequence[Tensor | None], shapes: Sequence[torch.Size], like: Tensor) -> list[Tensor]:
+        """Every rank's share of the work, on every rank: each result is computed by its owner (and
+        None elsewhere), and one sum in which the others add zeros hands it to all, bit for bit."""
+        filled = [r if r is not None else like.new_zeros(shape) for r, shape in zip(results, shapes)]
+        return self.sum(filled)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
     def pooled(self, values: Sequence[Tensor], counts: Sequence[int]) -> tuple[list[Tensor], list[float]]:
         """Σ_r n_r·v_r / Σ_r n_r per value: each rank's mean over its n_r rows, pooled into the mean
         over every rank's rows; and the pooled counts Σ_r n_r (0: no rank had any)."""

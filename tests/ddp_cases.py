@@ -101,6 +101,30 @@ def train(
     return [p.detach().clone() for p in model.parameters()]
 
 
+def decompositions(rank: int = 0, world: int = 1) -> list[int]:
+    """The sizes of the factors this rank inverted or eigendecomposed in fog's 3 steps on the conv
+    net (kfac runs on the conv and the hidden Linear; the head runs adamw)."""
+    from opcomp.kernels import layers
+
+    sizes, originals = [], {name: getattr(layers, name) for name in ("eigen", "damped_inverse")}
+
+    def counting(operation):
+        def counted(batch):
+            sizes.extend([batch.shape[-1]] * batch.shape[0])
+            return operation(batch)
+
+        return counted
+
+    for name, operation in originals.items():
+        setattr(layers, name, counting(operation))
+    try:
+        train("fog", "conv", "closure", rank, world)
+    finally:
+        for name, operation in originals.items():
+            setattr(layers, name, operation)
+    return sorted(sizes)
+
+
 def cases() -> list[tuple[str, str, str]]:
     """(preset, model, loop): every preset on both models through the closure; the plain loop where
     DDP's own backward reduces the gradients (presets without probes)."""
@@ -176,7 +200,8 @@ def main(rank: int, world: int, port: int, out_dir: Path) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results = {case: train(*case, rank=rank, world=world) for case in cases()}
-        torch.save({"results": results, "refusals": refusals(world)}, out_dir / f"rank{rank}.pt")
+        report = {"results": results, "refusals": refusals(world), "decompositions": decompositions(rank, world)}
+        torch.save(report, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 

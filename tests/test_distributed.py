@@ -7,6 +7,10 @@ from __future__ import annotations
 import ddp_cases
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from opcomp.distributed import DataParallel
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +40,22 @@ def test_rank_local_results_are_refused_at_build(ranks):
     assert "data_parallel=" in refusals["not wrapped"]
     assert "DTensor shards (FSDP2" in refusals["fsdp2"]
     assert refusals["local"] == "Optimizer"
+
+
+def test_each_factor_is_decomposed_by_one_rank_and_shared(ranks):
+    """fog's inversions on 2 ranks: the factors one process inverts, split between the ranks (the
+    36-wide input factor of the hidden Linear on one, the three small ones on the other) — and fog
+    still equals one process (the cases above)."""
+    split = [rank["decompositions"] for rank in ranks]
+    assert sorted(split[0] + split[1]) == ddp_cases.decompositions()
+    assert split == [[36], [4, 9, 12]]
+
+
+@given(st.lists(st.floats(0, 1e6), max_size=40), st.integers(1, 8))
+def test_owners_balance_the_work_as_longest_processing_time_first(costs, size):
+    """Every piece goes to one rank, and no rank carries more than the least loaded one plus the
+    largest piece (the LPT bound)."""
+    owners = DataParallel(None, size, torch.device("cpu")).owners(costs)
+    loads = [sum(c for c, o in zip(costs, owners) if o == rank) for rank in range(size)]
+    assert all(0 <= o < size for o in owners)
+    assert max(loads) <= min(loads) + max(costs, default=0.0) + 1e-6

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from opcomp.closure import finite
+from opcomp.distributed import DataParallel
 from opcomp.errors import OpcompError
 from opcomp.kernels import kernel
 from opcomp.kernels.factors import (
@@ -67,6 +68,10 @@ class LayerCtx:
     options: Options
     layers: list[LayerSlot]
     statistics: StepStatistics  # (layer, sampled) -> this step's, and how ranks pool them
+
+    @property
+    def parallel(self) -> DataParallel | None:
+        return self.statistics.parallel
 
 
 def step_counts(ctx: LayerCtx) -> list[int]:
@@ -168,6 +173,37 @@ def by_size(matrices: list[Tensor], operation: Callable[[Tensor], tuple]) -> lis
     return results
 
 
+def decomposed(
+    matrices: list[Tensor],
+    operation: Callable[[Tensor], tuple],
+    shapes: Callable[[Tensor], list[tuple]],
+    parallel: DataParallel | None,
+) -> list[tuple]:
+    """``operation`` (whose results have ``shapes``) over each matrix, batched by size. Across
+    ranks, each matrix is decomposed by one owner (cost d³, longest first to the least loaded rank)
+    and shared with the others in one sum: the work splits, and every rank holds the same bits."""
+    if parallel is None or not matrices:
+        return by_size(matrices, operation)
+    finite(matrices)  # decided alike on every rank before the work splits
+    mine = [i for i, owner in enumerate(parallel.owners([m.shape[0] ** 3 for m in matrices])) if owner == parallel.rank]
+    try:
+        computed = dict(zip(mine, by_size([matrices[i] for i in mine], operation)))
+    except torch.linalg.LinAlgError:  # NaN for all to see: every rank skips the step alike
+        computed = {i: tuple(matrices[i].new_full(shape, math.nan) for shape in shapes(matrices[i])) for i in mine}
+    layout = [shapes(matrix) for matrix in matrices]
+    results = [computed[i][k] if i in computed else None for i, parts in enumerate(layout) for k in range(len(parts))]
+    flat = iter(parallel.shared(results, [shape for parts in layout for shape in parts], matrices[0]))
+    return [tuple(next(flat) for _ in parts) for parts in layout]
+
+
+def eigen_shapes(matrix: Tensor) -> list[tuple]:
+    return [matrix.shape[:1], matrix.shape]
+
+
+def inverse_shapes(matrix: Tensor) -> list[tuple]:
+    return [matrix.shape]
+
+
 def eigen(batch: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues (clamped at 0: factors are PSD) and eigenvectors of symmetric matrices."""
     values, vectors = symmetric_eigh(batch)
@@ -231,14 +267,17 @@ class Refresh:
     """Layers whose cached factors are due, collected so decompositions batch across layers."""
 
     layers: list[LayerSlot] = field(default_factory=list)
+    parallel: DataParallel | None = None  # ranks that split the decompositions among them
 
     def eigenbases(self) -> None:
-        """Eigenvalues and, for a dense factor, eigenvectors of A and G per layer; a factor kept
-        diagonal is its own eigenvalues, with the identity as basis (no Q stored)."""
+        """Eigenvalues and, for a dense factor, eigenvectors of A and G per layer, every dense
+        factor in one decomposition (one split across ranks); a factor kept diagonal is its own
+        eigenvalues, with the identity as basis (no Q stored)."""
+        dense = [(layer, name) for name in ("A", "G") for layer in self.layers if layer.state[name].ndim == 2]
+        factors = [layer.state[name] for layer, name in dense]
+        for (layer, name), (values, vectors) in zip(dense, decomposed(factors, eigen, eigen_shapes, self.parallel)):
+            layer.state[f"{name}_eigenvalues"], layer.state[f"Q_{name}"] = values, vectors
         for name in ("A", "G"):
-            dense = [layer for layer in self.layers if layer.state[name].ndim == 2]
-            for layer, (values, vectors) in zip(dense, by_size([layer.state[name] for layer in dense], eigen)):
-                layer.state[f"{name}_eigenvalues"], layer.state[f"Q_{name}"] = values, vectors
             for layer in self.layers:
                 if layer.state[name].ndim == 1:
                     layer.state[f"{name}_eigenvalues"] = layer.state[name].clamp_min(0.0)
@@ -271,11 +310,11 @@ def kfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
     o = ctx.options
     counts = step_counts(ctx)
     update_factors(ctx, counts)
-    due = Refresh([layer for layer, count in zip(ctx.layers, counts) if count % o.invert_every == 0])
+    due = Refresh([layer for layer, count in zip(ctx.layers, counts) if count % o.invert_every == 0], ctx.parallel)
     if o.damping_mode == "exact":
         due.eigenbases()
     else:
-        invert_factored(due.layers, o.damping)
+        invert_factored(due.layers, o.damping, ctx.parallel)
     out: list = [None] * len(x)
     for layer in ctx.layers:
         matrix = matrix_of(layer, x)
@@ -287,21 +326,21 @@ def kfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def invert_factored(layers: list[LayerSlot], damping: float) -> None:
+def invert_factored(layers: list[LayerSlot], damping: float, parallel: DataParallel | None = None) -> None:
     """A_inv = (A + λ_A I)⁻¹, G_inv = (G + λ_G I)⁻¹ with π-split damping, batched by size; a factor
     kept diagonal inverts element-wise."""
     splits = [pi_split(layer.state["A"], layer.state["G"], damping) for layer in layers]
+    dense, damped = [], []
     for name, side in (("A", 0), ("G", 1)):
-        dense, damped = [], []
         for layer, split in zip(layers, splits):
             factor, lam = layer.state[name], split[side]
             if factor.ndim == 1:
                 layer.state[f"{name}_inv"] = 1.0 / (factor + lam)
             else:
-                dense.append(layer)
+                dense.append((layer, name))
                 damped.append(factor + lam * torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device))
-        for layer, (inverse,) in zip(dense, by_size(damped, damped_inverse)):
-            layer.state[f"{name}_inv"] = inverse
+    for (layer, name), (inverse,) in zip(dense, decomposed(damped, damped_inverse, inverse_shapes, parallel)):
+        layer.state[f"{name}_inv"] = inverse
 
 
 @kernel("diag_kfac", collective="layers")
@@ -328,7 +367,7 @@ def ekfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
     o = ctx.options
     counts = step_counts(ctx)
     fresh = update_factors(ctx, counts)
-    due = Refresh([layer for layer, count in zip(ctx.layers, counts) if count % o.invert_every == 0])
+    due = Refresh([layer for layer, count in zip(ctx.layers, counts) if count % o.invert_every == 0], ctx.parallel)
     due.eigenbases()
     for layer in due.layers:
         layer.state.pop("scale", None)  # fitted in the old basis
