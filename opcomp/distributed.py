@@ -16,9 +16,9 @@ an initialized process group whose data-parallel group opcomp was not told.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -44,6 +44,9 @@ class DataParallel:
     group: Any  # a ProcessGroup; None is the default group
     size: int
     device: torch.device  # where scalars and counts travel (NCCL reduces only GPU tensors)
+    # what it did: "bytes" and "reductions" it all-reduced; decomposition cost (Σ d³) it assigned,
+    # "most work" on one rank and "mean work" per rank, whose ratio is the split's balance
+    tally: Counter = field(default_factory=Counter)
 
     def sum(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         """Element-wise sums over the ranks: one all_reduce per (device, dtype) of a flat buffer."""
@@ -54,6 +57,7 @@ class DataParallel:
         for indices in by_kind.values():
             flat = torch.cat([tensors[i].reshape(-1) for i in indices])
             dist.all_reduce(flat, group=self.group)
+            self.tally.update(bytes=flat.numel() * flat.element_size(), reductions=1)
             for i, part in zip(indices, flat.split([tensors[i].numel() for i in indices])):
                 out[i] = part.view(tensors[i].shape)
         return out
@@ -82,6 +86,7 @@ class DataParallel:
             rank = min(range(self.size), key=loads.__getitem__)
             owner[index] = rank
             loads[rank] += costs[index]
+        self.tally.update({"most work": max(loads), "mean work": sum(loads) / self.size})
         return owner
 
     def shared(self, results: Sequence[Tensor | None], shapes: Sequence[torch.Size], like: Tensor) -> list[Tensor]:

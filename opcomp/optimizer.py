@@ -157,6 +157,12 @@ class Optimizer(torch.optim.Optimizer):
         return probe.estimate() if loss is None and probe is not None else loss
 
     @property
+    def data_parallel(self) -> distributed.DataParallel | None:
+        """The group over which opcomp reduces what it computes itself, with a tally of the bytes it
+        all-reduced and how its decompositions split; None in one process (docs/distributed.md)."""
+        return self._parallel
+
+    @property
     def needs_closure(self) -> bool:
         """Whether a step evaluates the loss again (probes): then it takes ``opt.step(closure)``."""
         return bool(self._probes())

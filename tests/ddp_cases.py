@@ -1,5 +1,5 @@
 """Training runs that must come out the same under DDP on 2 ranks (half batches) and in one process
-(the whole batch). Run as a script by :func:`launch`'s ranks; imported by the tests for the one-
+(the whole batch). Run as a script on each rank by :func:`launch`; imported by the tests for the one-
 process reference.
 
     python tests/ddp_cases.py RANK WORLD PORT OUT_DIR
@@ -7,9 +7,6 @@ process reference.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -19,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import opcomp
+from opcomp.bench import ranks
 
 STEPS = 3
 BATCH = 64  # every factor full rank: EKFAC's basis within a null space is arbitrary
@@ -160,50 +158,17 @@ def _fully_sharded(world: int) -> nn.Module:
     return fully_shard(model, mesh=mesh)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch(out_dir: Path, world: int = 2, timeout: float = 300.0) -> list[dict]:
-    """Run this file on ``world`` ranks (gloo on 127.0.0.1, a free port) and return each rank's
-    results; every child is killed and reaped whatever happens."""
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent.parent))
-    children = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(rank), str(world), str(port), str(out_dir)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(world)
-    ]
-    try:
-        outputs = [child.communicate(timeout=timeout)[0] for child in children]
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-            child.wait()
-    for rank, (child, output) in enumerate(zip(children, outputs)):
-        assert child.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
+def launch(out_dir: Path, world: int = 2) -> list[dict]:
+    """Every case on ``world`` ranks; each rank's report."""
+    ranks.launch([__file__], out_dir, world)
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(world)]
 
 
 def main(rank: int, world: int, port: int, out_dir: Path) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with ranks.joined(rank, world, port):
         results = {case: train(*case, rank=rank, world=world) for case in cases()}
         report = {"results": results, "refusals": refusals(world), "decompositions": decompositions(rank, world)}
         torch.save(report, out_dir / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
