@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from opcomp.distributed import DataParallel
+from opcomp.distributed import DataParallel, is_shard
 from opcomp.errors import OpcompError
 from opcomp.precision import working, working_dtype
 from opcomp.prediction import Prediction
@@ -320,6 +320,11 @@ def first_evaluation(
     loss = check_loss(loss, probing=probing)
     for param in params:
         param.grad = None
+    if not probing and loss.requires_grad and any(is_shard(p) for p in params):
+        # FSDP2 reduce-scatters gradients in hooks that only a real backward fires (autograd.grad
+        # would leave each rank its own); probes, which need autograd.grad, are refused at build
+        loss.backward()
+        return loss.detach(), None
     graph_grads = {}
     if loss.requires_grad and any(n.spec.reads_gradient for n in nodes):
         trainable = [p for p in params if p.requires_grad]

@@ -9,9 +9,13 @@ shifted points, averaged as DDP averages), Hessian and Gauss–Newton products, 
 zeroth-order estimates difference. Noise is seeded from the node and the step, so it is the same
 on every rank. Every reduction is one ``all_reduce`` per device and dtype over a flat buffer.
 
-What opcomp cannot do exactly is refused when the optimizer is built (:func:`check`): layer
-statistics or probes on FSDP2's sharded (DTensor) parameters, and layer statistics or probes under
-an initialized process group whose data-parallel group opcomp was not told.
+Under FSDP2 (parameters are DTensor shards) the group is the mesh's, the training pass is a real
+``backward()`` (FSDP2 reduce-scatters in its hooks), and layer kernels see whole matrices: their
+inputs are all-gathered and their directions cut back to each rank's shard.
+
+What opcomp cannot do exactly is refused when the optimizer is built (:func:`check`): probes and
+``clip_global`` on FSDP2's shards, and layer statistics or probes under an initialized process
+group whose data-parallel group opcomp was not told.
 """
 
 from __future__ import annotations
@@ -114,14 +118,15 @@ def resolve(model: nn.Module | None, setting: Setting = "auto") -> tuple[nn.Modu
     if isinstance(setting, DataParallel):
         return _unwrapped(model), setting
     wrapper = isinstance(model, nn.parallel.DistributedDataParallel)
+    shard = next((p for p in model.parameters() if is_shard(p)), None) if model is not None else None
     if isinstance(setting, str):
         if setting not in ("auto", "local"):
             raise OpcompError(
                 f"data_parallel must be 'auto', 'local' or a torch.distributed process group, got {setting!r}"
             )
-        if setting == "local" or not wrapper:
+        if setting == "local" or not (wrapper or shard is not None):
             return _unwrapped(model), None
-        group = model.process_group
+        group = model.process_group if wrapper else _mesh_group(shard)
     else:
         if not (dist.is_available() and dist.is_initialized()):
             raise OpcompError("data_parallel= names a process group, but torch.distributed is not initialized")
@@ -131,6 +136,17 @@ def resolve(model: nn.Module | None, setting: Setting = "auto") -> tuple[nn.Modu
     first = next(inner.parameters(), None) if inner is not None else None
     device = first.device if first is not None else torch.device("cpu")
     return inner, DataParallel(group, size, device) if size > 1 else None
+
+
+def _mesh_group(shard: Tensor):
+    """The data-parallel group of FSDP2's parameters: their one-dimensional mesh's."""
+    mesh = shard.device_mesh
+    if mesh.ndim != 1:
+        raise OpcompError(
+            f"the parameters are sharded over a {mesh.ndim}-dimensional device mesh (HSDP or tensor parallelism); "
+            "opcomp supports FSDP2 over one dimension: pass data_parallel=<the data-parallel group>"
+        )
+    return mesh.get_group()
 
 
 def _unwrapped(model: nn.Module | None) -> nn.Module | None:
@@ -147,24 +163,17 @@ def check(
     global_norm: bool,
 ) -> None:
     """Refuse, at build time, what would silently run rank-local or on shards."""
-    needs = [
-        what
-        for what, needed in (
-            ("layer statistics", statistics),
-            ("probes (the step evaluates the loss again)", probes),
-            ("a norm over every parameter (clip_global)", global_norm),
-        )
-        if needed
-    ]
-    sharded = sum(p.numel() for p in params if _is_dtensor(p))
-    if sharded and needs:
+    probing = "probes (the step evaluates the loss again)"
+    on_shards = [w for w, n in ((probing, probes), ("a norm over every parameter (clip_global)", global_norm)) if n]
+    sharded = sum(p.numel() for p in params if is_shard(p))
+    if sharded and on_shards:
         raise OpcompError(
-            f"the expression needs {needs[0]}, but {sharded:,} of the parameters are DTensor shards (FSDP2's "
-            "fully_shard): opcomp computes that from whole tensors and does not shard it yet, so under FSDP2 it "
-            "would run something else. Use DistributedDataParallel, or an element-wise or matrix expression "
-            "such as muon_adamw (docs/distributed.md)"
+            f"the expression needs {on_shards[0]}, but {sharded:,} of the parameters are DTensor shards (FSDP2's "
+            "fully_shard), and opcomp does not run that on shards yet: it would run something else. Use "
+            "DistributedDataParallel, or an expression without it — element-wise, matrix (muon_adamw) and layer "
+            "statistics (fog, diagfog) run under FSDP2 (docs/distributed.md)"
         )
-    local = [what for what in needs if "clip_global" not in what]  # a norm of replicated gradients is global
+    local = [w for w, n in (("layer statistics", statistics), (probing, probes)) if n]
     if local and parallel is None and setting == "auto" and dist.is_available() and dist.is_initialized():
         size = dist.get_world_size()
         if size > 1:
@@ -174,7 +183,25 @@ def check(
             )
 
 
-def _is_dtensor(tensor: Tensor) -> bool:
+def gathered(values: Sequence[Tensor]) -> list[Tensor]:
+    """Whole tensors for DTensor shards (an all-gather each), the others as they are."""
+    return [v.full_tensor() if is_shard(v) else v for v in values]
+
+
+def sharded_like(values: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor | None]:
+    """Each whole value cut to its parameter's shard (every rank holds the whole, so nothing moves)."""
+    if not any(is_shard(p) for p in params):
+        return list(values)
+    from torch.distributed.tensor import distribute_tensor
+
+    return [
+        distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None) if v is not None and is_shard(p) else v
+        for v, p in zip(values, params)
+    ]
+
+
+def is_shard(tensor: Tensor) -> bool:
+    """Whether a parameter is a DTensor (FSDP2's ``fully_shard`` makes every parameter one)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch built without distributed

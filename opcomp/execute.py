@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from opcomp.closure import Probe
+from opcomp.distributed import gathered, sharded_like
 from opcomp.errors import OpcompNotice
 from opcomp.graph import Graph, Node
 from opcomp.kernels import COLLECTIVE, KERNELS, REBINDINGS
@@ -92,8 +93,10 @@ class Interpreter:
         arguments = flat.arguments(self.values, len(node.inputs))
         if collective == "global":
             out = kernel(Ctx(node.options, BucketStep(flat.params, flat.states), node.state_key), *arguments)
-        elif collective == "layers":
-            out = kernel(LayerCtx(node.options, self._layer_slots(node, flat), self.statistics), *arguments)
+        elif collective == "layers":  # on whole matrices: FSDP2's shards gathered, and sharded again after
+            whole = [gathered(values) for values in arguments]
+            out = kernel(LayerCtx(node.options, self._layer_slots(node, flat), self.statistics), *whole)
+            out = sharded_like(out, flat.params)
         else:
             with torch.enable_grad():
                 out = kernel(self._probe_ctx(node, flat.params, flat.states), *arguments)

@@ -75,15 +75,18 @@ def fresh(model_name: str) -> nn.Module:
 
 
 def train(
-    preset: str, model_name: str, loop: str, rank: int = 0, world: int = 1, swapped: bool = False
+    preset: str,
+    model_name: str,
+    loop: str,
+    rank: int = 0,
+    world: int = 1,
+    swapped: bool = False,
+    wrapper: str = "ddp",
 ) -> list[torch.Tensor]:
-    """The parameters after STEPS steps; under DDP when ``world`` > 1, each rank on its share;
-    ``swapped``: the batch's halves in the other order (what one process's rounding alone does)."""
-    model = fresh(model_name)
-    wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # coverage notices of the small models
-        opt = opcomp.build(preset, wrapped, lr=0.01)
+    """The parameters after STEPS steps; when ``world`` > 1, each rank on its share under DDP or
+    FSDP2 (``wrapper``, the parameters gathered whole at the end); ``swapped``: the batch's halves
+    in the other order (what one process's rounding alone does)."""
+    model, opt = built(preset, model_name, world, wrapper)
     share = BATCH // world
     for step in range(STEPS):
         x, y = data(model_name, step)
@@ -91,12 +94,22 @@ def train(
             x, y = x.roll(BATCH // 2, 0), y.roll(BATCH // 2, 0)
         x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
         if loop == "closure" or opt.needs_closure:
-            opt.step(lambda x=x, y=y: F.cross_entropy(wrapped(x), y))
+            opt.step(lambda x=x, y=y: F.cross_entropy(model(x), y))
         else:
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(wrapped(x), y).backward()
+            F.cross_entropy(model(x), y).backward()
             opt.step()
-    return [p.detach().clone() for p in model.parameters()]
+    return [(p.full_tensor() if world > 1 and wrapper == "fsdp2" else p).detach().clone() for p in model.parameters()]
+
+
+def built(preset: str, model_name: str, world: int = 1, wrapper: str = "ddp") -> tuple[nn.Module, opcomp.Optimizer]:
+    """The model as the ranks call it (wrapped when ``world`` > 1) and its optimizer."""
+    model = fresh(model_name)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model) if wrapper == "ddp" else fully_sharded(model, world)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # coverage notices of the small models
+        return model, opcomp.build(preset, model, lr=0.01)
 
 
 def decompositions(rank: int = 0, world: int = 1) -> list[int]:
@@ -124,10 +137,15 @@ def decompositions(rank: int = 0, world: int = 1) -> list[int]:
 
 
 def cases() -> list[tuple[str, str, str]]:
-    """(preset, model, loop): every preset on both models through the closure; the plain loop where
-    DDP's own backward reduces the gradients (presets without probes)."""
+    """(preset, model, loop) under DDP: every preset on both models through the closure; the plain
+    loop where DDP's own backward reduces the gradients (presets without probes)."""
     out = [(preset, model, "closure") for preset in PRESETS for model in MODELS]
     return out + [(preset, "conv", "backward") for preset in ("fog", "ekfac_sgd", "diagfog")]
+
+
+def sharded_cases() -> list[tuple[str, str, str]]:
+    """(preset, model, loop) under FSDP2: the presets without probes, both loops."""
+    return [(p, m, loop) for p in ("adamw", "muon_adamw", "fog", "diagfog") for m in MODELS for loop in LOOPS]
 
 
 def refusals(world: int) -> dict[str, str]:
@@ -135,7 +153,7 @@ def refusals(world: int) -> dict[str, str]:
     out = {}
     for name, build in {
         "not wrapped": lambda: opcomp.build("fog", fresh("conv")),
-        "fsdp2": lambda: opcomp.build("fog", _fully_sharded(world)),
+        "fsdp2 probes": lambda: opcomp.build("sam_sgd", fully_sharded(fresh("conv"), world)),
     }.items():
         try:
             build()
@@ -146,14 +164,14 @@ def refusals(world: int) -> dict[str, str]:
     return out
 
 
-def _fully_sharded(world: int) -> nn.Module:
+def fully_sharded(model: nn.Module, world: int) -> nn.Module:
+    """FSDP2 as its documentation applies it: each layer sharded on its own, then the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = fresh("conv")
     mesh = init_device_mesh("cpu", (world,))
-    for layer in model:
-        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+    for layer in model.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d, nn.Embedding)):
             fully_shard(layer, mesh=mesh)
     return fully_shard(model, mesh=mesh)
 
@@ -167,7 +185,15 @@ def launch(out_dir: Path, world: int = 2) -> list[dict]:
 def main(rank: int, world: int, port: int, out_dir: Path) -> None:
     with ranks.joined(rank, world, port):
         results = {case: train(*case, rank=rank, world=world) for case in cases()}
-        report = {"results": results, "refusals": refusals(world), "decompositions": decompositions(rank, world)}
+        sharded = {case: train(*case, rank=rank, world=world, wrapper="fsdp2") for case in sharded_cases()}
+        assignments = {(p, m): built(p, m, world, "fsdp2")[1].assignments() for p, m, _ in sharded_cases()}
+        report = {
+            "results": results,
+            "sharded": sharded,
+            "sharded assignments": assignments,
+            "refusals": refusals(world),
+            "decompositions": decompositions(rank, world),
+        }
         torch.save(report, out_dir / f"rank{rank}.pt")
 
 

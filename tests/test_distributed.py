@@ -34,11 +34,32 @@ def test_ddp_steps_as_one_process_on_the_whole_batch(ranks, case):
     assert error <= max(1e-4 * moved, 2 * rounding), f"{error:.1e} off one process (its own rounding: {rounding:.1e})"
 
 
-def test_rank_local_results_are_refused_at_build(ranks):
+@pytest.mark.parametrize("case", ddp_cases.sharded_cases(), ids="-".join)
+def test_fsdp2_steps_as_one_process_on_the_whole_batch(ranks, case):
+    """FSDP2 shards every layer; Newton–Schulz and KFAC see whole matrices, so the step is one
+    process's to float precision (bf16 Newton–Schulz included)."""
+    first, second = (rank["sharded"][case] for rank in ranks)
+    assert all(torch.equal(a, b) for a, b in zip(first, second)), "the ranks' gathered parameters differ"
+    reference = ddp_cases.train(*case)
+    start = [p.detach() for p in ddp_cases.fresh(case[1]).parameters()]
+    assert max(float((p - s).abs().max()) for p, s in zip(reference, start)) > 1e-3, "the reference did not train"
+    for got, want in zip(first, reference):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["adamw", "muon_adamw", "fog", "diagfog"])
+def test_fsdp2_assigns_every_parameter_as_one_process_does(ranks, preset):
+    for model in ddp_cases.MODELS:
+        assigned = ranks[0]["sharded assignments"][preset, model]
+        assert assigned == ddp_cases.built(preset, model)[1].assignments()
+        assert any("kfac" in ops for ops in assigned.values()) == (preset in ("fog", "diagfog"))
+
+
+def test_rank_local_or_sharded_results_are_refused_at_build(ranks):
     refusals = ranks[0]["refusals"]
     assert "torch.distributed runs 2 processes" in refusals["not wrapped"]
     assert "data_parallel=" in refusals["not wrapped"]
-    assert "DTensor shards (FSDP2" in refusals["fsdp2"]
+    assert "probes" in refusals["fsdp2 probes"] and "DTensor shards (FSDP2" in refusals["fsdp2 probes"]
     assert refusals["local"] == "Optimizer"
 
 

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor
 
+from opcomp.distributed import gathered, sharded_like
 from opcomp.kernels import kernel
 from opcomp.kernels.context import Ctx
 from opcomp.kernels.elementwise import adam_direction
@@ -61,9 +62,11 @@ def as_matrices(values: list[Tensor]) -> Tensor:
 
 
 def orthogonalise(values: list[Tensor], steps: int) -> list[Tensor]:
-    """orth of each value, as tensors of the values' shape and dtype."""
-    result = newton_schulz(as_matrices(values), steps).to(values[0].dtype)
-    return unstack(result, values)
+    """orth of each value, as tensors of the values' shape and dtype; FSDP2's shards orthogonalised
+    as the whole matrices they are parts of, and cut back to shards."""
+    whole = gathered(values)
+    result = newton_schulz(as_matrices(whole), steps).to(values[0].dtype)
+    return sharded_like(unstack(result, whole), values)
 
 
 def shape_factor(param: Tensor) -> float:
@@ -95,9 +98,10 @@ def muon(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
 def adarmsuon(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
     """orth(a)·‖a‖/‖orth(a)‖ with a = adam(x): Adam's energy on an orthogonal direction."""
     o = ctx.options
-    direction = as_matrices(adam_direction(ctx, x, o.b1, o.b2, o.eps))
+    whole = gathered(adam_direction(ctx, x, o.b1, o.b2, o.eps))  # FSDP2's shards as whole matrices
+    direction = as_matrices(whole)
     ortho = newton_schulz(direction, o.steps).to(direction.dtype)
     energy = torch.linalg.vector_norm(direction, dim=(-2, -1))
     spread = torch.linalg.vector_norm(ortho, dim=(-2, -1))
     ratio = torch.where(spread > 0, energy / spread.clamp_min(torch.finfo(spread.dtype).tiny), 0.0)
-    return unstack(ortho * ratio.view(-1, 1, 1), x)
+    return sharded_like(unstack(ortho * ratio.view(-1, 1, 1), whole), x)
