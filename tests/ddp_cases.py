@@ -112,6 +112,34 @@ def built(preset: str, model_name: str, world: int = 1, wrapper: str = "ddp") ->
         return model, opcomp.build(preset, model, lr=0.01)
 
 
+def resumed(preset: str, rank: int, world: int, out_dir: Path) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Under FSDP2: STEPS steps straight, and STEPS − 1 steps, a DCP save, a fresh model and
+    optimizer loaded from it, one more step. Both sets of parameters, gathered whole."""
+    import torch.distributed.checkpoint as dcp
+
+    from opcomp.integrations.dcp import load_optimizer
+
+    straight = train(preset, "conv", "closure", rank, world, wrapper="fsdp2")
+    share, checkpoint = BATCH // world, out_dir / f"checkpoint-{preset}"
+
+    def step(model, opt, number):
+        x, y = data("conv", number)
+        x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+        opt.step(lambda: F.cross_entropy(model(x), y))
+
+    model, opt = built(preset, "conv", world, "fsdp2")
+    for number in range(STEPS - 1):
+        step(model, opt, number)
+    dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=checkpoint)
+    model, opt = built(preset, "conv", world, "fsdp2")
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=checkpoint)
+    model.load_state_dict(state["model"])
+    load_optimizer(checkpoint, opt)
+    step(model, opt, STEPS - 1)
+    return [p.full_tensor().clone() for p in model.parameters()], straight
+
+
 def decompositions(rank: int = 0, world: int = 1) -> list[int]:
     """The sizes of the factors this rank inverted or eigendecomposed in fog's 3 steps on the conv
     net (kfac runs on the conv and the hidden Linear; the head runs adamw)."""
@@ -193,6 +221,7 @@ def main(rank: int, world: int, port: int, out_dir: Path) -> None:
             "sharded assignments": assignments,
             "refusals": refusals(world),
             "decompositions": decompositions(rank, world),
+            "resumed": {preset: resumed(preset, rank, world, out_dir) for preset in ("adamw", "fog")},
         }
         torch.save(report, out_dir / f"rank{rank}.pt")
 

@@ -55,6 +55,17 @@ def test_fsdp2_assigns_every_parameter_as_one_process_does(ranks, preset):
         assert any("kfac" in ops for ops in assigned.values()) == (preset in ("fog", "diagfog"))
 
 
+@pytest.mark.parametrize("preset", ["adamw", "fog"])
+def test_fsdp2_state_saved_with_dcp_on_2_ranks_resumes_bit_for_bit(ranks, preset):
+    """Sharded moments and whole KFAC factors through torch.distributed.checkpoint: a fresh model
+    and optimizer loaded from it take the next step exactly as the run that never stopped."""
+    start = [p.detach() for p in ddp_cases.fresh("conv").parameters()]
+    for rank in ranks:
+        continued, straight = rank["resumed"][preset]
+        assert all(torch.equal(a, b) for a, b in zip(continued, straight))
+        assert not all(torch.equal(a, b) for a, b in zip(continued, start)), "nothing trained"
+
+
 def test_rank_local_or_sharded_results_are_refused_at_build(ranks):
     refusals = ranks[0]["refusals"]
     assert "torch.distributed runs 2 processes" in refusals["not wrapped"]
