@@ -323,7 +323,8 @@ def first_evaluation(
     if not probing and loss.requires_grad and any(is_shard(p) for p in params):
         # FSDP2 reduce-scatters gradients in hooks that only a real backward fires (autograd.grad
         # would leave each rank its own); probes, which need autograd.grad, are refused at build
-        loss.backward()
+        with torch.enable_grad():  # a checkpointed model recomputes its forward in the backward
+            loss.backward()
         return loss.detach(), None
     graph_grads = {}
     if loss.requires_grad and any(n.spec.reads_gradient for n in nodes):
