@@ -33,6 +33,8 @@ PRESETS = [
     "adagnoema",
     "mezo",
 ]
+SPARSE_UPDATES = "muon[hidden](ekfac[update_every=2, invert_every=2](g)) | 0.1 * adamw(g)"
+"""Steps without statistics or refresh, between steps with them."""
 LOOPS = {"closure": "opt.step(closure), opcomp's own backward", "backward": "loss.backward(); opt.step()"}
 
 
@@ -168,6 +170,7 @@ def cases() -> list[tuple[str, str, str]]:
     """(preset, model, loop) under DDP: every preset on both models through the closure; the plain
     loop where DDP's own backward reduces the gradients (presets without probes)."""
     out = [(preset, model, "closure") for preset in PRESETS for model in MODELS]
+    out += [(SPARSE_UPDATES, "conv", "closure")]
     return out + [(preset, "conv", "backward") for preset in ("fog", "ekfac_sgd", "diagfog")]
 
 

@@ -185,7 +185,7 @@ class StepStatistics:
 
     def pooled(self, values: list[Tensor], counts: list[int]) -> tuple[list[Tensor], list[float]]:
         """Each value a mean over its count of rows, pooled over the ranks (as it is in one process)."""
-        if self.parallel is None:
+        if self.parallel is None or not values:  # nothing due: the same on every rank, so none reduces
             return values, [float(n) for n in counts]
         return self.parallel.pooled(values, counts)
 
