@@ -1,6 +1,7 @@
-"""DDP on 2 ranks with half batches equals one process on the whole batch, the ranks agree bit for
-bit, and what cannot be exact under a wrapper is refused at build (gloo on 127.0.0.1, real
-processes, docs/distributed.md)."""
+"""DDP and FSDP2 on 2 ranks with half batches equal one process on the whole batch, the ranks agree
+bit for bit, KFAC's decompositions split between them, a DCP checkpoint resumes exactly, and what
+cannot be exact under a wrapper is refused at build (gloo on 127.0.0.1, real processes,
+docs/distributed.md)."""
 
 from __future__ import annotations
 
