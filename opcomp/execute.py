@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from opcomp.closure import Probe
-from opcomp.distributed import gathered, sharded_like
+from opcomp.distributed import DataParallel, gathered, sharded_like
 from opcomp.errors import OpcompNotice
 from opcomp.graph import Graph, Node
 from opcomp.kernels import COLLECTIVE, KERNELS, REBINDINGS
@@ -65,10 +65,11 @@ class Interpreter:
         infos: Mapping[int, ParamInfo] | None = None,
         statistics: Callable | None = None,
         probe: Probe | None = None,
+        parallel: DataParallel | None = None,
     ) -> None:
         self.graph, self.programs, self.buckets = graph, programs, buckets
         self.state, self.layers, self.infos = state, layers, infos
-        self.statistics, self.probe = statistics, probe
+        self.statistics, self.probe, self.parallel = statistics, probe, parallel
         self.values: list[dict[int, list[Tensor]]] = [{} for _ in programs]
 
     def run(self) -> list[list[Tensor]]:
@@ -86,7 +87,7 @@ class Interpreter:
         collective = COLLECTIVE.get(node.op)
         if collective is None:
             for i, step in running:
-                ctx = Ctx(node.options, self.buckets[i], node.state_key, scope=node.scope)
+                ctx = Ctx(node.options, self.buckets[i], node.state_key, scope=node.scope, parallel=self.parallel)
                 self.values[i][node.id] = kernel(ctx, *(self.values[i][j] for j in step.inputs))
             return
         flat = Flat(self.buckets, running)
@@ -160,7 +161,13 @@ class Interpreter:
 
 
 def run_family(
-    plan: Plan, expression: str, items: list, state: Mapping, statistics, probe: Probe | None
+    plan: Plan,
+    expression: str,
+    items: list,
+    state: Mapping,
+    statistics,
+    probe: Probe | None,
+    parallel: DataParallel | None = None,
 ) -> list[Update]:
     """One family with layer statistics or probes: its updates, not yet applied.
 
@@ -177,6 +184,7 @@ def run_family(
         infos=plan.infos,
         statistics=statistics,
         probe=probe,
+        parallel=parallel,
     )
     directions = interpreter.run()
     return [
@@ -236,9 +244,13 @@ def runs_in_place(graph: Graph, programs) -> bool:
     return not any(COLLECTIVE.get(s.node.op) in ("layers", "probe") or s.node.scope for p in programs for s in p.steps)
 
 
-def step_in_place(graph: Graph, programs: list[Program], buckets: list[BucketStep], lrs: list) -> None:
-    """Every bucket's direction and its update, in place — the function torch.compile fuses."""
-    for program, bucket, lr, direction in zip(programs, buckets, lrs, Interpreter(graph, programs, buckets).run()):
+def step_in_place(
+    graph: Graph, programs: list[Program], buckets: list[BucketStep], lrs: list, parallel: DataParallel | None = None
+) -> None:
+    """Every bucket's direction and its update, in place — the function torch.compile fuses (which
+    it does without ``parallel``: every rank then computes every matrix itself)."""
+    directions = Interpreter(graph, programs, buckets, parallel=parallel).run()
+    for program, bucket, lr, direction in zip(programs, buckets, lrs, directions):
         apply(Update(lr, program, bucket, direction))
 
 
@@ -252,8 +264,11 @@ class Elementwise:
         self.runners: dict[tuple, Callable] = {}
         self.lr_tensors: dict[tuple, Tensor] = {}
 
-    def run(self, expression: str, graph: Graph, items: list, state: Mapping) -> None:
-        """``items``: (group, bucket, participating params) of one family."""
+    def run(
+        self, expression: str, graph: Graph, items: list, state: Mapping, parallel: DataParallel | None = None
+    ) -> None:
+        """``items``: (group, bucket, participating params) of one family; eagerly, matrix work is
+        split among ``parallel``'s ranks."""
         programs = [bucket.program for _, bucket, _ in items]
         buckets = bucket_steps(items, state)
         if self._compiling(items):
@@ -275,7 +290,7 @@ class Elementwise:
                     RuntimeWarning,
                     stacklevel=4,
                 )
-        step_in_place(graph, programs, buckets, [float(group["lr"]) for group, _, _ in items])
+        step_in_place(graph, programs, buckets, [float(group["lr"]) for group, _, _ in items], parallel)
 
     def _compiling(self, items: list) -> bool:
         """auto: on CUDA only. On the CPU a cold compile costs 5–40 s and pays back after 80–750

@@ -193,7 +193,7 @@ class Optimizer(torch.optim.Optimizer):
             updates = [
                 update
                 for expression, items in fallible.items()
-                for update in run_family(self._plan, expression, items, self.state, statistics, probe)
+                for update in run_family(self._plan, expression, items, self.state, statistics, probe, self._parallel)
             ]
             finite([value for update in updates for value in update.direction])  # nothing non-finite lands
         except NonFinite:
@@ -207,7 +207,7 @@ class Optimizer(torch.optim.Optimizer):
         for update in updates:
             apply(update)
         for expression, items in plain.items():
-            self._elementwise.run(expression, graphs[expression], items, self.state)
+            self._elementwise.run(expression, graphs[expression], items, self.state, self._parallel)
         if self._capture is not None:
             self._capture.clear()
             self._arm()

@@ -166,6 +166,36 @@ def decompositions(rank: int = 0, world: int = 1) -> list[int]:
     return sorted(sizes)
 
 
+def orthogonalised(rank: int = 0, world: int = 1) -> tuple[int, list[torch.Tensor]]:
+    """muon_adamw for STEPS steps on three equal hidden Linears (one bucket): how many matrices this
+    rank orthogonalised, and the parameters after."""
+    from opcomp.kernels import matrix
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*(m for _ in range(3) for m in (nn.Linear(8, 8), nn.Tanh())), nn.Linear(8, 3))
+    wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = opcomp.build("muon_adamw", wrapped, lr=0.01)
+    counted, newton_schulz = [], matrix.newton_schulz
+
+    def counting(matrices, steps):
+        counted.append(len(matrices))
+        return newton_schulz(matrices, steps)
+
+    matrix.newton_schulz = counting
+    try:
+        share = BATCH // world
+        for step in range(STEPS):
+            generator = torch.Generator().manual_seed(step)
+            x, y = torch.randn(BATCH, 8, generator=generator), torch.randint(0, 3, (BATCH,), generator=generator)
+            x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+            opt.step(lambda x=x, y=y: F.cross_entropy(wrapped(x), y))
+    finally:
+        matrix.newton_schulz = newton_schulz
+    return sum(counted), [p.detach().clone() for p in model.parameters()]
+
+
 def cases() -> list[tuple[str, str, str]]:
     """(preset, model, loop) under DDP: every preset on both models through the closure; the plain
     loop where DDP's own backward reduces the gradients (presets without probes)."""
@@ -224,6 +254,7 @@ def main(rank: int, world: int, port: int, out_dir: Path) -> None:
             "sharded assignments": assignments,
             "refusals": refusals(world),
             "decompositions": decompositions(rank, world),
+            "orthogonalised": orthogonalised(rank, world),
             "resumed": {preset: resumed(preset, rank, world, out_dir) for preset in ("adamw", "fog")},
         }
         torch.save(report, out_dir / f"rank{rank}.pt")

@@ -84,6 +84,18 @@ def test_each_factor_is_decomposed_by_one_rank_and_shared(ranks):
     assert split == [[36], [4, 9, 12]]
 
 
+def test_each_matrix_is_orthogonalised_by_one_rank_and_shared(ranks):
+    """muon_adamw on three equal hidden matrices: Newton–Schulz runs on 2 of them on one rank and 1
+    on the other each step, the ranks end equal, and equal to one process within the rounding of
+    averaged gradients."""
+    (first, after), (second, after_second) = (rank["orthogonalised"] for rank in ranks)
+    alone, reference = ddp_cases.orthogonalised()
+    assert (first, second) == (2 * ddp_cases.STEPS, ddp_cases.STEPS) and alone == 3 * ddp_cases.STEPS
+    assert all(torch.equal(a, b) for a, b in zip(after, after_second))
+    for got, want in zip(after, reference):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 @given(st.lists(st.floats(0, 1e6), max_size=40), st.integers(1, 8))
 def test_owners_balance_the_work_as_longest_processing_time_first(costs, size):
     """Every piece goes to one rank, and no rank carries more than the least loaded one plus the

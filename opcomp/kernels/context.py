@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from opcomp.closure import Probe
+from opcomp.distributed import DataParallel
 from opcomp.ops import Options
 from opcomp.precision import working
 from opcomp.state import NodeState
@@ -61,6 +62,7 @@ class Ctx:
     bucket: BucketStep
     state_key: str
     scope: str | None = None  # the rebinding node (sam) whose gradient this node's g is
+    parallel: DataParallel | None = None  # ranks that split matrix work among them
     _state: NodeState | None = field(default=None, repr=False)
 
     @property

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from opcomp.distributed import gathered, sharded_like
+from opcomp.distributed import DataParallel, gathered, sharded_like
 from opcomp.kernels import kernel
 from opcomp.kernels.context import Ctx
 from opcomp.kernels.elementwise import adam_direction
@@ -61,12 +61,27 @@ def as_matrices(values: list[Tensor]) -> Tensor:
     return torch.stack(values).reshape(len(values), first.shape[0], math.prod(first.shape[1:]))
 
 
-def orthogonalise(values: list[Tensor], steps: int) -> list[Tensor]:
+def orthogonalise(values: list[Tensor], steps: int, parallel: DataParallel | None = None) -> list[Tensor]:
     """orth of each value, as tensors of the values' shape and dtype; FSDP2's shards orthogonalised
     as the whole matrices they are parts of, and cut back to shards."""
     whole = gathered(values)
-    result = newton_schulz(as_matrices(whole), steps).to(values[0].dtype)
-    return sharded_like(unstack(result, whole), values)
+    return sharded_like(orthogonal_parts(whole, steps, parallel), values)
+
+
+def orthogonal_parts(values: list[Tensor], steps: int, parallel: DataParallel | None) -> list[Tensor]:
+    """orth of each (whole) value. Across ranks each matrix is orthogonalised by one owner (cost
+    rows·cols·min, longest first to the least loaded rank) and shared in one sum to which the others
+    add zeros: the work splits, and every rank holds the owner's bits."""
+    if parallel is None or len(values) < 2:
+        return unstack(newton_schulz(as_matrices(values), steps).to(values[0].dtype), values)
+    costs = [m * n * min(m, n) for m, n in (as_matrices([v]).shape[1:] for v in values)]
+    mine = [i for i, owner in enumerate(parallel.owners(costs)) if owner == parallel.rank]
+    results: list = [None] * len(values)
+    if mine:
+        part = [values[i] for i in mine]
+        for i, value in zip(mine, unstack(newton_schulz(as_matrices(part), steps).to(values[0].dtype), part)):
+            results[i] = value
+    return parallel.shared(results, [v.shape for v in values], values[0])
 
 
 def shape_factor(param: Tensor) -> float:
@@ -77,7 +92,7 @@ def shape_factor(param: Tensor) -> float:
 
 @kernel("orth")
 def orth(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
-    return orthogonalise(x, ctx.options.steps)
+    return orthogonalise(x, ctx.options.steps, ctx.parallel)
 
 
 @kernel("muon")
@@ -87,7 +102,7 @@ def muon(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
     buffers = ctx.buffers("momentum_buffer")
     torch._foreach_lerp_(buffers, x, 1.0 - o.beta)
     look = torch._foreach_lerp(x, buffers, o.beta) if o.nesterov else buffers
-    out = orthogonalise(look, o.steps)
+    out = orthogonalise(look, o.steps, ctx.parallel)
     factor = shape_factor(ctx.params[0])
     if factor != 1.0:
         torch._foreach_mul_(out, factor)
@@ -100,7 +115,7 @@ def adarmsuon(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
     o = ctx.options
     whole = gathered(adam_direction(ctx, x, o.b1, o.b2, o.eps))  # FSDP2's shards as whole matrices
     direction = as_matrices(whole)
-    ortho = newton_schulz(direction, o.steps).to(direction.dtype)
+    ortho = as_matrices(orthogonal_parts(whole, o.steps, ctx.parallel))
     energy = torch.linalg.vector_norm(direction, dim=(-2, -1))
     spread = torch.linalg.vector_norm(ortho, dim=(-2, -1))
     ratio = torch.where(spread > 0, energy / spread.clamp_min(torch.finfo(spread.dtype).tiny), 0.0)
