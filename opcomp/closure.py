@@ -230,7 +230,7 @@ class Probe:
     def reduced(self, grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor | None]:
         """Gradients or curvature products of opcomp's own backward, averaged over the ranks as DDP
         averages gradients (unchanged in one process)."""
-        return list(grads) if self.parallel is None else self.parallel.mean_gradients(grads, params)
+        return averaged(grads, params, self.parallel)
 
     def estimate(self) -> Tensor:
         """What the step reports as its loss without a training pass: the mean of the probed losses,
@@ -272,6 +272,12 @@ class Probe:
             outputs = [call.output for call in self.calls]
             self._loss_gradients = list(torch.autograd.grad(self.loss, outputs, create_graph=True, retain_graph=True))
         return self._loss_gradients
+
+
+def averaged(grads: Sequence[Tensor | None], params: Sequence[Tensor], parallel: DataParallel | None) -> list:
+    """Gradients (or products) of opcomp's own backward, averaged over the ranks as DDP averages
+    gradients; unchanged in one process."""
+    return list(grads) if parallel is None else parallel.mean_gradients(grads, params)
 
 
 def zeros_like_working(param: Tensor) -> Tensor:
@@ -331,10 +337,8 @@ def first_evaluation(
         trainable = [p for p in params if p.requires_grad]
         with torch.enable_grad(), second_derivatives(twice):
             grads = torch.autograd.grad(loss, trainable, create_graph=double, retain_graph=probing, allow_unused=True)
-        averaged = [None if g is None else g.detach() for g in grads]
-        if parallel is not None:
-            averaged = parallel.mean_gradients(averaged, trainable)
-        for param, grad, mean in zip(trainable, grads, averaged):
+        means = averaged([None if g is None else g.detach() for g in grads], trainable, parallel)
+        for param, grad, mean in zip(trainable, grads, means):
             param.grad = mean
             if double and grad is not None:
                 graph_grads[id(param)] = grad  # this rank's, with its graph: products are averaged after

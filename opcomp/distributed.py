@@ -21,7 +21,7 @@ group whose data-parallel group opcomp was not told.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -93,11 +93,25 @@ class DataParallel:
         self.tally.update({"most work": max(loads), "mean work": sum(loads) / self.size})
         return owner
 
-    def shared(self, results: Sequence[Tensor | None], shapes: Sequence[torch.Size], like: Tensor) -> list[Tensor]:
-        """Every rank's share of the work, on every rank: each result is computed by its owner (and
-        None elsewhere), and one sum in which the others add zeros hands it to all, bit for bit."""
-        filled = [r if r is not None else like.new_zeros(shape) for r, shape in zip(results, shapes)]
-        return self.sum(filled)
+    def by_owner(
+        self,
+        costs: Sequence[float],
+        compute: Callable[[list[int]], list[tuple]],
+        layout: Sequence[Sequence[tuple]],
+        like: Tensor,
+    ) -> list[tuple[Tensor, ...]]:
+        """Pieces of work, each computed by its owner alone (``compute(indices)`` gives the results of
+        those pieces, a tuple each, shaped as ``layout`` says) and handed to every rank by one sum to
+        which the others add zeros: the work splits, and every rank holds the owner's bits."""
+        mine = [i for i, owner in enumerate(self.owners(costs)) if owner == self.rank]
+        computed = dict(zip(mine, compute(mine))) if mine else {}
+        results = [
+            computed[i][k] if i in computed else like.new_zeros(shape)
+            for i, parts in enumerate(layout)
+            for k, shape in enumerate(parts)
+        ]
+        flat = iter(self.sum(results))
+        return [tuple(next(flat) for _ in parts) for parts in layout]
 
     @property
     def rank(self) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -142,27 +144,35 @@ def resumed(preset: str, rank: int, world: int, out_dir: Path) -> tuple[list[tor
     return [p.full_tensor().clone() for p in model.parameters()], straight
 
 
+@contextmanager
+def counting(module, *names: str) -> Iterator[list[int]]:
+    """Meanwhile, the last dimension of every matrix that ``module``'s functions ``names`` receive
+    as their first argument (a batch of matrices)."""
+    sizes, originals = [], {name: getattr(module, name) for name in names}
+
+    def counted(operation):
+        def run(batch, *args):
+            sizes.extend([batch.shape[-1]] * batch.shape[0])
+            return operation(batch, *args)
+
+        return run
+
+    for name, operation in originals.items():
+        setattr(module, name, counted(operation))
+    try:
+        yield sizes
+    finally:
+        for name, operation in originals.items():
+            setattr(module, name, operation)
+
+
 def decompositions(rank: int = 0, world: int = 1) -> list[int]:
     """The sizes of the factors this rank inverted or eigendecomposed in fog's 3 steps on the conv
     net (kfac runs on the conv and the hidden Linear; the head runs adamw)."""
     from opcomp.kernels import layers
 
-    sizes, originals = [], {name: getattr(layers, name) for name in ("eigen", "damped_inverse")}
-
-    def counting(operation):
-        def counted(batch):
-            sizes.extend([batch.shape[-1]] * batch.shape[0])
-            return operation(batch)
-
-        return counted
-
-    for name, operation in originals.items():
-        setattr(layers, name, counting(operation))
-    try:
+    with counting(layers, "eigen", "damped_inverse") as sizes:
         train("fog", "conv", "closure", rank, world)
-    finally:
-        for name, operation in originals.items():
-            setattr(layers, name, operation)
     return sorted(sizes)
 
 
@@ -177,23 +187,14 @@ def orthogonalised(rank: int = 0, world: int = 1) -> tuple[int, list[torch.Tenso
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = opcomp.build("muon_adamw", wrapped, lr=0.01)
-    counted, newton_schulz = [], matrix.newton_schulz
-
-    def counting(matrices, steps):
-        counted.append(len(matrices))
-        return newton_schulz(matrices, steps)
-
-    matrix.newton_schulz = counting
-    try:
-        share = BATCH // world
+    share = BATCH // world
+    with counting(matrix, "newton_schulz") as sizes:
         for step in range(STEPS):
             generator = torch.Generator().manual_seed(step)
             x, y = torch.randn(BATCH, 8, generator=generator), torch.randint(0, 3, (BATCH,), generator=generator)
             x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
             opt.step(lambda x=x, y=y: F.cross_entropy(wrapped(x), y))
-    finally:
-        matrix.newton_schulz = newton_schulz
-    return sum(counted), [p.detach().clone() for p in model.parameters()]
+    return len(sizes), [p.detach().clone() for p in model.parameters()]
 
 
 def cases() -> list[tuple[str, str, str]]:

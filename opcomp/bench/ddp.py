@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -76,12 +75,8 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def rank_main(rank: int, world: int, port: int, out_dir: Path) -> None:
     plan = json.loads((out_dir / "plan.json").read_text())
-    if world == 1:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        results = {f"{p}|{k}": measure(p, k, plan["steps"], 0, 1) for p in plan["presets"] for k in BATCH}
-    else:
-        with ranks.joined(rank, world, port):
-            results = {f"{p}|{k}": measure(p, k, plan["steps"], rank, world) for p in plan["presets"] for k in BATCH}
+    with ranks.joined(rank, world, port):
+        results = {f"{p}|{k}": measure(p, k, plan["steps"], rank, world) for p in plan["presets"] for k in BATCH}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
 
 

@@ -57,8 +57,12 @@ def launch(command: Sequence[str], out_dir: Path, world: int = 2, timeout: float
 
 @contextmanager
 def joined(rank: int, world: int, port: int) -> Iterator[None]:
-    """This process as ``rank`` of ``world`` (gloo, 127.0.0.1) for the duration."""
+    """This process as ``rank`` of ``world`` (gloo, 127.0.0.1) for the duration; a world of one
+    process joins no group."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if world == 1:
+        yield
+        return
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         yield

@@ -185,15 +185,15 @@ def decomposed(
     if parallel is None or not matrices:
         return by_size(matrices, operation)
     finite(matrices)  # decided alike on every rank before the work splits
-    mine = [i for i, owner in enumerate(parallel.owners([m.shape[0] ** 3 for m in matrices])) if owner == parallel.rank]
-    try:
-        computed = dict(zip(mine, by_size([matrices[i] for i in mine], operation)))
-    except torch.linalg.LinAlgError:  # NaN for all to see: every rank skips the step alike
-        computed = {i: tuple(matrices[i].new_full(shape, math.nan) for shape in shapes(matrices[i])) for i in mine}
+
+    def owned(indices: list[int]) -> list[tuple]:
+        try:
+            return by_size([matrices[i] for i in indices], operation)
+        except torch.linalg.LinAlgError:  # NaN for all to see: every rank skips the step alike
+            return [tuple(matrices[i].new_full(shape, math.nan) for shape in shapes(matrices[i])) for i in indices]
+
     layout = [shapes(matrix) for matrix in matrices]
-    results = [computed[i][k] if i in computed else None for i, parts in enumerate(layout) for k in range(len(parts))]
-    flat = iter(parallel.shared(results, [shape for parts in layout for shape in parts], matrices[0]))
-    return [tuple(next(flat) for _ in parts) for parts in layout]
+    return parallel.by_owner([m.shape[0] ** 3 for m in matrices], owned, layout, matrices[0])
 
 
 def eigen_shapes(matrix: Tensor) -> list[tuple]:

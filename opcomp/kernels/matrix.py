@@ -74,14 +74,14 @@ def orthogonal_parts(values: list[Tensor], steps: int, parallel: DataParallel | 
     add zeros: the work splits, and every rank holds the owner's bits."""
     if parallel is None or len(values) < 2:
         return unstack(newton_schulz(as_matrices(values), steps).to(values[0].dtype), values)
+
+    def owned(indices: list[int]) -> list[tuple]:
+        part = [values[i] for i in indices]
+        return [(v,) for v in unstack(newton_schulz(as_matrices(part), steps).to(values[0].dtype), part)]
+
     costs = [m * n * min(m, n) for m, n in (as_matrices([v]).shape[1:] for v in values)]
-    mine = [i for i, owner in enumerate(parallel.owners(costs)) if owner == parallel.rank]
-    results: list = [None] * len(values)
-    if mine:
-        part = [values[i] for i in mine]
-        for i, value in zip(mine, unstack(newton_schulz(as_matrices(part), steps).to(values[0].dtype), part)):
-            results[i] = value
-    return parallel.shared(results, [v.shape for v in values], values[0])
+    shared = parallel.by_owner(costs, owned, [[v.shape] for v in values], values[0])
+    return [value for (value,) in shared]
 
 
 def shape_factor(param: Tensor) -> float:
