@@ -33,6 +33,8 @@ __all__ = [
     "REGISTRY",
     "Optimizer",
     "build",
+    "compare",
+    "Task",
     "ArityError",
     "CompositionError",
     "DefinitionError",
@@ -70,7 +72,16 @@ def lower(expr: Expr | str, namespace: Namespace | None = None) -> Graph:
 
 
 def __getattr__(name: str):
-    """``build`` and ``Optimizer`` import torch, so they load on first use: the language alone stays light."""
+    """``build``, ``Optimizer``, ``compare`` and ``Task`` import torch, so they load on first use: the
+    language alone stays light."""
+    if name == "compare":
+        from opcomp.bench.compare import compare
+
+        return compare
+    if name == "Task":
+        from opcomp.bench.tasks import Task
+
+        return Task
     if name == "build":
         from opcomp.builder import build
 

@@ -14,13 +14,12 @@ from opcomp.graph import build_graph
 from opcomp.kernels.factors import Reduction
 from opcomp.lang.ast import Call, Expr, Name, Option
 from opcomp.lang.parser import parse
+from opcomp.learning_rates import DEFAULT_LR, recommended_lr
 from opcomp.optimizer import Optimizer
 from opcomp.prediction import Output
 from opcomp.resolve import canonicalize, option_expr
 from opcomp.rules import Rules, is_rule_file
 from opcomp.rules import load as load_rules
-
-DEFAULT_LR = 1e-3
 
 
 def build(
@@ -40,7 +39,8 @@ def build(
 ) -> Optimizer:
     """The optimizer for ``expr`` (an expression, a preset, or a ``.toml`` rule file) over a model.
 
-    ``lr`` defaults to a preset's recommended learning rate (``opcomp presets``), else 1e-3.
+    ``lr`` defaults to the recommended learning rate of the preset or of the operator that sets the
+    update's scale (``opcomp presets``; :mod:`opcomp.learning_rates`), else 1e-3.
     ``model_or_params`` is an ``nn.Module`` (its trainable parameters, named), an iterable of
     tensors, of ``(name, tensor)`` pairs, or of param-group dicts; a group may carry its own
     ``"expr"`` and ``"lr"``. Pass ``model=`` with groups when operators need the model's layers.
@@ -119,17 +119,6 @@ def build(
         compile=compile,
         data_parallel=data_parallel,
     )
-
-
-def recommended_lr(expr, namespace: Namespace) -> float:
-    """The recommended learning rate of a bare preset name (``fog``, ``sam_sgd[rho=0.1]``), else 1e-3."""
-    try:
-        tree = parse(expr) if isinstance(expr, str) else expr
-    except OpcompError:
-        return DEFAULT_LR  # the optimizer reports the mistake where it lowers the expression
-    name = tree.name if _bare(tree) else None
-    lr = namespace.note(name).lr if name in namespace else None
-    return DEFAULT_LR if lr is None else lr
 
 
 def rule_groups(rules: Rules, params, names, owners, lr, namespace: Namespace) -> list[dict]:

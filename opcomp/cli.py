@@ -41,33 +41,39 @@ def _explain(args: argparse.Namespace) -> str:
 
 def _model(spec: str):
     """MODULE:FACTORY -> the model the factory returns (e.g. opcomp.bench.models:cnn)."""
-    import importlib
-    import inspect
-
     import torch
 
-    module_name, colon, factory = spec.partition(":")
-    if not colon or not module_name or not factory:
-        raise OpcompError(f"--model takes MODULE:FACTORY, e.g. opcomp.bench.models:cnn; got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise OpcompError(f"--model: cannot import {module_name!r}: {error}") from None
-    make = getattr(module, factory, None)
-    if not callable(make):
-        raise OpcompError(f"--model: {module_name!r} has no {factory!r} to call")
-    try:
-        inspect.signature(make).bind()
-    except TypeError:
-        raise OpcompError(
-            f"--model: {spec}{inspect.signature(make)} needs arguments; give a factory that takes none"
-        ) from None
-    except ValueError:  # a builtin without a signature: let the call decide
-        pass
-    model = make()
+    model = load_callable(spec, "--model")()
     if not isinstance(model, torch.nn.Module):
         raise OpcompError(f"--model: {spec}() returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def load_callable(spec: str, option: str):
+    """MODULE:FUNCTION -> the function, checked to take no arguments; an OpcompError naming ``option``
+    and the fix otherwise."""
+    import importlib
+    import inspect
+
+    module_name, colon, name = spec.partition(":")
+    if not colon or not module_name or not name:
+        raise OpcompError(f"{option} takes MODULE:FUNCTION, e.g. opcomp.bench.models:cnn; got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise OpcompError(f"{option}: cannot import {module_name!r}: {error}") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise OpcompError(f"{option}: {module_name!r} has no {name!r} to call")
+    try:
+        inspect.signature(function).bind()
+    except TypeError:
+        raise OpcompError(
+            f"{option}: {spec}{inspect.signature(function)} needs arguments; give a function that takes none"
+        ) from None
+    except ValueError:  # a builtin without a signature: let the call decide
+        pass
+    return function
 
 
 def _format(args: argparse.Namespace) -> str:

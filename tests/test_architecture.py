@@ -14,7 +14,17 @@ PACKAGE = Path(opcomp.__file__).parent
 ROOMS = [
     ("text", ["opcomp._resources", "opcomp.errors", "opcomp.lang"]),
     ("catalogue", ["opcomp.ops"]),
-    ("language", ["opcomp.definitions", "opcomp.resolve", "opcomp.graph", "opcomp.explain", "opcomp.catalogue"]),
+    (
+        "language",
+        [
+            "opcomp.definitions",
+            "opcomp.resolve",
+            "opcomp.graph",
+            "opcomp.explain",
+            "opcomp.catalogue",
+            "opcomp.learning_rates",
+        ],
+    ),
     (
         "runtime basics",
         [

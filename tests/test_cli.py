@@ -9,6 +9,7 @@ from importlib.metadata import entry_points
 import torch
 
 from opcomp.cli import main
+from opcomp.learning_rates import OPERATOR_LR
 
 
 def test_explain_shows_nodes_options_sharing_and_needs(capsys):
@@ -64,7 +65,7 @@ def test_presets_listing_measures_cost_and_state(capsys):
     out = capsys.readouterr().out
     assert "| fog | 0.03 | 1 forward, 1 backward |" in out
     assert "| sam_sgd | 0.1 | 2 forward, 2 backward | 4.0 |" in out  # one momentum buffer: 4 bytes
-    assert "| sgd | 0.1 | 1 forward, 1 backward | 0.0 |" in out
+    assert "| sgd | 0.3 | 1 forward, 1 backward | 0.0 |" in out
     assert "`muon[hidden](kfac(g)) \\| fallback * adamw(g)`" in out
 
 
@@ -73,7 +74,8 @@ def test_explain_on_a_model_shows_each_parameters_rule(capsys, tmp_path):
     rules.write_text('[[rule]]\nmatch = { type = "Conv2d" }\nuse = "fog"\n[default]\nuse = "adamw"\n')
     assert main(["explain", str(rules), "--model", "opcomp.bench.models:cnn"]) == 0
     out = capsys.readouterr().out
-    assert "param group 0  lr=0.03  (rule 1)" in out and "param group 1  lr=0.001  (default)" in out
+    adamw = OPERATOR_LR["adamw"]  # a bare operator's recommended lr
+    assert "param group 0  lr=0.03  (rule 1)" in out and f"param group 1  lr={adamw:g}  (default)" in out
     assert main(["explain", "fog", "--model", "opcomp.bench.models:nothing"]) == 2
     assert "has no 'nothing'" in capsys.readouterr().err
 
@@ -95,7 +97,7 @@ def test_unreadable_definition_files_and_model_factories_are_errors_not_tracebac
     assert main(["format", "mine", "--defs", str(tmp_path)]) == 2  # a directory
     assert "cannot read --defs" in capsys.readouterr().err
     assert main(["explain", "fog", "--model", "opcomp.bench.models:CharTransformer"]) == 2
-    assert "needs arguments; give a factory that takes none" in capsys.readouterr().err
+    assert "needs arguments; give a function that takes none" in capsys.readouterr().err
     assert main(["explain", "fog", "--model", "opcomp.bench.data:pydoc_text"]) == 2
     assert "not a torch.nn.Module" in capsys.readouterr().err
 

@@ -8,13 +8,15 @@ import opcomp
 from opcomp.definitions import EMPTY
 
 # DESIGN §4's table, with the refinements of §8: Muon and AdaRMSuon take hidden layers only, and
-# fog, diagfog and muon_adamw give their AdamW branch its own step (a tenth of the lr by default)
+# fog, diagfog and muon_adamw give their AdamW branch its own step (a tenth of the lr by default);
+# f3eo clips its meta-gradient 2·H·g as the authors' code does, and adagnoema's inner Adam takes
+# steps of 0.01 (docs/presets.md)
 DESIGN_PRESETS = {
     "fog": "muon[hidden](kfac(g)) | 0.1 * adamw(g)",
     "diagfog": "muon[hidden](diag_kfac(g)) | 0.1 * adamw(g)",
-    "f3eo": "adamw(g + reject(hvp(g), g))",
+    "f3eo": "adamw(g + reject(clip_global[max_norm=0.1](2 * hvp(g)), g))",
     "fs_adarmsuon": "sam[fisher](adarmsuon[hidden] | adamw)",
-    "adagnoema": "lgn[solver=adam, steps=5](g)",
+    "adagnoema": "lgn[solver=adam, steps=5, inner_lr=0.01](g)",
     "sgd": "g",
     "muon_adamw": "muon[hidden](g) | 0.1 * adamw(g)",
     "kfac_sgd": "momentum(kfac(g) | g)",

@@ -157,7 +157,10 @@ def test_keyword_options_set_options_of_a_bare_name():
 def test_the_learning_rate_defaults_to_the_presets_recommendation():
     assert opcomp.build("fog", net()).param_groups[0]["lr"] == opcomp.presets().note("fog").lr == 0.03
     assert opcomp.build("sam_sgd[rho=0.1]", net()).param_groups[0]["lr"] == 0.1
-    assert opcomp.build("adamw", net()).param_groups[0]["lr"] == 1e-3
+    assert opcomp.build("adamw", net()).param_groups[0]["lr"] == 0.03  # a bare operator's own
+    assert opcomp.build("adamw(g + reject(hvp(g), g))", net()).param_groups[0]["lr"] == 0.03  # its outermost
+    assert opcomp.build("muon(g) | adamw", net()).param_groups[0]["lr"] == 0.03  # its first branch
+    assert opcomp.build("0.5 * adam(g) + 0.5 * rms(g)", net()).param_groups[0]["lr"] == 1e-3  # no single scale
     assert opcomp.build("fog", net(), lr=0.5).param_groups[0]["lr"] == 0.5
 
 

@@ -75,7 +75,7 @@ def test_first_matching_rule_wins_and_default_catches_the_rest(tmp_path):
 def test_without_an_lr_each_rule_takes_its_presets_recommendation(tmp_path):
     opt = opcomp.build(write(tmp_path, RULES), net())
     lrs = {group["rule"]: group["lr"] for group in opt.param_groups}
-    assert lrs == {"rule 1": 0.03, "rule 2": 0.0005, "rule 3": 0.001, "default": 0.001}
+    assert lrs == {"rule 1": 0.03, "rule 2": 0.015, "rule 3": 0.03, "default": 0.1}  # fog, adamw × 0.5, muon, momentum
 
 
 def test_the_shipped_adaptive_rules_follow_the_fog_note():

@@ -5,8 +5,8 @@
 ``zo[relative, newton]`` divides its slope by the three-point curvature |L⁺ + L⁻ − 2L₀|/eps², floored
 at ten times what the losses' rounding leaves resolvable (40·|L|·eps_machine/eps²). Where the floor
 binds, the "Newton" scale is that constant and says nothing about the loss. For each eps: the share
-of probes floored (from the node's ``floored`` counter), and the measured loss after training over
-before (lower is better) at each learning rate.
+of probes floored (from the node's ``floored`` counter), and the validation loss after training
+over before (lower is better) at each learning rate.
 """
 
 from __future__ import annotations

@@ -1,110 +1,268 @@
-"""``opcomp compare``: train one model per optimizer on the same data, initialisation and batches.
+"""``opcomp compare``: train one model per optimizer and seed on the same data, initialisation and
+batches; choose learning rates on validation data; score the test set once.
 
-    opcomp compare [PRESET_OR_EXPR ...] [--task digits] [--steps 300 | --epochs E] [--seed 0]
-                   [--device cpu] [--out opcomp-compare] [--lr LR] [--tune] [--model cnn|mlp]
+    opcomp compare [PRESET_OR_EXPR ...] [--task digits | NAME | module:function | text:PATH]
+                   [--model cnn|mlp|resnet|transformer|transformer-large] [--steps 300 | --epochs E]
+                   [--seeds 0,1,2] [--schedule cosine|constant] [--warmup N] [--lr LR] [--tune]
+                   [--target VALUE] [--device cpu] [--out opcomp-compare]
 
 With no optimizers it compares fog, diagfog, f3eo, fs_adarmsuon, adagnoema, muon_adamw and adamw
-on scikit-learn's digits, which needs no download and takes about a minute on two CPU cores.
+on scikit-learn's digits, which needs no download and takes under a minute on two CPU cores.
 Every optimizer runs through ``opt.step(closure)``, so probes and plain optimizers train alike.
+From Python: ``opcomp.compare(["fog", "adamw"], task=my_task, steps=500, seeds=(0, 1, 2))``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
-import opcomp
 from opcomp.bench.footprint import passes_on, state_bytes
-from opcomp.bench.tasks import TASKS, Task
+from opcomp.bench.tasks import Task
 from opcomp.errors import OpcompError
 
 DEFAULT_OPTIMIZERS = ["fog", "diagfog", "f3eo", "fs_adarmsuon", "adagnoema", "muon_adamw", "adamw"]
+SCHEDULES = ("cosine", "constant")
+EVALUATIONS = 20
+"""Validation evaluations per run, evenly spaced: what time to target is read from."""
 
 
 @dataclass
 class Run:
+    """One optimizer, one seed, one learning rate, trained for the whole budget."""
+
     optimizer: str
     lr: float
+    seed: int
     steps: int
-    history: list[tuple[int, float, float]] = field(default_factory=list)  # (step, training seconds, loss)
-    train_loss: float = math.nan  # on a fixed training batch, after training
+    history: list[tuple[int, float, float]] = field(default_factory=list)  # (step, training s, mean train loss)
+    evaluations: list[tuple[int, float, float, float]] = field(default_factory=list)  # (step, s, loss, metric)
     validation_loss: float = math.nan
-    metric: str = "accuracy"
-    metric_value: float = math.nan
+    validation_metric: float = math.nan
+    test_loss: float = math.nan
+    test_metric: float = math.nan
+    steps_to_target: int | None = None
+    seconds_to_target: float | None = None
     seconds: float = 0.0
     ms_per_step: float = 0.0
     state_mb: float = 0.0
     passes: str = ""
     finished: bool = True  # false when the loss stopped being finite
 
+    @property
+    def score(self) -> float:
+        """What tuning minimises: the final validation loss, infinite when the run blew up."""
+        return self.validation_loss if self.finished and math.isfinite(self.validation_loss) else math.inf
 
-def train(task: Task, expression: str, lr: float, steps: int, seed: int, device: str, progress=None) -> Run:
-    """One optimizer on the task: seeded model and batches, ``steps`` closure steps, then measured."""
-    model = task.model(seed).to(device)
+
+def lr_factor(schedule: str, warmup: int, steps: int) -> Callable[[int], float]:
+    """The multiplier of the base lr before step ``t + 1``: linear warm-up over ``warmup`` steps,
+    then constant or a cosine decay to zero at the last step."""
+
+    def factor(t: int) -> float:
+        if t < warmup:
+            return (t + 1) / warmup
+        if schedule == "constant" or steps <= warmup:
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (t - warmup) / (steps - warmup)))
+
+    return factor
+
+
+@dataclass
+class Settings:
+    """How every run of a comparison trains."""
+
+    steps: int = 300
+    schedule: str = "cosine"
+    warmup: int | None = None  # None: a twentieth of the steps
+    device: str = "cpu"
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.steps // 20 if self.warmup is None else self.warmup
+
+
+def train(task: Task, expression: str, lr: float, seed: int, settings: Settings, progress=None) -> Run:
+    """One optimizer on the task: seeded model and batches, ``settings.steps`` closure steps under
+    the schedule, the validation set scored ``EVALUATIONS`` times (not counted as training time)."""
+    device, steps = settings.device, settings.steps
+    model = task.seeded_model(seed).to(device)
     opt = task.build(expression, model, lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(settings.schedule, settings.warmup_steps, steps))
     generator = torch.Generator().manual_seed(seed + 1)
-    run = Run(expression, lr, steps, metric=task.metric, passes=passes_on(expression, model))
-    every = max(1, steps // 60)
+    validation = tuple(t.to(device) for t in task.validation)
+    run = Run(expression, lr, seed, steps, passes=passes_on(expression, model))
+    log_every, evaluate_every = max(1, steps // 60), max(1, steps // EVALUATIONS)
     total, count, spent = 0.0, 0, 0.0
     for step in range(1, steps + 1):
         x, y = (t.to(device) for t in task.batch(generator))
         start = time.perf_counter()
         loss = float(opt.step(lambda: task.loss(model, x, y)))  # noqa: B023 - used within the iteration
+        scheduler.step()
         spent += time.perf_counter() - start
+        if progress is not None:
+            progress.update(1)
         if not math.isfinite(loss):
             run.finished = False
             break
         total, count = total + loss, count + 1
-        if step % every == 0 or step == steps:
+        if step % log_every == 0 or step == steps:
             run.history.append((step, spent, total / count))
             total, count = 0.0, 0
-        if progress is not None:
-            progress.update(1)
+        if step % evaluate_every == 0 or step == steps:
+            value_loss, value = task.score(model, validation)
+            run.evaluations.append((step, spent, value_loss, value))
+            if run.steps_to_target is None and task.reached(value):
+                run.steps_to_target, run.seconds_to_target = step, spent
     done = run.history[-1][0] if run.history else 0
     run.seconds, run.ms_per_step = spent, spent / max(done, 1) * 1e3
     run.state_mb = state_bytes(opt) / 2**20
-    if run.finished:
-        x, y = (t.to(device) for t in task.measure)
-        run.train_loss = task.score(model, x, y)[0]
-        if task.validation is not None:
-            vx, vy = (t.to(device) for t in task.validation)
-            run.validation_loss, run.metric_value = task.score(model, vx, vy)
+    if run.finished and run.evaluations:
+        run.validation_loss, run.validation_metric = run.evaluations[-1][2:]
+        if not math.isfinite(run.validation_loss):
+            run.finished = False
+    if run.finished and task.test is not None:
+        run.test_loss, run.test_metric = task.score(model, tuple(t.to(device) for t in task.test))
     return run
 
 
 def recommended(expression: str) -> float:
-    from opcomp.builder import recommended_lr
+    import opcomp
+    from opcomp.learning_rates import recommended_lr
 
     return recommended_lr(expression, opcomp.presets())
 
 
-def tune(task: Task, expression: str, steps: int, seed: int, device: str) -> float:
-    """The best of the recommended lr × {1/3, 1, 3} after a fifth of the steps, by validation loss."""
-    base = recommended(expression)
-    trials = [(train(task, expression, base * f, max(steps // 5, 20), seed, device), base * f) for f in (1 / 3, 1, 3)]
-    finite = [(run.validation_loss, lr) for run, lr in trials if run.finished and math.isfinite(run.validation_loss)]
-    return min(finite)[1] if finite else base
+@dataclass
+class Tuning:
+    """Learning rates tried for one optimizer on the first seed, and the one chosen."""
+
+    optimizer: str
+    chosen: float
+    tried: list[tuple[float, float]]  # (lr, final validation loss), in increasing lr
 
 
-def compare(optimizers, task: Task, steps: int, seed: int, device: str, lr: float | None, tuned: bool) -> list[Run]:
-    bar = _progress(len(optimizers) * steps)
-    runs = []
+def tune(
+    task: Task, expression: str, center: float, seed: int, settings: Settings, progress=None, extensions: int = 4
+) -> tuple[Tuning, Run]:
+    """The lr with the lowest final validation loss over the full budget, among center × {1/3, 1, 3}
+    and, while the best lies on the grid's edge, up to ``extensions`` more steps of 3 past it.
+    Returns the tuning and the chosen run (it is the first seed's result)."""
+    runs = trials(task, expression, center, seed, settings, progress, extensions)
+    best = min(runs, key=lambda k: runs[k].score)
+    tried = [(runs[k].lr, runs[k].score) for k in sorted(runs)]
+    return Tuning(expression, runs[best].lr, tried), runs[best]
+
+
+def trials(
+    task: Task, expression: str, center: float, seed: int, settings: Settings, progress=None, extensions: int = 4
+) -> dict[int, Run]:
+    """Runs at center × 3^k by k, from k = -1, 0, 1, extended past the edge holding the best."""
+    runs: dict[int, Run] = {}
+    for k in (-1, 0, 1):
+        runs[k] = train(task, expression, center * 3.0**k, seed, settings, progress)
+    for _ in range(extensions):
+        best = min(sorted(runs), key=lambda k: runs[k].score)
+        if math.isinf(runs[best].score) or best == min(runs):  # nothing trained, or the smallest did best
+            k = min(runs) - 1
+        elif best == max(runs):
+            k = max(runs) + 1
+        else:
+            break
+        runs[k] = train(task, expression, center * 3.0**k, seed, settings, progress)
+    return runs
+
+
+@dataclass
+class Comparison:
+    """Every run of a comparison, with what it was asked."""
+
+    task: str
+    metric: str
+    target: float | None
+    settings: Settings
+    seeds: list[int]
+    runs: list[Run]
+    tuning: list[Tuning] = field(default_factory=list)
+
+    def runs_of(self, optimizer: str) -> list[Run]:
+        return [r for r in self.runs if r.optimizer == optimizer]
+
+    @property
+    def optimizers(self) -> list[str]:
+        return list(dict.fromkeys(r.optimizer for r in self.runs))
+
+    def table(self) -> str:
+        from opcomp.bench.compare_report import table
+
+        return table(self)
+
+    def write(self, out) -> list:
+        """report.md (table and plots embedded), results.json and the plots as PNG files under ``out``."""
+        from opcomp.bench.compare_report import write
+
+        return write(self, out)
+
+
+def compare(
+    optimizers: Sequence[str] | None = None,
+    task: Task | str = "digits",
+    steps: int = 300,
+    seeds: Sequence[int] = (0,),
+    lr: float | None = None,
+    tune_lr: bool = False,
+    schedule: str = "cosine",
+    warmup: int | None = None,
+    target: float | None = None,
+    device: str = "cpu",
+    model: str | None = None,
+) -> Comparison:
+    """Train each optimizer on ``task`` for ``steps`` steps, once per seed.
+
+    ``task``: a :class:`~opcomp.bench.tasks.Task`, a built-in task's name, ``"module:function"``
+    (a function returning a Task) or ``"text:PATH"``. Each optimizer runs at ``lr``, or its
+    recommended lr, or with ``tune_lr`` the best of a grid around that (chosen on the first seed's
+    validation loss at the full budget, extended while the best is on the grid's edge). ``target``
+    overrides the task's validation target for the time-to-target columns.
+    """
+    from opcomp.bench.tasks import resolve
+
+    if schedule not in SCHEDULES:
+        raise OpcompError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if steps < 1:
+        raise OpcompError(f"steps must be at least 1, got {steps}")
+    if warmup is not None and not 0 <= warmup <= steps:
+        raise OpcompError(f"warmup must be between 0 and the {steps} steps, got {warmup}")
+    if not seeds:
+        raise OpcompError("give at least one seed")
+    check_device(device)
+    task = resolve(task, model) if isinstance(task, str) else task
+    if target is not None:
+        task = replace(task, target=target)
+    settings = Settings(steps, schedule, warmup, device)
+    optimizers = list(optimizers or DEFAULT_OPTIMIZERS)
+    bar = _progress(len(optimizers) * len(seeds) * steps)
+    runs, tunings = [], []
     for expression in optimizers:
-        rate = (
-            lr if lr is not None else tune(task, expression, steps, seed, device) if tuned else recommended(expression)
-        )
         if bar is not None:
             bar.set_description(expression)
-        runs.append(train(task, expression, rate, steps, seed, device, bar))
+        rate, first = lr if lr is not None else recommended(expression), None
+        if tune_lr:
+            tuning, first = tune(task, expression, rate, seeds[0], settings, bar)
+            tunings.append(tuning)
+            rate = tuning.chosen
+        for seed in seeds:
+            runs.append(
+                first if first is not None and seed == seeds[0] else train(task, expression, rate, seed, settings, bar)
+            )
     if bar is not None:
         bar.close()
-    return runs
+    return Comparison(task.name, task.metric, task.target, settings, list(seeds), runs, tunings)
 
 
 def _progress(total: int):
@@ -130,75 +288,58 @@ def check_device(name: str) -> torch.device:
     return device
 
 
-def table(runs: list[Run]) -> str:
-    metric = runs[0].metric
-    lines = [
-        f"| optimizer | lr | train loss | validation loss | {metric} | wall s | ms / step | state MB | passes / step |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in runs:
-        value = f"{r.metric_value:.4f}" if metric == "accuracy" else f"{r.metric_value:.3f}"
-        status = "" if r.finished else " (diverged)"
-        lines.append(
-            f"| {r.optimizer}{status} | {r.lr:g} | {r.train_loss:.4f} | {r.validation_loss:.4f} | {value} | "
-            f"{r.seconds:.1f} | {r.ms_per_step:.1f} | {r.state_mb:.1f} | {r.passes} |"
-        )
-    return "\n".join(lines)
-
-
-def plot(runs: list[Run], out: Path, title: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for name, index, label in (("loss_vs_step.png", 0, "step"), ("loss_vs_time.png", 1, "training seconds")):
-        figure, axes = plt.subplots(figsize=(7, 4.5))
-        for run in runs:
-            if run.history:
-                axes.plot([h[index] for h in run.history], [h[2] for h in run.history], label=run.optimizer)
-        axes.set_xlabel(label)
-        axes.set_ylabel("training loss (mean since last point)")
-        axes.set_yscale("log")
-        axes.set_title(title)
-        axes.legend()
-        figure.tight_layout()
-        figure.savefig(out / name, dpi=120)
-        plt.close(figure)
-        paths.append(out / name)
-    return paths
+def seeds_from(text: str) -> list[int]:
+    """``--seeds 0,1,2`` (or ``0-2``) as a list of ints."""
+    try:
+        if "-" in text.strip("-") and "," not in text:
+            first, last = (int(part) for part in text.split("-"))
+            return list(range(first, last + 1))
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise OpcompError(f"--seeds takes integers separated by commas, e.g. 0,1,2; got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> str:
+    import argparse
+
+    from opcomp.bench.tasks import MODELS, TASKS
+
     parser = argparse.ArgumentParser(prog="opcomp compare", description=__doc__.splitlines()[0])
     parser.add_argument(
         "optimizers", nargs="*", help="presets or expressions (default: the seven of the research notes)"
     )
-    parser.add_argument("--task", default="digits", choices=sorted(TASKS))
-    parser.add_argument("--model", default=None, choices=["cnn", "mlp"], help="for image tasks (default cnn)")
+    parser.add_argument(
+        "--task", default="digits", help=f"{', '.join(sorted(TASKS))}, module:function (a Task) or text:PATH"
+    )
+    parser.add_argument("--model", default=None, choices=MODELS, help="a built-in model for a built-in task")
     length = parser.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None)
-    length.add_argument("--epochs", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    length.add_argument("--steps", type=int, default=None, help="training steps per run (default 300)")
+    length.add_argument("--epochs", type=float, default=None, help="or passes over the training data")
+    seeding = parser.add_mutually_exclusive_group()
+    seeding.add_argument("--seeds", default="0", help="seeds to run and average, e.g. 0,1,2 (default 0)")
+    seeding.add_argument("--seed", type=int, default=None, help="one seed")
+    parser.add_argument("--schedule", default="cosine", choices=SCHEDULES, help="lr schedule (default cosine)")
+    parser.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: steps / 20)")
+    parser.add_argument("--lr", type=float, default=None, help="one learning rate for all (default: each one's)")
+    parser.add_argument("--tune", action="store_true", help="choose each lr on validation loss, grid × 3 around it")
+    parser.add_argument("--target", type=float, default=None, help="validation metric to time (default: the task's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="opcomp-compare")
-    parser.add_argument("--lr", type=float, default=None, help="one learning rate for all (default: each preset's)")
-    parser.add_argument("--tune", action="store_true", help="sweep lr × {1/3, 1, 3} per optimizer first")
     args = parser.parse_args(argv)
-    check_device(args.device)
+    from opcomp.bench.tasks import resolve
+
     if args.steps is not None and args.steps < 1:
         raise OpcompError(f"--steps must be at least 1, got {args.steps}")
     if args.epochs is not None and not args.epochs > 0:
         raise OpcompError(f"--epochs must be positive, got {args.epochs:g}")
-    task = TASKS[args.task](args.model) if args.model else TASKS[args.task]()
-    steps = args.steps if args.steps else max(1, round(args.epochs * task.steps_per_epoch)) if args.epochs else 300
-    optimizers = args.optimizers or DEFAULT_OPTIMIZERS
-    runs = compare(optimizers, task, steps, args.seed, args.device, args.lr, args.tune)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {"task": task.name, "steps": steps, "seed": args.seed, "device": args.device, "tuned": args.tune}
-    (out / "results.json").write_text(json.dumps({**settings, "runs": [asdict(r) for r in runs]}, indent=2))
-    pictures = plot(runs, out, f"{task.name}, {steps} steps, seed {args.seed}")
-    report = table(runs)
-    return f"{report}\n\nwrote {out / 'results.json'}, " + ", ".join(str(p) for p in pictures)
+    check_device(args.device)
+    task = resolve(args.task, args.model)
+    steps = args.steps if args.steps is not None else 300
+    if args.epochs is not None:
+        steps = max(1, round(args.epochs * task.steps_per_epoch))
+    seeds = [args.seed] if args.seed is not None else seeds_from(args.seeds)
+    comparison = compare(
+        args.optimizers, task, steps, seeds, args.lr, args.tune, args.schedule, args.warmup, args.target, args.device
+    )
+    written = comparison.write(args.out)
+    return f"{comparison.table()}\n\nwrote " + ", ".join(str(p) for p in written)

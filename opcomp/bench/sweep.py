@@ -1,88 +1,117 @@
-"""Learning-rate sweep: how far each optimizer lowers a task's loss in a few steps, per lr.
+"""Learning-rate sweep: where the recommended learning rates come from.
 
-    python -m opcomp.bench.sweep [PRESET_OR_EXPR ...] [--tasks digits pydoc] [--steps 30]
+    python -m opcomp.bench.sweep [PRESET_OR_EXPR ...] [--tasks digits:cnn-bn digits:mlp pydoc]
+                                 [--steps 300] [--out sweep.json]
 
-For every optimizer, task and learning rate: the same seeded model and batches, ``--steps``
-steps through ``opt.step(closure)``, and the loss on the task's fixed batch after training divided
-by the loss before (lower is better; above 1 means it got worse, "nan" that it blew up).
+For every optimizer and task: :func:`opcomp.bench.compare.trials` from its current recommended
+lr — full runs of ``--steps`` steps (cosine schedule, a twentieth warm-up, seed 0) at lr × 3^k,
+k = -1, 0, 1, extended while the best final validation loss lies on the grid's edge. Across
+tasks, the lr chosen is the one with the lowest mean of validation loss over the task's best
+(every task run at every lr it needs), lowered by factors of 3 while 3× it ends above the initial
+validation loss (or diverges) on some task. Results are appended to ``--out`` as they come.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import statistics
+import warnings
+from pathlib import Path
 
 import torch
 
-import opcomp
-from opcomp.bench.tasks import TASKS, Task
+from opcomp.bench.compare import Run, Settings, recommended, train, trials
+from opcomp.bench.tasks import Task, resolve
 
-GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-
-
-def train(task: Task, expression: str, lr: float, steps: int, seed: int = 0) -> float:
-    """Measured loss after training / before; nan when it stopped being finite."""
-    return train_steps(task, expression, lr, steps, seed)[0]
+TASKS = ("digits:cnn-bn", "digits:mlp", "pydoc")
 
 
-def train_steps(task: Task, expression: str, lr: float, steps: int, seed: int = 0) -> tuple[float, opcomp.Optimizer]:
-    """The ratio of :func:`train`, and the optimizer after training (to read its state)."""
-    model = task.model(seed)
+def train_steps(task: Task, expression: str, lr: float, steps: int, seed: int = 0):
+    """The validation loss after ``steps`` constant-lr closure steps over before (nan when it blew
+    up), and the optimizer after training (to read its state): a quick look, not a tuning run."""
+    model = task.seeded_model(seed)
     opt = task.build(expression, model, lr=lr)
     generator = torch.Generator().manual_seed(seed + 1)
-    x, y = task.measure
-    with torch.no_grad():
-        before = float(task.loss(model, x, y))
+    before = task.score(model, task.validation)[0]
     for _ in range(steps):
-        opt.step(closure_for(task, model, task.batch(generator)))
-    with torch.no_grad():
-        after = float(task.loss(model, x, y))
+        x, y = task.batch(generator)
+        opt.step(lambda: task.loss(model, x, y))  # noqa: B023 - used within the iteration
+    after = task.score(model, task.validation)[0]
     return (after / before if math.isfinite(after) else math.nan), opt
 
 
-def closure_for(task: Task, model, batch):
-    """The closure of one training batch: it returns the loss, opcomp runs the backward."""
-    return lambda: task.loss(model, *batch)
+def train_ratio(task: Task, expression: str, lr: float, steps: int, seed: int = 0) -> float:
+    """:func:`train_steps`'s ratio alone."""
+    return train_steps(task, expression, lr, steps, seed)[0]
 
 
-def sweep(expressions, tasks, steps: int, grid=GRID) -> dict[tuple[str, str, float], float]:
-    return {
-        (expression, name, lr): train(TASKS[name](), expression, lr, steps)
-        for expression in expressions
-        for name in tasks
-        for lr in grid
-    }
+def task_named(spec: str) -> Task:
+    """``name`` or ``name:model`` (a built-in task with a built-in model)."""
+    name, _, model = spec.partition(":")
+    return resolve(name, model or None)
 
 
-def best(results: dict, expression: str, tasks, grid=GRID) -> float:
-    """The lr with the lowest mean ratio over the tasks, among those finite on every task."""
+def sweep(expression: str, tasks: dict[str, Task], settings: Settings) -> tuple[float, dict[str, dict[int, Run]]]:
+    """The chosen lr and every run, per task and k (lr = recommended × 3^k)."""
+    center = recommended(expression)
+    runs = {name: trials(task, expression, center, 0, settings) for name, task in tasks.items()}
+    everywhere = sorted(set().union(*(set(r) for r in runs.values())))
+    for name, task in tasks.items():  # every k on every task, so the choice compares like with like
+        for k in everywhere:
+            if k not in runs[name]:
+                runs[name][k] = train(task, expression, center * 3.0**k, 0, settings)
 
-    def score(lr: float) -> float:
-        ratios = [results[(expression, name, lr)] for name in tasks]
-        return math.inf if any(math.isnan(r) for r in ratios) else sum(ratios) / len(ratios)
+    def relative(k: int) -> float:
+        ratios = []
+        for by_k in runs.values():
+            best = min(r.score for r in by_k.values())
+            ratios.append(by_k[k].score / best if math.isfinite(best) else math.inf)
+        return statistics.fmean(ratios)
 
-    return min(grid, key=score)
+    chosen = min(everywhere, key=relative)
+    starts = {name: task.score(task.seeded_model(0), task.validation)[0] for name, task in tasks.items()}
+    while chosen - 1 in everywhere and not all(
+        by_k.get(chosen + 1) is None or by_k[chosen + 1].score < starts[name] for name, by_k in runs.items()
+    ):
+        chosen -= 1  # keep a factor of 3 between the recommendation and an lr that does not train
+    return center * 3.0**chosen, runs
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("expressions", nargs="*", help="presets or expressions (default: every preset)")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--grid", nargs="+", type=float, default=list(GRID), help="learning rates to try")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), help="task or task:model")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--out", default="sweep.json")
     args = parser.parse_args(argv)
-    expressions = args.expressions or opcomp.presets().names()
-    grid = tuple(args.grid)
-    results = sweep(expressions, args.tasks, args.steps, grid)
-    header = " | ".join(f"{lr:g}" for lr in grid)
-    print(f"loss after {args.steps} steps / loss before, on each task's fixed batch")
-    print(f"| optimizer | task | {header} | best lr |")
-    print("| --- | --- | " + " | ".join("---" for _ in grid) + " | --- |")
+    import opcomp
+
+    warnings.filterwarnings("ignore", category=opcomp.OpcompWarning)
+    expressions = args.expressions or sorted(opcomp.presets().names())
+    tasks = {spec: task_named(spec) for spec in args.tasks}
+    settings = Settings(steps=args.steps)
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    print(f"final validation loss after {args.steps} steps (cosine, seed 0) at each lr; chosen lr in bold")
+    print("| optimizer | task | lr: validation loss | chosen |")
+    print("| --- | --- | --- | --- |")
     for expression in expressions:
-        chosen = best(results, expression, args.tasks, grid)
-        for name in args.tasks:
-            cells = " | ".join(f"{results[(expression, name, lr)]:.3f}" for lr in grid)
-            print(f"| {expression} | {name} | {cells} | {chosen:g} |")
+        chosen, runs = sweep(expression, tasks, settings)
+        results[expression] = {
+            "chosen": chosen,
+            "tasks": {name: {f"{r.lr:.6g}": r.score for r in by_k.values()} for name, by_k in runs.items()},
+        }
+        out.write_text(json.dumps(results, indent=1))
+        for name, by_k in runs.items():
+            cells = ", ".join(
+                f"{by_k[k].lr:.3g}: {by_k[k].score:.4f}"
+                if math.isfinite(by_k[k].score)
+                else f"{by_k[k].lr:.3g}: diverged"
+                for k in sorted(by_k)
+            )
+            print(f"| {expression} | {name} | {cells} | {chosen:.3g} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,190 @@
+"""A comparison written down: one markdown report with its table and plots embedded, results.json
+with every run, and the plots as PNG files."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+from opcomp.bench.compare import Comparison, Run
+
+
+def spread(values: list[float], digits: int = 4) -> str:
+    """``mean ± standard deviation`` over seeds (just the value for one seed); ``—`` for none."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "—"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def summary(comparison: Comparison, optimizer: str) -> dict:
+    """The seeds of one optimizer aggregated: means and standard deviations, how many finished and
+    how many reached the target."""
+    runs = comparison.runs_of(optimizer)
+    finished = [r for r in runs if r.finished]
+    reached = [r for r in finished if r.steps_to_target is not None]
+
+    def stats(values: list[float]) -> dict:
+        values = [v for v in values if math.isfinite(v)]
+        mean = statistics.fmean(values) if values else math.nan
+        return {"mean": mean, "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+    return {
+        "optimizer": optimizer,
+        "lr": runs[0].lr,
+        "runs": len(runs),
+        "finished": len(finished),
+        "reached_target": len(reached),
+        **{
+            name: stats([getattr(r, name) for r in finished])
+            for name in ("validation_loss", "validation_metric", "test_loss", "test_metric", "ms_per_step")
+        },
+        "steps_to_target": stats([float(r.steps_to_target) for r in reached]),
+        "seconds_to_target": stats([r.seconds_to_target for r in reached]),
+    }
+
+
+def table(comparison: Comparison) -> str:
+    metric, target = comparison.metric, comparison.target
+    goal = "—" if target is None else f"{metric} {'≥' if metric == 'accuracy' else '≤'} {target:g}"
+    digits = 4 if metric == "accuracy" else 3
+    lines = [
+        f"| optimizer | lr | validation loss | test loss | test {metric} | steps to {goal} | seconds to target | "
+        "ms / step | state MB | passes / step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for optimizer in comparison.optimizers:
+        runs = comparison.runs_of(optimizer)
+        finished = [r for r in runs if r.finished]
+        reached = [r for r in finished if r.steps_to_target is not None]
+        name = (
+            optimizer
+            if len(finished) == len(runs)
+            else f"{optimizer} (diverged {len(runs) - len(finished)}/{len(runs)})"
+        )
+        of = "" if not reached or len(reached) == len(runs) else f" ({len(reached)}/{len(runs)} reached)"
+        steps = spread([r.steps_to_target for r in reached], 0) + of if target is not None else "—"
+        seconds = spread([r.seconds_to_target for r in reached], 1) if target is not None else "—"
+        lines.append(
+            f"| {name} | {runs[0].lr:.3g} | {spread([r.validation_loss for r in finished])} | "
+            f"{spread([r.test_loss for r in finished])} | {spread([r.test_metric for r in finished], digits)} | "
+            f"{steps} | {seconds} | {spread([r.ms_per_step for r in runs], 1)} | {runs[0].state_mb:.2f} | "
+            f"{runs[0].passes} |"
+        )
+    return "\n".join(lines)
+
+
+def tuning_table(comparison: Comparison) -> str:
+    """The learning rates tried per optimizer and their final validation losses (first seed)."""
+    lines = ["| optimizer | lr: validation loss (chosen in bold) |", "| --- | --- |"]
+    for tuning in comparison.tuning:
+        cells = [
+            (f"**{lr:.3g}: {loss:.4f}**" if lr == tuning.chosen else f"{lr:.3g}: {loss:.4f}")
+            if math.isfinite(loss)
+            else f"{lr:.3g}: diverged"
+            for lr, loss in tuning.tried
+        ]
+        lines.append(f"| {tuning.optimizer} | {', '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def mean_curve(runs: list[Run], series: str, x: int, y: int) -> tuple[list[float], list[float]]:
+    """The seeds' curves averaged point by point, over the points every finished seed has."""
+    curves = [getattr(r, series) for r in runs if r.finished and getattr(r, series)]
+    if not curves:
+        return [], []
+    length = min(len(c) for c in curves)
+    return (
+        [statistics.fmean(c[i][x] for c in curves) for i in range(length)],
+        [statistics.fmean(c[i][y] for c in curves) for i in range(length)],
+    )
+
+
+def plot(comparison: Comparison, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, seeds = comparison.metric, len(comparison.seeds)
+    title = f"{comparison.task}, {comparison.settings.steps} steps, mean of {seeds} seed{'s' * (seeds > 1)}"
+    figures = (
+        ("loss_vs_step.png", "history", 0, 2, "step", "training loss (mean since last point)", True),
+        (
+            "validation_vs_time.png",
+            "evaluations",
+            1,
+            3,
+            "training seconds",
+            f"validation {metric}",
+            metric != "accuracy",
+        ),
+    )
+    paths = []
+    for name, series, x, y, xlabel, ylabel, logarithmic in figures:
+        figure, axes = plt.subplots(figsize=(7, 4.5))
+        for optimizer in comparison.optimizers:
+            xs, ys = mean_curve(comparison.runs_of(optimizer), series, x, y)
+            if xs:
+                axes.plot(xs, ys, label=optimizer)
+        if series == "evaluations" and comparison.target is not None:
+            axes.axhline(comparison.target, color="grey", linestyle=":", label="target")
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel(ylabel)
+        if logarithmic:
+            axes.set_yscale("log")
+        axes.set_title(title)
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(out / name, dpi=110)
+        plt.close(figure)
+        paths.append(out / name)
+    return paths
+
+
+def markdown(comparison: Comparison, pictures: list[Path]) -> str:
+    s = comparison.settings
+    tuned = "tuned on the first seed's validation loss" if comparison.tuning else "as given or recommended"
+    lines = [
+        f"# {comparison.task}: {', '.join(comparison.optimizers)}",
+        "",
+        f"{s.steps} steps, {s.schedule} schedule with {s.warmup_steps} warm-up steps, seeds "
+        f"{', '.join(map(str, comparison.seeds))}, on {s.device}; learning rates {tuned}. Validation data "
+        "comes from the training data; the test set was scored once, after training. Columns with ± are the "
+        "mean and standard deviation over seeds; time excludes validation.",
+        "",
+        comparison.table(),
+        "",
+    ]
+    if comparison.tuning:
+        lines += ["## Learning rates tried", "", tuning_table(comparison), ""]
+    for picture in pictures:
+        encoded = base64.b64encode(picture.read_bytes()).decode("ascii")
+        lines += [f"![{picture.stem}](data:image/png;base64,{encoded})", ""]
+    return "\n".join(lines)
+
+
+def write(comparison: Comparison, out) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "task": comparison.task,
+        "metric": comparison.metric,
+        "target": comparison.target,
+        "settings": {**asdict(comparison.settings), "warmup_steps": comparison.settings.warmup_steps},
+        "seeds": comparison.seeds,
+        "summary": [summary(comparison, o) for o in comparison.optimizers],
+        "tuning": [asdict(t) for t in comparison.tuning],
+        "runs": [asdict(r) for r in comparison.runs],
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    pictures = plot(comparison, out)
+    (out / "report.md").write_text(markdown(comparison, pictures))
+    return [out / "report.md", out / "results.json", *pictures]
