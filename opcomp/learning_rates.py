@@ -11,7 +11,7 @@ docs/presets.md has the table).
 
 from __future__ import annotations
 
-from opcomp.definitions import Namespace
+from opcomp.definitions import Namespace, presets
 from opcomp.errors import OpcompError
 from opcomp.lang.ast import Call, Expr, Fallback, Name, Neg, Num, Product
 from opcomp.lang.parser import parse
@@ -35,8 +35,10 @@ TRANSPARENT = {"sam", "clip", "clip_global", "ema", "reject", "project"}
 """Operators whose output keeps the scale of their first argument."""
 
 
-def recommended_lr(expr: str | Expr, namespace: Namespace) -> float:
-    """The recommended learning rate of ``expr`` (see the module's docstring), else 1e-3."""
+def recommended_lr(expr: str | Expr, namespace: Namespace | None = None) -> float:
+    """The recommended learning rate of ``expr`` (see the module's docstring), else 1e-3;
+    ``namespace``: the presets by default."""
+    namespace = presets() if namespace is None else namespace
     try:
         tree = parse(expr) if isinstance(expr, str) else expr
     except OpcompError:

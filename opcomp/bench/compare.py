@@ -24,6 +24,7 @@ import torch
 from opcomp.bench.footprint import passes_on, state_bytes
 from opcomp.bench.tasks import Task
 from opcomp.errors import OpcompError
+from opcomp.learning_rates import recommended_lr
 
 DEFAULT_OPTIMIZERS = ["fog", "diagfog", "f3eo", "fs_adarmsuon", "adagnoema", "muon_adamw", "adamw"]
 SCHEDULES = ("cosine", "constant")
@@ -129,13 +130,6 @@ def train(task: Task, expression: str, lr: float, seed: int, settings: Settings,
     if run.finished and task.test is not None:
         run.test_loss, run.test_metric = task.score(model, tuple(t.to(device) for t in task.test))
     return run
-
-
-def recommended(expression: str) -> float:
-    import opcomp
-    from opcomp.learning_rates import recommended_lr
-
-    return recommended_lr(expression, opcomp.presets())
 
 
 @dataclass
@@ -251,7 +245,7 @@ def compare(
     for expression in optimizers:
         if bar is not None:
             bar.set_description(expression)
-        rate, first = lr if lr is not None else recommended(expression), None
+        rate, first = lr if lr is not None else recommended_lr(expression), None
         if tune_lr:
             tuning, first = tune(task, expression, rate, seeds[0], settings, bar)
             tunings.append(tuning)

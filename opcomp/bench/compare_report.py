@@ -13,15 +13,24 @@ from pathlib import Path
 from opcomp.bench.compare import Comparison, Run
 
 
-def spread(values: list[float], digits: int = 4) -> str:
-    """``mean ± standard deviation`` over seeds (just the value for one seed); ``—`` for none."""
+def stats(values) -> dict:
+    """Mean and standard deviation over seeds of the finite values (std 0 for one, mean nan for none)."""
     values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
+    return {
+        "mean": statistics.fmean(values) if values else math.nan,
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def spread(values, digits: int = 4) -> str:
+    """``mean ± standard deviation`` over seeds (just the value for one seed); ``—`` for none."""
+    summed = stats(values)
+    if not summed["n"]:
         return "—"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    if summed["n"] == 1:
+        return f"{summed['mean']:.{digits}f}"
+    return f"{summed['mean']:.{digits}f} ± {summed['std']:.{digits}f}"
 
 
 def summary(comparison: Comparison, optimizer: str) -> dict:
@@ -30,12 +39,6 @@ def summary(comparison: Comparison, optimizer: str) -> dict:
     runs = comparison.runs_of(optimizer)
     finished = [r for r in runs if r.finished]
     reached = [r for r in finished if r.steps_to_target is not None]
-
-    def stats(values: list[float]) -> dict:
-        values = [v for v in values if math.isfinite(v)]
-        mean = statistics.fmean(values) if values else math.nan
-        return {"mean": mean, "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
     return {
         "optimizer": optimizer,
         "lr": runs[0].lr,
@@ -46,7 +49,7 @@ def summary(comparison: Comparison, optimizer: str) -> dict:
             name: stats([getattr(r, name) for r in finished])
             for name in ("validation_loss", "validation_metric", "test_loss", "test_metric", "ms_per_step")
         },
-        "steps_to_target": stats([float(r.steps_to_target) for r in reached]),
+        "steps_to_target": stats([r.steps_to_target for r in reached]),
         "seconds_to_target": stats([r.seconds_to_target for r in reached]),
     }
 

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from opcomp.bench.compare import Run, Settings, recommended, train, trials
+from opcomp.bench.compare import Run, Settings, train, trials
 from opcomp.bench.tasks import Task, resolve
+from opcomp.learning_rates import recommended_lr
 
 TASKS = ("digits:cnn-bn", "digits:mlp", "pydoc")
 
@@ -55,7 +56,7 @@ def task_named(spec: str) -> Task:
 
 def sweep(expression: str, tasks: dict[str, Task], settings: Settings) -> tuple[float, dict[str, dict[int, Run]]]:
     """The chosen lr and every run, per task and k (lr = recommended × 3^k)."""
-    center = recommended(expression)
+    center = recommended_lr(expression)
     runs = {name: trials(task, expression, center, 0, settings) for name, task in tasks.items()}
     everywhere = sorted(set().union(*(set(r) for r in runs.values())))
     for name, task in tasks.items():  # every k on every task, so the choice compares like with like
