@@ -21,6 +21,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -57,11 +58,51 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     return True
 
 
-def finite(values: Sequence[Tensor]) -> list[Tensor]:
-    """``values``, or NonFinite when any holds inf or NaN."""
+def finite_flag(tensors: Sequence[Tensor]) -> Tensor:
+    """Whether every element is finite, as a 0-d bool tensor that nothing waits for: a tensor's
+    minimum and maximum (one pass) are finite exactly when all its elements are, since NaN
+    propagates through both and an infinity is one of them."""
+    present = [t for t in tensors if t.numel()]
+    if not present:
+        return torch.ones((), dtype=torch.bool, device=tensors[0].device)
+    ends = [torch.stack(torch.aminmax(t)).float().to(present[0].device) for t in present]
+    return torch.cat(ends).isfinite().all()
+
+
+_PENDING: ContextVar[list[Tensor] | None] = ContextVar("opcomp_pending_checks", default=None)
+
+
+def finite(values: Sequence[Tensor], *, now: bool = False) -> list[Tensor]:
+    """``values``, or NonFinite when any holds inf or NaN.
+
+    Inside :func:`deferred_checks` the check is only recorded (:func:`finite_flag`) and decided
+    with the step's others at its end, one read of the device per step; ``now`` decides at once,
+    for work that cannot take inf or NaN (an eigendecomposition) or that ranks must decide alike.
+    """
+    pending = _PENDING.get()
+    if pending is not None and not now:
+        if values:
+            pending.append(finite_flag(values))
+        return list(values)
     if not all_finite(values):
         raise NonFinite
     return list(values)
+
+
+@contextmanager
+def deferred_checks() -> Iterator[list[Tensor]]:
+    """Collect the :func:`finite` checks made inside; the caller decides them (:func:`all_true`)."""
+    pending: list[Tensor] = []
+    token = _PENDING.set(pending)
+    try:
+        yield pending
+    finally:
+        _PENDING.reset(token)
+
+
+def all_true(flags: list[Tensor]) -> bool:
+    """The recorded checks, decided: one read of the device."""
+    return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
 
 
 def check_loss(loss, *, probing: bool) -> Tensor:

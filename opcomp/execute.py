@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from opcomp.closure import Probe
+from opcomp.closure import Probe, finite_flag
 from opcomp.distributed import DataParallel, gathered, sharded_like
 from opcomp.errors import OpcompNotice
 from opcomp.graph import Graph, Node
@@ -33,6 +33,7 @@ from opcomp.kernels.elementwise import upcoming_second_moment
 from opcomp.kernels.layers import LayerCtx, LayerSlot
 from opcomp.plan import LayerPlan, ParamInfo, Plan, Program
 from opcomp.precision import working, working_dtype
+from opcomp.skips import Skips
 from opcomp.state import NodeState, entry, peek
 
 
@@ -256,41 +257,70 @@ def step_in_place(
 
 class Elementwise:
     """Runs element-wise families: eagerly, or as one ``torch.compile``d step per family and
-    participation (``compile``: "on", or "auto" on CUDA), the
-    learning rates as 0-d tensors so schedules never recompile."""
+    participation (``compile``: "on", or "auto" on CUDA), the learning rates as 0-d tensors so
+    schedules never recompile.
+
+    A compiled family steps eagerly once first (it makes its state there, outside the graph);
+    from then on its graph holds the step's finiteness check too (:func:`guarded`), so a step
+    reads no value back from the device.
+    """
 
     def __init__(self, compile: str) -> None:  # noqa: A002 - the option's documented name
         self.compile = compile
         self.runners: dict[tuple, Callable] = {}
+        self.started: set[tuple] = set()
         self.lr_tensors: dict[tuple, Tensor] = {}
+
+    def guards(self, families: Mapping[str, list]) -> bool:
+        """Whether every one of ``families`` checks finiteness inside its compiled step."""
+        return all(self._compiling(items) and _key(e, items) in self.started for e, items in families.items())
 
     def run(
         self, expression: str, graph: Graph, items: list, state: Mapping, parallel: DataParallel | None = None
     ) -> None:
-        """``items``: (group, bucket, participating params) of one family; eagerly, matrix work is
-        split among ``parallel``'s ranks."""
-        programs = [bucket.program for _, bucket, _ in items]
+        """One family, after the optimizer checked every gradient; eagerly, matrix work is split
+        among ``parallel``'s ranks."""
         buckets = bucket_steps(items, state)
+        step_in_place(graph, [b.program for _, b, _ in items], buckets, [float(g["lr"]) for g, _, _ in items], parallel)
         if self._compiling(items):
-            key = (expression, tuple((id(bucket), len(params)) for _, bucket, params in items))
-            runner = self.runners.get(key)
-            if runner is None:
-                announce_compile(expression, sum(len(params) for _, _, params in items))
-                runner = self.runners[key] = compiled(graph, programs)
-            try:
-                runner(buckets, [self._lr_tensor(group, params[0]) for group, _, params in items])
-                return
-            except Exception as error:  # a compiler that cannot run here (no C compiler, an unsupported op)
-                if self.compile == "on":
-                    raise
-                self.compile = "off"
-                warnings.warn(
-                    f"opcomp: torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-                    "this optimizer steps eagerly from now on (compile='off' silences this)",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-        step_in_place(graph, programs, buckets, [float(group["lr"]) for group, _, _ in items], parallel)
+            self.started.add(_key(expression, items))
+
+    def run_guarded(
+        self,
+        expression: str,
+        graph: Graph,
+        items: list,
+        state: Mapping,
+        check: list[Tensor],
+        skips: Skips,
+        ok: Tensor | None = None,
+    ) -> Tensor | None:
+        """One family through its compiled, self-checking step. The step's first family computes
+        whether every gradient in ``check`` is finite and returns that flag; the others are given
+        it as ``ok``. None when the compiler failed here: the family then steps eagerly."""
+        programs = [bucket.program for _, bucket, _ in items]
+        key = _key(expression, items)
+        runner = self.runners.get(key)
+        if runner is None:
+            announce_compile(expression, sum(len(params) for _, _, params in items))
+            runner = self.runners[key] = compiled(graph, programs)
+        buckets = bucket_steps(items, state)
+        lrs = [self._lr_tensor(group, params[0]) for group, _, params in items]
+        try:
+            if ok is None:
+                return runner(buckets, lrs, check, skips.counter(check[0]))
+            return runner(buckets, lrs, [], None, ok)
+        except Exception as error:  # a compiler that cannot run here (no C compiler, an unsupported op)
+            if self.compile == "on":
+                raise
+            self.compile = "off"
+            warnings.warn(
+                f"opcomp: torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                "this optimizer steps eagerly from now on (compile='off' silences this)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
 
     def _compiling(self, items: list) -> bool:
         """auto: on CUDA only. On the CPU a cold compile costs 5–40 s and pays back after 80–750
@@ -311,6 +341,46 @@ class Elementwise:
         return tensor
 
 
+def _key(expression: str, items: list) -> tuple:
+    """A family's participation: which buckets step, with how many parameters."""
+    return (expression, tuple((id(bucket), len(params)) for _, bucket, params in items))
+
+
+def compiled(graph: Graph, programs: list[Program]) -> Callable:
+    """:func:`guarded` compiled: inductor fuses each chain, its check and its keeping into few kernels."""
+    return torch.compile(guarded(graph, programs))
+
+
+def guarded(graph: Graph, programs: list[Program]) -> Callable:
+    """:func:`step_in_place` that keeps everything as it was unless ``ok``: the function
+    torch.compile fuses, where the check is one reduction over the gradients and the keeping a
+    select inside each update's own kernel (the values before are the inputs it reads anyway).
+
+    ``check`` (the first family of a step): the gradients whose finiteness decides, with ``ok``
+    then computed here and a skip added to ``skips``; else ``ok`` is given.
+    """
+
+    def step(buckets: list[BucketStep], lrs: list[Tensor], check: list[Tensor], skips: Tensor | None, ok=None):
+        if ok is None:
+            ok = finite_flag(check)
+            skips.add_((~ok).to(skips.dtype))
+        changing = [t for program, bucket in zip(programs, buckets) for t in _changing(program, bucket)]
+        before = [t.clone() for t in changing]
+        step_in_place(graph, programs, buckets, lrs)
+        for tensor, old in zip(changing, before):
+            tensor.copy_(torch.where(ok, tensor, old))
+        return ok
+
+    return step
+
+
+def _changing(program: Program, bucket: BucketStep) -> list[Tensor]:
+    """What a step of ``program`` writes: the parameters and their nodes' state buffers."""
+    keys = {s.node.state_key for s in program.steps}
+    kept = [t for state in bucket.states for key, buffers in state.items() if key in keys for t in buffers.values()]
+    return list(bucket.params) + kept
+
+
 COMPILE_SECONDS_PER_TENSOR = 0.25
 """A cold compile's cost per parameter tensor, as measured on the CPU (0.17–0.28 s)."""
 
@@ -324,12 +394,3 @@ def announce_compile(expression: str, tensors: int) -> None:
         OpcompNotice,
         stacklevel=8,
     )
-
-
-def compiled(graph: Graph, programs: list[Program]) -> Callable:
-    """:func:`step_in_place` for these programs, compiled: inductor fuses each chain into few kernels."""
-
-    def step(buckets: list[BucketStep], lrs: list[Tensor]) -> None:
-        step_in_place(graph, programs, buckets, lrs)
-
-    return torch.compile(step)

@@ -9,7 +9,6 @@ built with the groups, and the state's snapshot for steps that may give up (:mod
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from contextlib import nullcontext
 from typing import Literal
@@ -19,7 +18,16 @@ from torch import Tensor
 
 import opcomp.distributed as distributed
 from opcomp.capture import Capture, Likelihood
-from opcomp.closure import CLOSURE_SHAPE, NonFinite, Probe, all_finite, finite, first_evaluation
+from opcomp.closure import (
+    CLOSURE_SHAPE,
+    NonFinite,
+    Probe,
+    all_finite,
+    all_true,
+    deferred_checks,
+    finite,
+    first_evaluation,
+)
 from opcomp.definitions import Namespace
 from opcomp.errors import OpcompError
 from opcomp.execute import Elementwise, apply, run_family, runs_in_place
@@ -30,6 +38,7 @@ from opcomp.lang.ast import Expr
 from opcomp.plan import Plan
 from opcomp.prediction import Output, Prediction
 from opcomp.report import warn_at_build
+from opcomp.skips import Skips
 from opcomp.state import load, snapshot
 
 
@@ -79,8 +88,7 @@ class Optimizer(torch.optim.Optimizer):
         # classes on dim 1, as F.cross_entropy reads (N, C, …); a Gaussian's features last
         self._class_dim = class_dim if class_dim is not None else (1 if likelihood == "categorical" else -1)
         self._capture: Capture | None = None
-        self.skipped_steps = 0
-        self._warned_skip = False
+        self._skips = Skips()
         default = self._plan.lower(expr)
         self._default = (expr if isinstance(expr, str) else default.canonical, default)
         super().__init__(params, {"lr": lr, "expr": default.canonical})
@@ -178,24 +186,37 @@ class Optimizer(torch.optim.Optimizer):
         grads = [p.grad for items in families.values() for _, _, params in items for p in params if p.grad is not None]
         if any(g.is_sparse for g in grads):
             raise OpcompError("sparse gradients are not supported; use nn.Embedding(sparse=False)")
-        if grads and not all_finite(grads):
-            return self._skip(loss)
         graphs = self._plan.graphs
         plain = {e: f for e, f in families.items() if runs_in_place(graphs[e], [b.program for _, b, _ in f])}
+        if grads and len(plain) == len(families) and self._elementwise.guards(plain):
+            self._step_guarded(plain, grads)
+            return loss
+        fallible = {e: items for e, items in families.items() if e not in plain}
+        # steps without probes record their finiteness checks on the device and decide them once,
+        # at the end (one read per step); probes decide each evaluation as it comes
+        deferring = bool(fallible) and not self._probes()
+        if grads and not deferring and not all_finite(grads):
+            return self._skip(loss)
         # the others (layer statistics, probes) can meet inf or NaN mid-step: they need a way back,
         # and they run first, so nothing has been applied when one gives up
-        fallible = {e: items for e, items in families.items() if e not in plain}
         touched = [p for items in fallible.values() for _, _, params in items for p in params]
         saved = snapshot(self.state, touched) if fallible else None
         capture = self._capture
         statistics = StepStatistics(capture, self._reduction, self._parallel) if capture is not None else None
         try:
-            updates = [
-                update
-                for expression, items in fallible.items()
-                for update in run_family(self._plan, expression, items, self.state, statistics, probe, self._parallel)
-            ]
-            finite([value for update in updates for value in update.direction])  # nothing non-finite lands
+            with deferred_checks() if deferring else nullcontext([]) as pending:
+                if deferring and grads:
+                    finite(grads)
+                updates = [
+                    update
+                    for expression, items in fallible.items()
+                    for update in run_family(
+                        self._plan, expression, items, self.state, statistics, probe, self._parallel
+                    )
+                ]
+                finite([value for update in updates for value in update.direction])  # nothing non-finite lands
+            if not all_true(pending):
+                raise NonFinite
         except NonFinite:
             self.state = saved
             return self._skip(loss)
@@ -213,19 +234,36 @@ class Optimizer(torch.optim.Optimizer):
             self._arm()
         return loss
 
+    def _step_guarded(self, plain: dict, grads: list[Tensor]) -> None:
+        """Element-wise families whose compiled steps check finiteness themselves: no value is read
+        back from the device (a skip is counted there, see :mod:`opcomp.skips`)."""
+        ok = None
+        for expression, items in plain.items():
+            graph = self._plan.graphs[expression]
+            flag = self._elementwise.run_guarded(expression, graph, items, self.state, grads, self._skips, ok)
+            if flag is not None:
+                ok = flag
+                continue
+            # the compiler failed here: this family steps eagerly, decided on the host
+            if ok is None and not all_finite(grads):
+                self._skip(None)
+                return
+            if ok is not None and not bool(ok):
+                break
+            self._elementwise.run(expression, graph, items, self.state, self._parallel)
+        if ok is not None:
+            self._skips.after_compiled_step(stacklevel=4)
+
     def _skip(self, loss):
         if self._capture is not None:
             self._capture.clear()
-        self.skipped_steps += 1
-        if not self._warned_skip:
-            self._warned_skip = True
-            warnings.warn(
-                "opcomp: a gradient, a probe or the step itself held inf or NaN, so this step was skipped and "
-                "nothing changed; opt.skipped_steps counts the skips (this warning is shown once)",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+        self._skips.skipped(stacklevel=4)
         return loss
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because a gradient, a probe or the step held inf or NaN (reads the device)."""
+        return self._skips.count
 
     # -- state ------------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from opcomp.errors import OpcompError
 from opcomp.ops import Applies, StateBuffer
@@ -47,18 +48,30 @@ def counter(entry: dict, like: Tensor, name: str = STEP) -> Tensor:
     return entry[name]
 
 
+HOST_COUNTS = WeakIdKeyDictionary()
+"""Counter tensor -> its value, kept on the host by :func:`advance` so that deciding what a step
+does (statistics due, inverses due) never reads the device. A counter missing here (fresh from a
+state_dict, or one only ``tick`` advances) is read once."""
+
+
 def advance(entry: dict, like: Tensor, name: str = STEP) -> int:
-    """How often the counter was advanced before (read on the host); advances it."""
+    """How often the counter was advanced before (known on the host after its first read); advances it."""
+    before = 0 if name not in entry else HOST_COUNTS.get(entry[name])
     count = counter(entry, like, name)
-    taken = int(count.item())
+    if before is None:
+        before = int(count.item())
     count += 1
-    return taken
+    HOST_COUNTS[count] = before + 1
+    return before
 
 
 def taken(entry: dict, name: str = STEP) -> int:
     """Steps counted so far (0 before the first)."""
     count = entry.get(name)
-    return 0 if count is None else int(count.item())
+    if count is None:
+        return 0
+    known = HOST_COUNTS.get(count)
+    return int(count.item()) if known is None else known
 
 
 class NodeState:
@@ -103,10 +116,19 @@ def snapshot(state, params: list[Tensor]) -> defaultdict:
     copy: defaultdict = defaultdict(dict)
     for param, entries in state.items():
         if id(param) in touched:
-            copy[param] = {key: {n: t.clone() for n, t in buffers.items()} for key, buffers in entries.items()}
+            copy[param] = {key: {n: _cloned(t) for n, t in buffers.items()} for key, buffers in entries.items()}
         else:
             copy[param] = entries
     return copy
+
+
+def _cloned(tensor: Tensor) -> Tensor:
+    """A clone that keeps the host's knowledge of a counter's value."""
+    clone = tensor.clone()
+    known = HOST_COUNTS.get(tensor)
+    if known is not None:
+        HOST_COUNTS[clone] = known
+    return clone
 
 
 def load(plan: Plan, saved_state: dict, by_index: dict) -> defaultdict:

@@ -34,6 +34,7 @@ ROOMS = [
             "opcomp.capture",
             "opcomp.state",
             "opcomp.closure",
+            "opcomp.skips",
         ],
     ),
     ("kernels", ["opcomp.kernels"]),

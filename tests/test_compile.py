@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from device_reads import counted_reads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -68,8 +69,8 @@ def test_fifty_steps_of_a_cosine_schedule_compile_no_more_graphs():
         opt.step()
         schedule.step()
 
-    step()
-    step()  # the first step creates state; the second is the steady graph
+    step()  # eager: creates the state
+    step()  # compiles the steady graph
     counters.clear()
     for _ in range(48):
         step()
@@ -95,6 +96,9 @@ def test_a_compiling_step_says_so_once_and_auto_leaves_the_cpu_eager(monkeypatch
     small = nn.Linear(3, 2)
     forced = opcomp.build("adamw", small, lr=1e-3, compile="on")
     small(torch.ones(1, 3)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        forced.step()  # the first step is eager: it makes the state the compiled graph keeps
     with pytest.warns(opcomp.OpcompNotice, match=r"compiling the fused step of adamw.* over 2 tensors once, ~1 s"):
         forced.step()
     with warnings.catch_warnings():
@@ -124,3 +128,23 @@ def test_second_order_probes_step_a_compiled_model_as_its_eager_original(express
         torch.testing.assert_close(loss, expected)
     for a, b in zip(original.parameters(), eager.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("expression", ["adamw", "muon(g) | adamw"])
+def test_a_compiled_step_reads_nothing_back_from_the_device(expression):
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    opt = opcomp.build(expression, model, lr=1e-2, compile="on")
+    x, y = torch.randn(5, 8), torch.randn(5, 4)
+
+    def step():
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+    step()  # eager: creates the state
+    step()  # compiles
+    with counted_reads() as reads:
+        for _ in range(5):
+            step()
+    assert reads == []
+    assert opt.skipped_steps == 0

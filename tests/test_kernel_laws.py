@@ -52,6 +52,24 @@ def test_orth_lands_near_the_stiefel_manifold(seed, rows, cols, condition):
     assert singular.min() >= 0.5 and singular.max() <= 1.5
 
 
+@settings(max_examples=25)
+@given(seeds, st.integers(16, 256), st.integers(16, 256), st.floats(2.0, 10.0))
+def test_polar_express_lands_closer_to_the_polar_factor_than_jordans_quintic(seed, rows, cols, condition):
+    """Against U·Vᵀ from the SVD: Polar Express's per-step quintics bring every singular value of a
+    matrix of condition ≤ 10 into [0.8, 1.2] in 5 steps, where Jordan's fixed one leaves them in
+    [0.68, 1.14] (the bfloat16 iteration measured 0.86–1.14 against 0.68–1.14), and the distance
+    to U·Vᵀ halves (measured 0.09 against 0.19 at 128 × 512). Spectra that fill the interval: a
+    matrix with one or two singular values may land nearer by luck under either."""
+    x = conditioned(seed, rows, cols, condition)
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    polar = u @ vh
+    (express,) = direction("orth[coefficients=polar_express](g)", x)
+    (jordan,) = direction("orth(g)", x)
+    singular = torch.linalg.svdvals(express)
+    assert singular.min() >= 0.8 and singular.max() <= 1.2
+    assert torch.linalg.norm(express - polar) < 0.7 * torch.linalg.norm(jordan - polar)
+
+
 @given(seeds, sizes, sizes)
 def test_orth_over_a_bucket_equals_orth_of_each_matrix(seed, rows, cols):
     """Batching never mixes matrices. CPU bfloat16 ``baddbmm`` may round one element of a batch

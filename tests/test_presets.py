@@ -24,6 +24,7 @@ MEASURED = {  # preset: validation loss ratio on each of TASKS
     "ekfac_sgd": (0.083, 0.170, 0.603),
     "f3eo": (0.070, 0.137, 0.613),
     "fog": (0.086, 0.338, 0.581),
+    "fog_amortized": (0.086, 0.344, 0.580),
     "fs_adarmsuon": (0.184, 0.270, 0.615),
     "kfac_sgd": (0.107, 0.647, 0.621),
     "mezo": (0.971, 0.999, 0.844),

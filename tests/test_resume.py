@@ -42,6 +42,7 @@ EXPRESSIONS = [
     "muon(g) | adamw(g)",
     "0.5 * adam(g) + 0.5 * muon(adam(g)) | momentum[nesterov](clip(g)) + 0.01 * p",
     "adarmsuon | rms(ema[debias](g))",
+    "muon[hidden](kfac[update_every=3, invert_every=4](g)) | adamw",  # step counts kept on the host
 ]
 
 

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from device_reads import counted_reads
 from torch import nn
 from torch.nn import functional as F
 
@@ -75,11 +76,19 @@ def test_zero_gradients_and_zero_inputs_never_give_nan(expression):
             assert all(torch.isfinite(t).all() for t in buffers.values())
 
 
+@pytest.mark.parametrize(
+    ("expression", "compiling"),
+    [
+        ("0.5 * muon(adam(g)) + 0.5 * adam(g) | adamw", "off"),
+        pytest.param("0.5 * muon(adam(g)) + 0.5 * adam(g) | adamw", "on", marks=pytest.mark.compile),
+        ("fog", "off"),  # layer statistics: checks decided once, at the step's end
+    ],
+)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_a_non_finite_gradient_skips_the_whole_step_bitwise(bad):
+def test_a_non_finite_gradient_skips_the_whole_step_bitwise(bad, expression, compiling):
     model = net()
-    opt = opcomp.build("0.5 * muon(adam(g)) + 0.5 * adam(g) | adamw", model, lr=0.1)
-    for _ in range(2):
+    opt = opcomp.build(expression, model, lr=0.1, compile=compiling)
+    for _ in range(2):  # compiled: the second step is the self-checking graph
         opt.zero_grad()
         backward(model)
         opt.step()
@@ -96,6 +105,19 @@ def test_a_non_finite_gradient_skips_the_whole_step_bitwise(bad):
     assert opt.skipped_steps == 2
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
     assert same_state(state, snapshot(opt))
+
+
+def test_a_layer_step_reads_the_device_once_and_its_step_counts_never():
+    model = net()
+    opt = opcomp.build("fog", model, lr=0.1)
+    for _ in range(3):
+        backward(model)
+        opt.step()
+    with counted_reads() as reads:
+        for _ in range(5):
+            backward(model)
+            opt.step()
+    assert reads == ["__bool__"] * 5  # the step's finiteness, decided at its end
 
 
 def test_parameters_without_a_gradient_are_skipped():
@@ -226,7 +248,7 @@ def test_automatic_compilation_falls_back_to_eager_when_the_compiler_fails(monke
     from opcomp import execute
 
     def broken(graph, programs):
-        def run(buckets, lrs):
+        def run(*arguments):
             raise RuntimeError("no C compiler here")
 
         return run
@@ -237,14 +259,19 @@ def test_automatic_compilation_falls_back_to_eager_when_the_compiler_fails(monke
     reference, model = net(), net()
     eager = opcomp.build("adamw", reference, lr=0.01, compile="off")
     automatic = opcomp.build("adamw", model, lr=0.01, compile="auto")
-    backward(reference)
-    eager.step()
+    for _ in range(2):  # a compiled family steps eagerly once first, making its state
+        backward(reference)
+        eager.step()
+    backward(model)
+    automatic.step()
     backward(model)
     with pytest.warns(RuntimeWarning, match="no C compiler here"):
         automatic.step()
     assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), model.parameters()))
     forced_model = net()
     forced = opcomp.build("adamw", forced_model, lr=0.01, compile="on")
+    backward(forced_model)
+    forced.step()
     backward(forced_model)
     with pytest.raises(RuntimeError, match="no C compiler here"):
         forced.step()

@@ -1,6 +1,6 @@
 """What layer statistics cost: hooks, factor updates and inversions, beside a plain Muon step.
 
-    python -m opcomp.bench.kfac [--model mlp|transformer] [--steps 30]
+    python -m opcomp.bench.kfac [--model mlp|transformer] [--steps 30] [--device cuda]
 
 Each row is a full training step (forward, backward, opt.step) on the same model and batch,
 rows interleaved round by round; medians in milliseconds. Then two parts of fog's step alone:
@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 import opcomp
 from opcomp.bench import models
+from opcomp.bench.step import synchronize
 from opcomp.kernels.layers import invert_factored
 
 CONFIGURATIONS = {
@@ -31,23 +32,24 @@ CONFIGURATIONS = {
     "fog, update_every=10, invert_every=10": "muon(kfac[update_every=10](g)) | adamw",
     "fog, exact damping, invert_every=10": "muon(kfac[damping_mode=exact](g)) | adamw",
     "muon(ekfac) | adamw, invert_every=10": "muon(ekfac(g)) | adamw",
+    "fog_amortized (update_every=10, invert_every=100)": "fog_amortized",
     "diagfog": "diagfog",
 }
 
 
-def task(kind: str, seed: int = 0):
-    """A model factory and one fixed batch with its loss."""
+def task(kind: str, seed: int = 0, device: str = "cpu"):
+    """A model factory and one fixed batch with its loss, on ``device``."""
     generator = torch.Generator().manual_seed(seed)
     if kind == "mlp":
-        x = torch.randn(256, 784, generator=generator)
-        y = torch.randint(0, 10, (256,), generator=generator)
-        return (lambda: models.mlp(784, 512, 10)), (lambda m: F.cross_entropy(m(x), y))
-    tokens = torch.randint(0, 96, (16, 64), generator=generator)
+        x = torch.randn(256, 784, generator=generator).to(device)
+        y = torch.randint(0, 10, (256,), generator=generator).to(device)
+        return (lambda: models.mlp(784, 512, 10).to(device)), (lambda m: F.cross_entropy(m(x), y))
+    tokens = torch.randint(0, 96, (16, 64), generator=generator).to(device)
 
     def loss(model: nn.Module) -> torch.Tensor:
         return F.cross_entropy(model(tokens[:, :-1]).reshape(-1, 96), tokens[:, 1:].reshape(-1))
 
-    return (lambda: models.CharTransformer(96, width=128, heads=4, depth=2, length=64)), loss
+    return (lambda: models.CharTransformer(96, width=128, heads=4, depth=2, length=64).to(device)), loss
 
 
 def training_step(model: nn.Module, opt: torch.optim.Optimizer, loss) -> None:
@@ -64,8 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["mlp", "transformer"], default="mlp")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    make, loss = task(args.model)
+    make, loss = task(args.model, device=args.device)
     runs = {}
     for label, expression in CONFIGURATIONS.items():
         torch.manual_seed(0)
@@ -76,13 +79,15 @@ def main(argv: list[str] | None = None) -> None:
     samples: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(args.steps):
         for label, (model, opt) in runs.items():
+            synchronize(args.device)
             start = time.perf_counter()
             training_step(model, opt, loss)
+            synchronize(args.device)
             samples[label].append(time.perf_counter() - start)
     count = sum(p.numel() for p in next(iter(runs.values()))[0].parameters())
     print(
         f"model {args.model} ({count / 1e6:.2f}M parameters), median of {args.steps} steps, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads, device {args.device}"
     )
     baseline = median_ms(samples["muon(g) | adamw"])
     print("| optimizer | ms / training step | × muon(g) \\| adamw |")
@@ -97,8 +102,10 @@ def main(argv: list[str] | None = None) -> None:
         for flag, bucket in ((True, armed), (False, disarmed)):
             opt._capture.armed = flag
             opt.zero_grad()
+            synchronize(args.device)
             start = time.perf_counter()
             loss(model).backward()
+            synchronize(args.device)
             bucket.append(time.perf_counter() - start)
             opt._capture.clear()
     layers = [
@@ -110,8 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     slots = [SimpleNamespace(state=entry, embedding=entry["A"].ndim == 1) for entry in layers]
     inversions = []
     for _ in range(args.steps):
+        synchronize(args.device)
         start = time.perf_counter()
         invert_factored(slots, 1e-3)
+        synchronize(args.device)
         inversions.append(time.perf_counter() - start)
     print()
     print("| part of fog's step | ms |")

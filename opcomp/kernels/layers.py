@@ -184,7 +184,7 @@ def decomposed(
     and shared with the others in one sum: the work splits, and every rank holds the same bits."""
     if parallel is None or not matrices:
         return by_size(matrices, operation)
-    finite(matrices)  # decided alike on every rank before the work splits
+    finite(matrices, now=True)  # decided alike on every rank before the work splits
 
     def owned(indices: list[int]) -> list[tuple]:
         try:
@@ -215,7 +215,7 @@ def symmetric_eigh(batch: Tensor) -> tuple[Tensor, Tensor]:
     a large conv's input factor, with zero rows from padding and ReLU and many repeated
     eigenvalues, does that in fp32 (ResNet-18's 2304 × 2304 factors at the first step). Factors
     holding inf or NaN end the step, which is then skipped."""
-    finite([batch])
+    finite([batch], now=True)
     try:
         return torch.linalg.eigh(batch)
     except torch.linalg.LinAlgError:

@@ -7,6 +7,7 @@ form (``baddbmm``) reproduces torch.optim.Muon's per-matrix ``addmm`` bit for bi
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -20,35 +21,57 @@ from opcomp.kernels.reductions import unstack
 COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NORM_EPS = 1e-7
 
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+"""Amsel, Persson, Musco & Gower (2025), arXiv:2505.16932: the minimax-optimal quintic of each
+step for 5 steps (safety factor 2e-2, cushion 2); later steps repeat the last."""
+POLAR_EXPRESS_SAFETY = 1.02
+"""The Frobenius norm is inflated by this before the iteration, so bfloat16 rounding never lifts
+a singular value above the interval the polynomials were fitted on."""
 
-def newton_schulz(matrices: Tensor, steps: int) -> Tensor:
+Coefficients = Literal["jordan", "polar_express"]
+
+
+def schedule(coefficients: Coefficients, steps: int) -> list[tuple[float, float, float]]:
+    """(a, b, c) of each step: Jordan's fixed quintic, or Polar Express's per-step optimal ones."""
+    if coefficients == "jordan":
+        return [COEFFICIENTS] * steps
+    return [POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)] for i in range(steps)]
+
+
+def newton_schulz(matrices: Tensor, steps: int, coefficients: Coefficients = "jordan") -> Tensor:
     """Approximate polar factors of a (n, rows, cols) batch; returns bfloat16 of the same shape.
 
     One batched iteration (``baddbmm``) on accelerators; on the CPU a loop of ``addmm`` per
     matrix, which this CPU's bfloat16 kernels run faster than the batched form (docs/performance.md).
     """
-    a, b, c = COEFFICIENTS
     x = matrices.bfloat16()
     if x.numel() == 0:  # an empty matrix is its own polar factor
         return x
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + NORM_EPS)
+    inflate = POLAR_EXPRESS_SAFETY if coefficients == "polar_express" else 1.0
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * inflate + NORM_EPS)
+    steps_abc = schedule(coefficients, steps)
     if x.device.type == "cpu":
-        x = torch.stack([iterate(m, steps) for m in x.unbind(0)])
+        x = torch.stack([iterate(m, steps_abc) for m in x.unbind(0)])
     else:
-        for _ in range(steps):
+        for a, b, c in steps_abc:
             gram = x @ x.mT
             update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
             x = torch.baddbmm(x, update, x, beta=a)
     return x.mT if tall else x
 
 
-def iterate(x: Tensor, steps: int) -> Tensor:
+def iterate(x: Tensor, steps: list[tuple[float, float, float]]) -> Tensor:
     """The quintic iteration on one wide matrix, as torch.optim.Muon writes it."""
-    a, b, c = COEFFICIENTS
-    for _ in range(steps):
+    for a, b, c in steps:
         gram = x @ x.T
         update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
         x = torch.addmm(x, update, x, beta=a)
@@ -61,23 +84,27 @@ def as_matrices(values: list[Tensor]) -> Tensor:
     return torch.stack(values).reshape(len(values), first.shape[0], math.prod(first.shape[1:]))
 
 
-def orthogonalise(values: list[Tensor], steps: int, parallel: DataParallel | None = None) -> list[Tensor]:
-    """orth of each value, as tensors of the values' shape and dtype; FSDP2's shards orthogonalised
-    as the whole matrices they are parts of, and cut back to shards."""
+def orthogonalise(values: list[Tensor], options, parallel: DataParallel | None = None) -> list[Tensor]:
+    """orth of each value (``options``: steps, coefficients), as tensors of the values' shape and
+    dtype; FSDP2's shards orthogonalised as the whole matrices they are parts of, and cut back."""
     whole = gathered(values)
-    return sharded_like(orthogonal_parts(whole, steps, parallel), values)
+    return sharded_like(orthogonal_parts(whole, options, parallel), values)
 
 
-def orthogonal_parts(values: list[Tensor], steps: int, parallel: DataParallel | None) -> list[Tensor]:
+def orthogonal_parts(values: list[Tensor], options, parallel: DataParallel | None) -> list[Tensor]:
     """orth of each (whole) value. Across ranks each matrix is orthogonalised by one owner (cost
     rows·cols·min, longest first to the least loaded rank) and shared in one sum to which the others
     add zeros: the work splits, and every rank holds the owner's bits."""
+
+    def polar(part: list[Tensor]) -> list[Tensor]:
+        factors = newton_schulz(as_matrices(part), options.steps, options.coefficients)
+        return unstack(factors.to(values[0].dtype), part)
+
     if parallel is None or len(values) < 2:
-        return unstack(newton_schulz(as_matrices(values), steps).to(values[0].dtype), values)
+        return polar(values)
 
     def owned(indices: list[int]) -> list[tuple]:
-        part = [values[i] for i in indices]
-        return [(v,) for v in unstack(newton_schulz(as_matrices(part), steps).to(values[0].dtype), part)]
+        return [(v,) for v in polar([values[i] for i in indices])]
 
     costs = [m * n * min(m, n) for m, n in (as_matrices([v]).shape[1:] for v in values)]
     shared = parallel.by_owner(costs, owned, [[v.shape] for v in values], values[0])
@@ -92,7 +119,7 @@ def shape_factor(param: Tensor) -> float:
 
 @kernel("orth")
 def orth(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
-    return orthogonalise(x, ctx.options.steps, ctx.parallel)
+    return orthogonalise(x, ctx.options, ctx.parallel)
 
 
 @kernel("muon")
@@ -102,7 +129,7 @@ def muon(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
     buffers = ctx.buffers("momentum_buffer")
     torch._foreach_lerp_(buffers, x, 1.0 - o.beta)
     look = torch._foreach_lerp(x, buffers, o.beta) if o.nesterov else buffers
-    out = orthogonalise(look, o.steps, ctx.parallel)
+    out = orthogonalise(look, o, ctx.parallel)
     factor = shape_factor(ctx.params[0])
     if factor != 1.0:
         torch._foreach_mul_(out, factor)
@@ -115,7 +142,7 @@ def adarmsuon(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
     o = ctx.options
     whole = gathered(adam_direction(ctx, x, o.b1, o.b2, o.eps))  # FSDP2's shards as whole matrices
     direction = as_matrices(whole)
-    ortho = as_matrices(orthogonal_parts(whole, o.steps, ctx.parallel))
+    ortho = as_matrices(orthogonal_parts(whole, o, ctx.parallel))
     energy = torch.linalg.vector_norm(direction, dim=(-2, -1))
     spread = torch.linalg.vector_norm(ortho, dim=(-2, -1))
     ratio = torch.where(spread > 0, energy / spread.clamp_min(torch.finfo(spread.dtype).tiny), 0.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from opcomp.ops.fields import Beta, Count, Positive
@@ -19,8 +21,17 @@ def _matrices(options: MatrixOptions) -> Applies:
     return Applies.HIDDEN if options.hidden else Applies.MATRIX
 
 
-class OrthOptions(MatrixOptions):
+class NewtonSchulzOptions(Options):
     steps: Count = Field(5, description="Newton–Schulz iterations")
+    coefficients: Literal["jordan", "polar_express"] = Field(
+        "jordan",
+        description="each step's quintic: Jordan's fixed (3.4445, −4.7750, 2.0315), as torch.optim.Muon; or "
+        "Polar Express's per-step optimal ones (arXiv:2505.16932), closer to the polar factor in as many steps",
+    )
+
+
+class OrthOptions(MatrixOptions, NewtonSchulzOptions):
+    pass
 
 
 register(
@@ -32,8 +43,9 @@ register(
         applies_when=_matrices,
         summary="approximate polar factor by quintic Newton–Schulz",
         formula=(
-            "X = x viewed as (rows, −1) / (‖x‖_F + 1e-7), transposed if tall; repeat steps: "
-            "A = XXᵀ; B = bA + cA²; X = aX + BX, (a, b, c) = (3.4445, −4.7750, 2.0315)"
+            "X = x viewed as (rows, −1) / (s‖x‖_F + 1e-7), transposed if tall; repeat steps: "
+            "A = XXᵀ; B = bA + cA²; X = aX + BX; jordan: (a, b, c) = (3.4445, −4.7750, 2.0315), s = 1; "
+            "polar_express: step i's minimax (a, b, c) of arXiv:2505.16932 (the 5th from then on), s = 1.02"
         ),
     )
 )
@@ -58,8 +70,8 @@ register(
 )
 
 
-class AdaRMSuonOptions(AdamOptions, MatrixOptions):
-    steps: Count = Field(5, description="Newton–Schulz iterations")
+class AdaRMSuonOptions(AdamOptions, MatrixOptions, NewtonSchulzOptions):
+    pass
 
 
 register(
