@@ -7,7 +7,6 @@ form (``baddbmm``) reproduces torch.optim.Muon's per-matrix ``addmm`` bit for bi
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -17,6 +16,7 @@ from opcomp.kernels import kernel
 from opcomp.kernels.context import Ctx
 from opcomp.kernels.elementwise import adam_direction
 from opcomp.kernels.reductions import unstack
+from opcomp.ops.structural import Coefficients
 
 COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NORM_EPS = 1e-7
@@ -33,8 +33,6 @@ step for 5 steps (safety factor 2e-2, cushion 2); later steps repeat the last.""
 POLAR_EXPRESS_SAFETY = 1.02
 """The Frobenius norm is inflated by this before the iteration, so bfloat16 rounding never lifts
 a singular value above the interval the polynomials were fitted on."""
-
-Coefficients = Literal["jordan", "polar_express"]
 
 
 def schedule(coefficients: Coefficients, steps: int) -> list[tuple[float, float, float]]:

@@ -21,9 +21,13 @@ def _matrices(options: MatrixOptions) -> Applies:
     return Applies.HIDDEN if options.hidden else Applies.MATRIX
 
 
+Coefficients = Literal["jordan", "polar_express"]
+"""Newton–Schulz coefficient schedules (opcomp.kernels.matrix.schedule)."""
+
+
 class NewtonSchulzOptions(Options):
     steps: Count = Field(5, description="Newton–Schulz iterations")
-    coefficients: Literal["jordan", "polar_express"] = Field(
+    coefficients: Coefficients = Field(
         "jordan",
         description="each step's quintic: Jordan's fixed (3.4445, −4.7750, 2.0315), as torch.optim.Muon; or "
         "Polar Express's per-step optimal ones (arXiv:2505.16932), closer to the polar factor in as many steps",
