@@ -13,7 +13,7 @@ fallback branch that applies to every parameter must be the last one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from opcomp.errors import CompositionError, OpcompError
 from opcomp.lang.ast import Call, Expr, Fallback, Name, Neg, Num, Product, Sum, children
@@ -151,6 +151,23 @@ def lower(expr: Expr | str, namespace=None) -> Graph:
     elif not isinstance(expr, (Call, Fallback, Name, Neg, Num, Product, Sum)):
         raise OpcompError(f"expected an expression as text or from opcomp.parse, got {type(expr).__name__}")
     return build_graph(canonicalize(expr, namespace))
+
+
+@lru_cache(maxsize=4096)
+def current_state_key(saved: str) -> str:
+    """The state key that ``saved``, written by this or an earlier opcomp, names today.
+
+    Keys are canonical text, which spells out every option, so an option added later with a
+    default changes the key of state saved before it (``muon[beta=0.95, …](g)`` gained
+    ``coefficients=jordan``). Reading the saved text again gives today's spelling; a key that no
+    longer reads (an operator since removed) stays as it was and matches nothing.
+    """
+    key, separator, scope = saved.partition(" in ")
+    try:
+        current = lower(key).canonical
+        return f"{current} in {lower(scope).canonical}" if separator else current
+    except OpcompError:
+        return saved
 
 
 def build_graph(expr: Expr) -> Graph:

@@ -272,9 +272,11 @@ class Optimizer(torch.optim.Optimizer):
 
         State is matched by each node's canonical key, so an optimizer rebuilt with another
         expression takes over the state of every sub-expression the two share; state of nodes it
-        does not have is dropped. Every buffer is checked against the shape it must have first;
-        nothing is loaded unless all of it fits. The groups keep their current expressions; every
-        other group setting (lr, initial_lr, …) is restored.
+        does not have is dropped, with a warning that names them. Keys written by earlier versions
+        of opcomp (before an option with a default was added) are read into today's spelling.
+        Every buffer is checked against the shape it must have first; nothing is loaded unless all
+        of it fits. The groups keep their current expressions; every other group setting (lr,
+        initial_lr, …) is restored.
         """
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):

@@ -11,14 +11,16 @@ shapes its buffers must have before anything is loaded.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import warnings
+from collections import Counter, defaultdict
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from opcomp.errors import OpcompError
+from opcomp.errors import OpcompError, OpcompWarning
+from opcomp.graph import current_state_key
 from opcomp.ops import Applies, StateBuffer
 from opcomp.precision import working_dtype
 
@@ -134,12 +136,14 @@ def _cloned(tensor: Tensor) -> Tensor:
 def load(plan: Plan, saved_state: dict, by_index: dict) -> defaultdict:
     """The state to load from a state_dict's ``state``, checked whole before anything is kept.
 
-    State is matched by node key: nodes this plan does not have, and layer statistics on a
-    parameter that no longer holds its layer's, are dropped; every other buffer must have the shape
-    its node keeps here.
+    State is matched by node key, each saved key read again so that keys an earlier opcomp wrote
+    match (:func:`opcomp.graph.current_state_key`). State of nodes this plan does not have, and
+    layer statistics on a parameter that no longer holds its layer's, are dropped with one warning
+    naming them; every other buffer must have the shape its node keeps here.
     """
     layers = {(id(layer.owner), layer.node.state_key): layer for layer in plan.all_layers()}
     state: defaultdict = defaultdict(dict)
+    dropped: Counter = Counter()
     for index, entries in saved_state.items():
         param = by_index.get(index)
         if param is None:
@@ -149,13 +153,29 @@ def load(plan: Plan, saved_state: dict, by_index: dict) -> defaultdict:
                 "this state_dict was not saved by an opcomp optimizer (its state is not keyed by expression)"
             )
         nodes = {s.node.state_key: s.node for s in plan.program_of(param).steps}
-        for key, buffers in entries.items():
+        for saved_key, buffers in entries.items():
+            key = current_state_key(saved_key)
             node, layer = nodes.get(key), layers.get((id(param), key))
             if node is None or (node.applies is Applies.LAYER and layer is None):
-                continue  # a node this optimizer does not have, or a layer this parameter no longer holds
+                dropped[saved_key] += 1  # no such node here, or its layer moved
+                continue
             check_buffers(f"parameter '{plan.infos[id(param)].name}'", node, param, layer, buffers)
             state[param][key] = {name: t.detach().clone().to(device=param.device) for name, t in buffers.items()}
+    if dropped:
+        _warn_dropped(dropped)
     return state
+
+
+def _warn_dropped(dropped: Counter) -> None:
+    """Saved state this optimizer has no node for is left behind, and the user hears which."""
+    listed = "; ".join(f"'{key}' ({count} parameter{'s' * (count != 1)})" for key, count in dropped.most_common(5))
+    more = f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
+    warnings.warn(
+        f"load_state_dict left behind saved state that no node of this optimizer keeps: {listed}{more}. "
+        "Those operators start afresh; load into an optimizer built from the saved expression to keep it.",
+        OpcompWarning,
+        stacklevel=4,  # the caller of Optimizer.load_state_dict
+    )
 
 
 def expected_shape(buffer: StateBuffer, param: Tensor, layer: LayerPlan | None) -> tuple[int, ...]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +117,37 @@ def test_loading_a_foreign_or_mismatched_state_dict_is_a_clear_error():
     other = opcomp.build("adamw", list(net.parameters())[:2])
     with pytest.raises(opcomp.OpcompError, match="the saved state has 6 parameters"):
         other.load_state_dict(opt.state_dict())
+
+
+OLD_CHECKPOINT = Path(__file__).parent / "data" / "checkpoint_4cc191a.pt"
+
+
+@pytest.mark.parametrize("expression", ["muon(g) | adamw(g)", "adarmsuon | rms(ema[debias](g))"])
+def test_a_checkpoint_from_before_an_option_was_added_loads_whole_and_continues(expression):
+    # Saved by opcomp at commit 4cc191a, before orth/muon/adarmsuon gained `coefficients`: the model
+    # and optimizer after 10 steps, and the parameters that version reached after 10 more.
+    saved = torch.load(OLD_CHECKPOINT, weights_only=True)[expression]
+    (old_key,) = {key for entries in saved["opt"]["state"].values() for key in entries if "steps=5" in key}
+    assert "coefficients" not in old_key
+    net = model()
+    net.load_state_dict(saved["model"])
+    opt = opcomp.build(expression, net, lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing may be left behind
+        opt.load_state_dict(saved["opt"])
+    assert sum(len(entries) for entries in opt.state.values()) == sum(
+        len(entries) for entries in saved["opt"]["state"].values()
+    )
+    run(net, opt, data(20)[10:])
+    for name, value in net.state_dict().items():
+        torch.testing.assert_close(value, saved["after"][name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_state_no_node_keeps_is_dropped_with_a_warning_that_names_it():
+    net = model()
+    opt = opcomp.build("muon(kfac(g)) | adamw(g)", net, lr=0.01)
+    run(net, opt, data(2))
+    saved = opt.state_dict()
+    fresh = opcomp.build("muon(g) | adamw(g)", model(), lr=0.01)
+    with pytest.warns(opcomp.OpcompWarning, match=r"left behind .*'kfac\[.*\(3 parameters\)"):
+        fresh.load_state_dict(saved)
