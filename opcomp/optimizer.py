@@ -200,7 +200,8 @@ class Optimizer(torch.optim.Optimizer):
         # the others (layer statistics, probes) can meet inf or NaN mid-step: they need a way back,
         # and they run first, so nothing has been applied when one gives up
         touched = [p for items in fallible.values() for _, _, params in items for p in params]
-        saved = snapshot(self.state, touched) if fallible else None
+        replaced = {n.state_key for e in fallible for n in graphs[e].nodes if n.spec.replaces_state}
+        saved = snapshot(self.state, touched, replaced) if fallible else None
         capture = self._capture
         statistics = StepStatistics(capture, self._reduction, self._parallel) if capture is not None else None
         try:

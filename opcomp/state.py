@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import torch
@@ -62,8 +63,8 @@ def advance(entry: dict, like: Tensor, name: str = STEP) -> int:
     count = counter(entry, like, name)
     if before is None:
         before = int(count.item())
-    count += 1
-    HOST_COUNTS[count] = before + 1
+    entry[name] = count + 1  # a new tensor: a snapshot that shares the old one keeps its value
+    HOST_COUNTS[entry[name]] = before + 1
     return before
 
 
@@ -112,13 +113,18 @@ class NodeState:
         return max(advance(entry, param, name) for entry, param in zip(self.entries, self.params))
 
 
-def snapshot(state, params: list[Tensor]) -> defaultdict:
-    """A copy of the optimizer state with the buffers of ``params`` cloned (the others shared)."""
+def snapshot(state, params: list[Tensor], shared: Collection[str] = ()) -> defaultdict:
+    """A copy of the optimizer state to go back to: the buffers of ``params`` cloned, except those
+    under the keys in ``shared``, whose nodes replace their tensors instead of writing into them
+    (``OpSpec.replaces_state``); those, and every other parameter's state, are shared."""
     touched = {id(p) for p in params}
     copy: defaultdict = defaultdict(dict)
     for param, entries in state.items():
         if id(param) in touched:
-            copy[param] = {key: {n: _cloned(t) for n, t in buffers.items()} for key, buffers in entries.items()}
+            copy[param] = {
+                key: dict(buffers) if key in shared else {n: _cloned(t) for n, t in buffers.items()}
+                for key, buffers in entries.items()
+            }
         else:
             copy[param] = entries
     return copy

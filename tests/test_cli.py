@@ -67,7 +67,7 @@ def test_presets_listing_measures_cost_and_state(capsys):
     assert "| fog | 0.03 | 1 forward, 1 backward |" in out
     assert "| sam_sgd | 0.1 | 2 forward, 2 backward | 4.0 |" in out  # one momentum buffer: 4 bytes
     assert "| sgd | 0.3 | 1 forward, 1 backward | 0.0 |" in out
-    assert "`muon[hidden](kfac(g)) \\| fallback * adamw(g)`" in out
+    assert "`muon[hidden](kfac[bf16=bf16](g)) \\| fallback * adamw(g)`" in out
 
 
 def test_explain_on_a_model_shows_each_parameters_rule(capsys, tmp_path):

@@ -58,8 +58,10 @@ def test_polar_express_lands_closer_to_the_polar_factor_than_jordans_quintic(see
     """Against U·Vᵀ from the SVD: Polar Express's per-step quintics bring every singular value of a
     matrix of condition ≤ 10 into [0.8, 1.2] in 5 steps, where Jordan's fixed one leaves them in
     [0.68, 1.14] (the bfloat16 iteration measured 0.86–1.14 against 0.68–1.14), and the distance
-    to U·Vᵀ halves (measured 0.09 against 0.19 at 128 × 512). Spectra that fill the interval: a
-    matrix with one or two singular values may land nearer by luck under either."""
+    to U·Vᵀ halves (measured 0.09 against 0.19 at 128 × 512). On small, narrow matrices the
+    bfloat16 rounding weighs more in both distances: over 1,500 draws of this domain the ratio
+    peaked at 0.77 (53 × 17), so the law asks for 0.9. Spectra that fill the interval: a matrix
+    with one or two singular values may land nearer by luck under either."""
     x = conditioned(seed, rows, cols, condition)
     u, _, vh = torch.linalg.svd(x, full_matrices=False)
     polar = u @ vh
@@ -67,7 +69,7 @@ def test_polar_express_lands_closer_to_the_polar_factor_than_jordans_quintic(see
     (jordan,) = direction("orth(g)", x)
     singular = torch.linalg.svdvals(express)
     assert singular.min() >= 0.8 and singular.max() <= 1.2
-    assert torch.linalg.norm(express - polar) < 0.7 * torch.linalg.norm(jordan - polar)
+    assert torch.linalg.norm(express - polar) < 0.9 * torch.linalg.norm(jordan - polar)
 
 
 @given(seeds, sizes, sizes)

@@ -6,6 +6,7 @@ import copy
 import warnings
 
 import pytest
+import shapes
 import torch
 from device_reads import counted_reads
 from torch import nn
@@ -118,6 +119,40 @@ def test_a_layer_step_reads_the_device_once_and_its_step_counts_never():
             backward(model)
             opt.step()
     assert reads == ["__bool__"] * 5  # the step's finiteness, decided at its end
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "strided_conv", "token_model"])
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "muon(kfac[invert_every=2](g)) | adamw",
+        "kfac[damping_mode=exact, invert_every=2, update_every=2](g) | g",
+        "kfac[bf16, invert_every=2](g) | g",
+        "ekfac[invert_every=2](g) | g",
+        "diag_kfac(g) | adamw",
+    ],
+)
+def test_operators_that_replace_their_state_never_write_into_it(model_name, expression):
+    # A step's snapshot shares these nodes' tensors instead of cloning them (OpSpec.replaces_state),
+    # so a skipped step is undone only if no kernel writes into a tensor it found in the state.
+    model = shapes.make(model_name)
+    x, y = shapes.batch(model_name)
+    opt = opcomp.build(expression, model, lr=0.01)
+    replacing = {n.state_key for n in opcomp.lower(expression).nodes if n.spec.replaces_state}
+    assert replacing
+    for _ in range(5):  # statistics, refreshes and steps between them
+        found = [
+            (t, t._version)
+            for entries in opt.state.values()
+            for key, buffers in entries.items()
+            if key in replacing
+            for t in buffers.values()
+        ]
+        opt.zero_grad()
+        shapes.loss(model, x, y).backward()
+        opt.step()
+        assert all(t._version == version for t, version in found)
+    assert found  # the last step had state to keep
 
 
 def test_parameters_without_a_gradient_are_skipped():

@@ -5,7 +5,8 @@ Every supported layer is brought to one form, the weight-sharing form of each mi
 ``a`` (N, S, in) holds the inputs of each example at each of its S shared positions (a Linear's
 leading dimensions, a Conv2d's unfolded patches; the bias as an appended 1 when it is folded in,
 only that 1 when the bias runs the node alone), ``d`` (N, S, out) the output gradients at the
-same positions, scaled to per-example gradients. The per-example gradient of the layer is then
+same positions, which ``gradient_scale`` turns into per-example ones (applied once to each
+statistic: all are quadratic in d). With d so scaled, the per-example gradient of the layer is
 ∇W_n = Σ_s d_ns a_nsᵀ, and
 
 - ``Linear`` over any leading dimensions ("expand"): every position is a row of A and G;
@@ -49,7 +50,7 @@ class Sample:
     """One micro-batch of a layer in the weight-sharing form."""
 
     a: Tensor  # (N, S, in); an Embedding's token ids (N, S)
-    d: Tensor  # (N, S, out) per-example output gradients
+    d: Tensor  # (N, S, out) output gradients as captured: per-example ones are gradient_scale · d
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Statistics:
     examples: int  # N, over every micro-batch
     reduce: bool = False  # Conv2d: one row per example
     vocabulary: int = 0  # Embedding: the number of tokens
+    gradient_scale: float = 1.0  # per-example gradients are this times d: N for a mean-reduced loss
 
     def _rows(self, side: str) -> list[Tensor]:
         if side == "a":
@@ -70,21 +72,25 @@ class Statistics:
     def a_count(self) -> int:
         return sum(len(rows) for rows in self._rows("a"))
 
-    def A(self) -> Tensor:
-        rows = self._rows("a")
-        return sum(r.T @ r for r in rows) / self.a_count
+    def A(self, bf16: bool = False) -> Tensor:
+        return mean_gram(self._rows("a"), self.a_count, bf16)
 
     def A_diagonal(self) -> Tensor:
         if self.vocabulary:
             ids = torch.cat(self._rows("a"))
             return torch.bincount(ids, minlength=self.vocabulary).to(self.samples[0].d.dtype) / len(ids)
-        return sum(r.square().sum(0) for r in self._rows("a")) / self.a_count
+        return mean_square(self._rows("a"), self.a_count)
 
-    def G(self) -> Tensor:
-        return sum(r.T @ r for r in self._rows("d")) / self.examples
+    @property
+    def _g_count(self) -> float:
+        """G's divisor: N over the square of the gradients' scale (every statistic is quadratic in d)."""
+        return self.examples / self.gradient_scale**2
+
+    def G(self, bf16: bool = False) -> Tensor:
+        return mean_gram(self._rows("d"), self._g_count, bf16)
 
     def G_diagonal(self) -> Tensor:
-        return sum(r.square().sum(0) for r in self._rows("d")) / self.examples
+        return mean_square(self._rows("d"), self._g_count)
 
     def eigen_scale(self, q_g: Tensor | None, q_a: Tensor | None) -> Tensor:
         """E_n[(Q_Gᵀ ∇W_n Q_A)²] over per-example gradients ∇W_n = Σ_s d_ns a_nsᵀ, (out, in).
@@ -100,7 +106,7 @@ class Statistics:
             d = sample.d if q_g is None else sample.d @ q_g
             a = sample.a if q_a is None else sample.a @ q_a
             if d.shape[1] == 1:  # no sharing: Σ_n (d_n²)(a_n²)ᵀ in one product
-                part = d[:, 0].square().T @ a[:, 0].square()
+                part = (d[:, 0] * d[:, 0]).T @ (a[:, 0] * a[:, 0])
             else:
                 chunk = max(1, CHUNK // max(1, d.shape[2] * a.shape[2]))
                 part = sum(
@@ -108,7 +114,7 @@ class Statistics:
                     for i in range(0, len(d), chunk)
                 )
             total = part if total is None else total + part
-        return total / self.examples
+        return total / self._g_count
 
     def _embedding_scale(self, q_g: Tensor | None) -> Tensor:
         """Rows of one example that hit one token add up before squaring (X is (dim, vocabulary))."""
@@ -120,7 +126,29 @@ class Statistics:
             pairs, which = torch.unique((example * self.vocabulary + sample.a).flatten(), return_inverse=True)
             summed = torch.zeros(len(pairs), d.shape[1], dtype=d.dtype, device=d.device).index_add_(0, which, d)
             total.index_add_(0, pairs % self.vocabulary, summed.square())
-        return total.T / self.examples
+        return total.T / self._g_count
+
+
+def mean_square(blocks: list[Tensor], count: float) -> Tensor:
+    """Σ r² / count over the rows of each block, per column (``r * r``: pow(2) is five times slower on CPU)."""
+    return sum((rows * rows).sum(0) for rows in blocks) / count
+
+
+def mean_gram(blocks: list[Tensor], count: float, bf16: bool) -> Tensor:
+    """Σ rᵀr / count over blocks of rows, in the rows' precision. With ``bf16`` each block is
+    rounded to bfloat16 once and its product comes back rounded to bfloat16; otherwise 1/count
+    lands on whichever is smaller, a block or its product."""
+    total = None
+    for rows in blocks:
+        if bf16:
+            low = rows.bfloat16()
+            part = (low.T @ low).to(rows.dtype).div_(count)
+        elif rows.numel() < rows.shape[1] ** 2:
+            part = rows.T @ (rows / count)
+        else:
+            part = (rows.T @ rows).div_(count)
+        total = part if total is None else total.add_(part)
+    return total
 
 
 def layer_kind(module: nn.Module | None) -> Kind | None:
@@ -223,9 +251,9 @@ def statistics(
         parts = [_sample(module, e.input, e.sampled if sampled else e.grad, columns, dtype) for e in group]
         a = parts[0].a if len(parts) == 1 else torch.cat([p.a for p in parts], 1)
         d = parts[0].d if len(parts) == 1 else torch.cat([p.d for p in parts], 1)
-        samples.append(Sample(a, d * scale if scale != 1 else d))
+        samples.append(Sample(a, d))
     vocabulary = module.num_embeddings if isinstance(module, nn.Embedding) else 0
-    return Statistics(samples, examples, isinstance(module, nn.Conv2d), vocabulary)
+    return Statistics(samples, examples, isinstance(module, nn.Conv2d), vocabulary, gradient_scale=scale)
 
 
 def _examples(module: nn.Module, inputs: Tensor) -> int:

@@ -110,6 +110,11 @@ class FactorOptions(DiagKfacOptions):
     max_dim: Count = Field(
         4096, description="factors of a larger dimension are kept as their diagonal (the size budget, O(d) memory)"
     )
+    bf16: bool = Field(
+        False,
+        description="the per-step products (aᵀa, δᵀδ and the preconditioning) take bfloat16 inputs; factors, "
+        "their averages and their decompositions stay in the working precision",
+    )
 
 
 class KfacOptions(FactorOptions):
@@ -156,6 +161,7 @@ register(
         kind=Kind.STATISTICAL,
         options=KfacOptions,
         applies=Applies.LAYER,
+        replaces_state=True,
         needs=Needs(model=True),
         needs_when=_mc_needs,
         reads_gradient=True,
@@ -178,6 +184,7 @@ register(
         kind=Kind.STATISTICAL,
         options=DiagKfacOptions,
         applies=Applies.LAYER,
+        replaces_state=True,
         needs=Needs(model=True),
         reads_gradient=True,
         state=(
@@ -196,6 +203,7 @@ register(
         kind=Kind.STATISTICAL,
         options=EkfacOptions,
         applies=Applies.LAYER,
+        replaces_state=True,
         needs=Needs(model=True),
         needs_when=_mc_needs,
         reads_gradient=True,
