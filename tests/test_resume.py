@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import opcomp
+from opcomp.graph import current_state_key
 
 
 def model() -> nn.Module:
@@ -151,3 +152,11 @@ def test_state_no_node_keeps_is_dropped_with_a_warning_that_names_it():
     fresh = opcomp.build("muon(g) | adamw(g)", model(), lr=0.01)
     with pytest.warns(opcomp.OpcompWarning, match=r"left behind .*'kfac\[.*\(3 parameters\)"):
         fresh.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("preset", opcomp.presets().names())
+def test_reading_a_state_key_again_gives_it_back(preset):
+    # load_state_dict reads every saved key again (current_state_key); today's keys, probe scopes
+    # included ("… in sam[…](…)"), must come back unchanged or state would be lost on every load.
+    keys = {node.state_key for node in opcomp.lower(preset).nodes}
+    assert {current_state_key(key) for key in keys} == keys
