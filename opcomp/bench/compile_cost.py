@@ -21,12 +21,8 @@ import time
 import torch
 
 import opcomp
+from opcomp.bench import table_cell
 from opcomp.bench.step import SHAPES, parameters, stepper, synchronize
-
-
-def escaped(expression: str) -> str:
-    """An expression inside a markdown table cell: its fallback bars escaped."""
-    return expression.replace("|", "\\|")
 
 
 def compiling_step(shapes, device: str, expression: str) -> tuple[float, torch.optim.Optimizer]:
@@ -66,7 +62,7 @@ def row(shapes_name: str, device: str, expression: str, rounds: int) -> str:
     saved = eager_ms - compiled_ms
     even = f"{compile_seconds * 1e3 / saved:,.0f}" if saved > 0 else "never"
     return (
-        f"| {shapes_name} | {total / 1e6:.1f}M in {len(shapes)} | {escaped(expression)} | {compile_seconds:.1f} | "
+        f"| {shapes_name} | {total / 1e6:.1f}M in {len(shapes)} | {table_cell(expression)} | {compile_seconds:.1f} | "
         f"{cached_seconds:.1f} | "
         f"{eager_ms:.1f} | {compiled_ms:.1f} | {eager_ms / compiled_ms:.2f} | {even} |"
     )

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 import opcomp
-from opcomp.bench import models
+from opcomp.bench import models, table_cell
 
 
 def state_bytes(opt: opcomp.Optimizer) -> int:
@@ -56,7 +56,7 @@ def preset_table() -> str:
     ]
     for name in presets.names():
         per_parameter, passes = measure(name)
-        definition = opcomp.to_source(presets.get(name).body).replace("|", "\\|")
+        definition = table_cell(opcomp.to_source(presets.get(name).body))
         lines.append(f"| {name} | {presets.note(name).lr:g} | {passes} | {per_parameter:.1f} | `{definition}` |")
     count = sum(p.numel() for p in models.cnn().parameters())
     lines.append("")

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import opcomp
-from opcomp.bench import models
+from opcomp.bench import models, table_cell
 from opcomp.bench.step import synchronize
 from opcomp.kernels.layers import invert_factored
 
@@ -98,9 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     print("| optimizer | ms / training step (median) | × muon(g) \\| adamw | mean, refreshes included: × |")
     print("| --- | --- | --- | --- |")
     for label, values in samples.items():
-        escaped = label.replace("|", "\\|")
         ratio, mean_ratio = median_ms(values) / baseline, statistics.mean(values) / mean_baseline
-        print(f"| {escaped} | {median_ms(values):.1f} | {ratio:.2f} | {mean_ratio:.2f} |")
+        print(f"| {table_cell(label)} | {median_ms(values):.1f} | {ratio:.2f} | {mean_ratio:.2f} |")
 
     model, opt = runs["fog, invert_every=10"]
     armed, disarmed = [], []
