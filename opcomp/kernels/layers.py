@@ -100,6 +100,7 @@ def fold_statistics(
     sampled = getattr(ctx.options, "fisher", "empirical") == "mc"
     due = [layer for layer, count in zip(ctx.layers, counts) if count % ctx.options.update_every == 0]
     found = [ctx.statistics(layer, sampled) for layer in due]
+    bf16 = getattr(ctx.options, "bf16", False)  # kfac and ekfac have it, diag_kfac not
     values, rows = [], []
     for layer, statistics in zip(due, found):
         diagonal_a, diagonal_g = diagonal(layer)
@@ -110,7 +111,6 @@ def fold_statistics(
             values += [torch.zeros((out,) if diagonal_g else (out, out), **like)]
             rows += [0, 0]
         else:
-            bf16 = getattr(ctx.options, "bf16", False)
             values += [statistics.A_diagonal() if diagonal_a else statistics.A(bf16)]
             values += [statistics.G_diagonal() if diagonal_g else statistics.G(bf16)]
             rows += [statistics.a_count, statistics.examples]
