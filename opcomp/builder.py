@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 from torch import Tensor, nn
@@ -9,7 +10,7 @@ from torch import Tensor, nn
 import opcomp.distributed as distributed
 from opcomp.capture import Likelihood
 from opcomp.definitions import Namespace, presets
-from opcomp.errors import OpcompError
+from opcomp.errors import OpcompError, OpcompNotice
 from opcomp.graph import build_graph
 from opcomp.kernels.factors import Reduction
 from opcomp.lang.ast import Call, Expr, Name, Option
@@ -35,6 +36,7 @@ def build(
     output: Output = "logits",
     compile: Literal["auto", "on", "off"] = "auto",  # noqa: A002 - the option's documented name
     data_parallel: distributed.Setting = "auto",
+    warmup: bool = False,
     **options,
 ) -> Optimizer:
     """The optimizer for ``expr`` (an expression, a preset, or a ``.toml`` rule file) over a model.
@@ -63,6 +65,8 @@ def build(
     learning rate a 0-d tensor so schedules never recompile): "on", "off", or "auto" — on CUDA only:
     on the CPU a cold compile costs 5–40 s and pays back after 80–750 steps (docs/performance.md),
     so long CPU runs ask for "on". A step that compiles says so first (:class:`OpcompNotice`).
+    ``warmup=True`` compiles here instead of in the second step, leaving parameters and state as
+    they were (:meth:`Optimizer.warm_up`).
 
     ``data_parallel``: under ``DistributedDataParallel`` ("auto", given the wrapped model) opcomp
     reduces what it computes itself — layer statistics, its own backward passes, probes — over the
@@ -104,7 +108,9 @@ def build(
         params, expr = rule_groups(rules, params, names, owners, lr, namespace), rules.file.default.use
     else:
         expr, lr = with_options(expr, options), recommended_lr(expr, namespace) if lr is None else lr
-    return Optimizer(
+    if warmup and compile == "off":
+        raise OpcompError("warmup=True compiles the step at build, and compile='off' never compiles: drop one")
+    optimizer = Optimizer(
         params,
         expr,
         lr if lr is not None else DEFAULT_LR,
@@ -119,6 +125,18 @@ def build(
         compile=compile,
         data_parallel=data_parallel,
     )
+    if warmup and not optimizer.warm_up():
+        warnings.warn(
+            "opcomp: warmup=True found nothing to compile: "
+            + (
+                "compile='auto' steps eagerly on the CPU (compile='on' compiles there)"
+                if compile == "auto" and not any(p.is_cuda for g in optimizer.param_groups for p in g["params"])
+                else "expressions with layer statistics, probes or rebound gradients step eagerly"
+            ),
+            OpcompNotice,
+            stacklevel=2,
+        )
+    return optimizer
 
 
 def rule_groups(rules: Rules, params, names, owners, lr, namespace: Namespace) -> list[dict]:

@@ -273,7 +273,7 @@ class Elementwise:
 
     def guards(self, families: Mapping[str, list]) -> bool:
         """Whether every one of ``families`` checks finiteness inside its compiled step."""
-        return all(self._compiling(items) and _key(e, items) in self.started for e, items in families.items())
+        return all(self.compiles(items) and _key(e, items) in self.started for e, items in families.items())
 
     def run(
         self, expression: str, graph: Graph, items: list, state: Mapping, parallel: DataParallel | None = None
@@ -282,7 +282,7 @@ class Elementwise:
         among ``parallel``'s ranks."""
         buckets = bucket_steps(items, state)
         step_in_place(graph, [b.program for _, b, _ in items], buckets, [float(g["lr"]) for g, _, _ in items], parallel)
-        if self._compiling(items):
+        if self.compiles(items):
             self.started.add(_key(expression, items))
 
     def run_guarded(
@@ -322,7 +322,7 @@ class Elementwise:
             )
             return None
 
-    def _compiling(self, items: list) -> bool:
+    def compiles(self, items: list) -> bool:
         """auto: on CUDA only. On the CPU a cold compile costs 5–40 s and pays back after 80–750
         steps (``python -m opcomp.bench.compile_cost``, docs/performance.md), longer than many CPU
         runs: there it takes ``compile="on"``."""

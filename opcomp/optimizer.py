@@ -255,6 +255,39 @@ class Optimizer(torch.optim.Optimizer):
         if ok is not None:
             self._skips.after_compiled_step(stacklevel=4)
 
+    @torch.no_grad()
+    def warm_up(self) -> bool:
+        """Compile the fused step now rather than in the first steps; True if there was one to compile.
+
+        Runs the first two steps — the eager one that makes the state, and the one that compiles —
+        on zero gradients and a scratch state, then puts back the parameters, their gradients, the
+        state and the skip count: the optimizer steps afterwards exactly as if it had not warmed up,
+        and its second step finds its graph compiled. Only expressions that compile
+        (:class:`~opcomp.execute.Elementwise`) have anything to warm; it costs one copy of the
+        parameters while it runs.
+        """
+        params = [p for group in self.param_groups for p in group["params"]]
+        values, grads = [p.detach().clone() for p in params], [p.grad for p in params]
+        state, skips, started = self.state, self._skips, set(self._elementwise.started)
+        try:
+            for param in params:
+                param.grad = torch.zeros_like(param)
+            families, graphs = self._plan.families(self.param_groups), self._plan.graphs
+            if not families or not all(
+                runs_in_place(graphs[e], [b.program for _, b, _ in items]) and self._elementwise.compiles(items)
+                for e, items in families.items()
+            ):
+                return False
+            self.state, self._skips = snapshot(state, params), Skips()
+            for _ in range(2):
+                self._step(None, None)
+        finally:
+            for param, value, grad in zip(params, values, grads):
+                param.copy_(value)
+                param.grad = grad
+            self.state, self._skips, self._elementwise.started = state, skips, started
+        return True
+
     def _skip(self, loss):
         if self._capture is not None:
             self._capture.clear()

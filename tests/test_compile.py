@@ -148,3 +148,42 @@ def test_a_compiled_step_reads_nothing_back_from_the_device(expression):
             step()
     assert reads == []
     assert opt.skipped_steps == 0
+
+
+def test_a_warmed_up_optimizer_compiled_at_build_and_steps_as_one_that_did_not():
+    torch._dynamo.reset()  # nothing compiled earlier in this process may stand in for the warm-up
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    before = [p.detach().clone() for p in models[0].parameters()]
+    kept = torch.ones(3)
+    models[0][2].bias.grad = kept  # a gradient the user had before the warm-up is theirs again after
+    counters.clear()
+    with pytest.warns(opcomp.OpcompNotice, match="compiling the fused step of adamw"):
+        warmed = opcomp.build("adamw", models[0], lr=1e-2, compile="on", warmup=True)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, models[0].parameters()))
+    assert models[0][2].bias.grad is kept and models[0][0].weight.grad is None
+    assert warmed.state_dict()["state"] == {} and warmed.skipped_steps == 0
+    cold = opcomp.build("adamw", models[1], lr=1e-2, compile="on")
+    x, y = torch.randn(5, 6), torch.randn(5, 3)
+    counters.clear()
+    for _ in range(4):
+        for model, opt in zip(models, (warmed, cold)):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    assert counters["stats"]["unique_graphs"] == 0  # the cold one's second step reused the warm-up's graph
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)
+
+
+def test_a_warmup_that_cannot_compile_says_why():
+    model = nn.Linear(3, 2)
+    with pytest.raises(opcomp.OpcompError, match="compile='off' never compiles"):
+        opcomp.build("adamw", model, compile="off", warmup=True)
+    with pytest.warns(opcomp.OpcompNotice, match="compile='auto' steps eagerly on the CPU"):
+        opcomp.build("adamw", model, warmup=True)
+    with pytest.warns(opcomp.OpcompNotice, match="layer statistics, probes or rebound gradients step eagerly"):
+        opcomp.build("kfac(g) | adamw", model, compile="on", warmup=True)
+    assert model.weight.grad is None
