@@ -49,7 +49,7 @@ def test_definitions_file(tmp_path, capsys):
     defs = tmp_path / "mine.opc"
     defs.write_text("mine[b=0.9] = muon[beta=b](g) | adamw\n")
     assert main(["format", "mine[b=0.5]", "--defs", str(defs)]) == 0
-    canonical = "muon[beta=0.5, coefficients=jordan, hidden=false, nesterov=true, steps=5](g) | adamw["
+    canonical = "muon[beta=0.5, coefficients=jordan, gram=false, hidden=false, nesterov=true, steps=5](g) | adamw["
     assert capsys.readouterr().out.startswith(canonical)
     assert main(["format", "mine", "--defs", str(tmp_path / "missing.opc")]) == 2
     assert "cannot read" in capsys.readouterr().err

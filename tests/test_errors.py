@@ -46,6 +46,7 @@ MISTAKES = [
     ("pi_muon[lam=fisher]", opcomp.OptionValueError, 1, 13, None, "must be a number"),
     ("pi_muon[lamda=0.2]", opcomp.UnknownOptionError, 1, 9, "lam", "unknown option 'lamda' of 'pi_muon'"),
     ("momentum[nesterov, dampening=0.5]", opcomp.OptionValueError, 1, 1, None, "nesterov needs"),
+    ("muon[gram, coefficients=polar_express]", opcomp.OptionValueError, 1, 1, None, "gram needs coefficients=jordan"),
     ("muon[beta=0.9, beta=0.8]", opcomp.OptionValueError, 1, 16, None, "given twice"),
     ("adamw(0.5)", opcomp.CompositionError, 1, 7, None, "must be a direction"),
     ("muon(\n  kfca(g))", opcomp.UnknownNameError, 2, 3, "kfac", "did you mean 'kfac'"),

@@ -43,6 +43,6 @@ def test_wheel_works_outside_the_repository(tmp_path):
         [sys.executable, "-c", CHECK.format(site=str(site))], cwd=outside, env=env, capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr
-    canonical = "muon[beta=0.95, coefficients=jordan, hidden=false, nesterov=true, steps=5](kfac["
+    canonical = "muon[beta=0.95, coefficients=jordan, gram=false, hidden=false, nesterov=true, steps=5](kfac["
     assert run.stdout.splitlines()[0].startswith(canonical)
     assert " | 0.1 * adamw[" in run.stdout.splitlines()[1]

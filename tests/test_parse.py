@@ -9,8 +9,8 @@ from opcomp.lang.ast import Call, Fallback, Name, Neg, Num, Option, Product, Sum
 
 ADAM = "adam[b1=0.9, b2=0.999, eps=1e-08]"
 ADAMW = "adamw[b1=0.9, b2=0.999, eps=1e-08, wd=0.01]"
-MUON = "muon[beta=0.95, coefficients=jordan, hidden=false, nesterov=true, steps=5]"
-HIDDEN_MUON = "muon[beta=0.95, coefficients=jordan, hidden=true, nesterov=true, steps=5]"
+MUON = "muon[beta=0.95, coefficients=jordan, gram=false, hidden=false, nesterov=true, steps=5]"
+HIDDEN_MUON = "muon[beta=0.95, coefficients=jordan, gram=false, hidden=true, nesterov=true, steps=5]"
 KFAC = (
     "kfac[bf16=false, damping=0.001, damping_mode=factored, decay=0.95, fisher=empirical, invert_every=10,"
     " max_dim=4096, update_every=1]"
@@ -66,7 +66,7 @@ def test_numbers_keep_their_type():
     assert opcomp.parse("3") == Num(3) and isinstance(opcomp.parse("3").value, int)
     assert isinstance(opcomp.parse("3.0").value, float)
     assert opcomp.parse("1e-3") == Num(0.001)
-    assert opcomp.format("orth[steps=3]") == "orth[coefficients=jordan, hidden=false, steps=3](g)"
+    assert opcomp.format("orth[steps=3]") == "orth[coefficients=jordan, gram=false, hidden=false, steps=3](g)"
     assert opcomp.format("momentum[beta=1/2]".replace("1/2", "0.5")) == (
         "momentum[beta=0.5, dampening=0.0, nesterov=false](g)"
     )

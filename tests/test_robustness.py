@@ -290,7 +290,7 @@ def test_automatic_compilation_falls_back_to_eager_when_the_compiler_fails(monke
 
     monkeypatch.setattr(execute, "compiled", broken)
     # "auto" leaves the CPU eager: let it compile here, as it would on CUDA
-    monkeypatch.setattr(execute.Elementwise, "_compiling", lambda self, items: self.compile != "off")
+    monkeypatch.setattr(execute.Elementwise, "compiles", lambda self, items: self.compile != "off")
     reference, model = net(), net()
     eager = opcomp.build("adamw", reference, lr=0.01, compile="off")
     automatic = opcomp.build("adamw", model, lr=0.01, compile="auto")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from opcomp.ops.fields import Beta, Count, Positive
 from opcomp.ops.registry import Applies, Kind, OpSpec, Options, StateBuffer, register
@@ -32,6 +32,21 @@ class NewtonSchulzOptions(Options):
         description="each step's quintic: Jordan's fixed (3.4445, −4.7750, 2.0315), as torch.optim.Muon; or "
         "Polar Express's per-step optimal ones (arXiv:2505.16932), closer to the polar factor in as many steps",
     )
+    gram: bool = Field(
+        False,
+        description="Gram Newton–Schulz: the same steps kept on the rows × rows matrix XXᵀ, restarted every 3 steps, "
+        "for matrices at least twice as wide as tall (others iterate as usual); fewer flops there. "
+        "With Jordan's coefficients only",
+    )
+
+    @model_validator(mode="after")
+    def _gram_keeps_to_jordans_quintic(self):
+        if self.gram and self.coefficients != "jordan":
+            raise ValueError(
+                "gram needs coefficients=jordan: in bfloat16 the Gram form of Polar Express's steep first steps "
+                "drifts and can blow up (singular values of 10⁵ and more measured); use one or the other"
+            )
+        return self
 
 
 class OrthOptions(MatrixOptions, NewtonSchulzOptions):
@@ -49,7 +64,9 @@ register(
         formula=(
             "X = x viewed as (rows, −1) / (s‖x‖_F + 1e-7), transposed if tall; repeat steps: "
             "A = XXᵀ; B = bA + cA²; X = aX + BX; jordan: (a, b, c) = (3.4445, −4.7750, 2.0315), s = 1; "
-            "polar_express: step i's minimax (a, b, c) of arXiv:2505.16932 (the 5th from then on), s = 1.02"
+            "polar_express: step i's minimax (a, b, c) of arXiv:2505.16932 (the 5th from then on), s = 1.02; "
+            "gram (cols ≥ 2·rows): R = XXᵀ, Q = I; each step Z = aI + bR + cR², Q = ZQ, R = ZRZ, "
+            "every 3rd step first X = QX, R = XXᵀ, Q = I; finally X = QX"
         ),
     )
 )
