@@ -122,6 +122,27 @@ def test_a_layer_step_reads_the_device_once_and_its_step_counts_never():
 
 
 @pytest.mark.parametrize("model_name", ["mlp", "strided_conv", "token_model"])
+def test_a_refresh_reads_the_device_once_per_batch_of_factors_it_inverts(model_name):
+    """π-split damping stays on the device; what a refresh reads is whether each batched Cholesky
+    (one per distinct factor size) needs its eigendecomposition fallback."""
+    model = shapes.make(model_name)
+    x, y = shapes.batch(model_name)
+    opt = opcomp.build("kfac[invert_every=2](g) | adamw", model, lr=0.01)
+    counts = []
+    for _ in range(4):
+        with counted_reads() as reads:
+            opt.zero_grad()
+            shapes.loss(model, x, y).backward()
+            opt.step()
+        counts.append(reads)
+    key = next(n.state_key for n in opcomp.lower("kfac[invert_every=2](g) | adamw").nodes if n.op == "kfac")
+    sizes = {tuple(b[f].shape) for e in opt.state.values() if key in e for b in [e[key]] for f in "AG" if f in b}
+    sizes = {s for s in sizes if len(s) == 2}
+    assert counts[2] == ["__bool__"] * (len(sizes) + 1)  # a refresh: the batches, then the step's finiteness
+    assert counts[3] == ["__bool__"]
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "strided_conv", "token_model"])
 @pytest.mark.parametrize(
     "expression",
     [

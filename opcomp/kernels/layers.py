@@ -241,13 +241,16 @@ def damped_inverse(batch: Tensor) -> tuple[Tensor]:
     return (inverse,)
 
 
-def pi_split(a: Tensor, g: Tensor, damping: float) -> tuple[float, float]:
-    """Martens & Grosse's factored damping: λ_A = π√λ, λ_G = √λ/π, π² = (tr A/dim A)/(tr G/dim G)."""
-    trace_a = float(trace(a)) / max(1, a.shape[0])
-    trace_g = float(trace(g)) / max(1, g.shape[0])
-    ratio = trace_a / trace_g if trace_g > 0 else 0.0
-    pi = math.sqrt(ratio) if 0.0 < ratio < math.inf else 0.0
-    pi = pi if 0.0 < pi < math.inf else 1.0  # degenerate factors: split the damping evenly
+def pi_split(a: Tensor, g: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """Martens & Grosse's factored damping: λ_A = π√λ, λ_G = √λ/π, π² = (tr A/dim A)/(tr G/dim G).
+
+    0-d float64 tensors on the factors' device, so a refresh reads no value back from it; π = 1
+    (the damping split evenly) when a factor is degenerate: a trace of 0, inf or NaN.
+    """
+    mean_a = trace(a).double() / max(1, a.shape[0])
+    mean_g = trace(g).double() / max(1, g.shape[0])
+    ratio = mean_a / mean_g
+    pi = torch.where((mean_g > 0) & (ratio > 0) & (ratio < math.inf), ratio.sqrt(), 1.0)
     root = math.sqrt(damping)
     return pi * root, root / pi
 
