@@ -80,11 +80,11 @@ def iterate(x: Tensor, steps: list[tuple[float, float, float]]) -> Tensor:
 
 GRAM_MIN_ASPECT = 2.0
 """``gram`` iterates on matrices at least this many times wider than tall: there it takes fewer
-products (at 5 steps 6α + 11 against 10α + 5 times rows³, α = cols/rows) and ran 0.78–0.91× the
+products (at 5 steps 6α + 11 against 10α + 5 times rows³, α = cols/rows) and ran 0.78–0.92× the
 time of :func:`iterate` on this CPU (``python -m opcomp.bench.polar``, docs/performance.md)."""
 GRAM_MIN_ROWS = 16
 """Nor on matrices with fewer rows: those save nothing measurable, and rounding weighs more in
-them (2 × 6 drifted 22% from :func:`iterate`, where 32–128 rows stayed within 6%)."""
+them (2 × 6 drifted 22% from :func:`iterate`; 8–128 rows stayed within 7.4% over 600 draws)."""
 GRAM_PERIOD = 2
 """Steps between the Gram iteration's restarts from the matrix itself."""
 
