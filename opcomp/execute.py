@@ -381,8 +381,10 @@ def _changing(program: Program, bucket: BucketStep) -> list[Tensor]:
     return list(bucket.params) + kept
 
 
-COMPILE_SECONDS_PER_TENSOR = 0.25
-"""A cold compile's cost per parameter tensor, as measured on the CPU (0.17–0.28 s)."""
+COMPILE_SECONDS_PER_TENSOR = 0.5
+"""A cold compile's cost per parameter tensor, as measured on the CPU for the self-checking step:
+0.3–0.5 s over 62–148 tensors (``python -m opcomp.bench.compile_cost``), more per tensor on
+fewer."""
 
 
 def announce_compile(expression: str, tensors: int) -> None:
