@@ -267,7 +267,7 @@ class Optimizer(torch.optim.Optimizer):
         parameters while it runs.
         """
         params = [p for group in self.param_groups for p in group["params"]]
-        values, grads = [p.detach().clone() for p in params], [p.grad for p in params]
+        grads, values = [p.grad for p in params], None
         state, skips, started = self.state, self._skips, set(self._elementwise.started)
         try:
             for param in params:
@@ -278,12 +278,14 @@ class Optimizer(torch.optim.Optimizer):
                 for e, items in families.items()
             ):
                 return False
+            values = [p.detach().clone() for p in params]
             self.state, self._skips = snapshot(state, params), Skips()
             for _ in range(2):
                 self._step(None, None)
         finally:
-            for param, value, grad in zip(params, values, grads):
-                param.copy_(value)
+            for position, (param, grad) in enumerate(zip(params, grads)):
+                if values is not None:
+                    param.copy_(values[position])
                 param.grad = grad
             self.state, self._skips, self._elementwise.started = state, skips, started
         return True
