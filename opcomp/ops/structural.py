@@ -34,8 +34,9 @@ class NewtonSchulzOptions(Options):
     )
     gram: bool = Field(
         False,
-        description="Gram Newton–Schulz: the same steps kept on the rows × rows matrix XXᵀ, restarted every 3 steps, "
-        "for matrices at least twice as wide as tall (others iterate as usual); fewer flops there. "
+        description="Gram Newton–Schulz: the same steps kept on the rows × rows matrix XXᵀ, restarted every 2 steps, "
+        "for matrices of 16 rows or more at least twice as wide as tall (others iterate as usual); fewer flops "
+        "there. "
         "With Jordan's coefficients only",
     )
 
@@ -65,8 +66,8 @@ register(
             "X = x viewed as (rows, −1) / (s‖x‖_F + 1e-7), transposed if tall; repeat steps: "
             "A = XXᵀ; B = bA + cA²; X = aX + BX; jordan: (a, b, c) = (3.4445, −4.7750, 2.0315), s = 1; "
             "polar_express: step i's minimax (a, b, c) of arXiv:2505.16932 (the 5th from then on), s = 1.02; "
-            "gram (cols ≥ 2·rows): R = XXᵀ, Q = I; each step Z = aI + bR + cR², Q = ZQ, R = ZRZ, "
-            "every 3rd step first X = QX, R = XXᵀ, Q = I; finally X = QX"
+            "gram (rows ≥ 16, cols ≥ 2·rows): R = XXᵀ, Q = I; each step Z = aI + bR + cR², Q = ZQ, R = ZRZ, "
+            "every 2nd step first X = QX, R = XXᵀ, Q = I; finally X = QX"
         ),
     )
 )
