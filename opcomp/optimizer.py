@@ -187,7 +187,7 @@ class Optimizer(torch.optim.Optimizer):
         if any(g.is_sparse for g in grads):
             raise OpcompError("sparse gradients are not supported; use nn.Embedding(sparse=False)")
         graphs = self._plan.graphs
-        plain = {e: f for e, f in families.items() if runs_in_place(graphs[e], [b.program for _, b, _ in f])}
+        plain = self._in_place(families)
         if grads and len(plain) == len(families) and self._elementwise.guards(plain):
             self._step_guarded(plain, grads)
             return loss
@@ -235,6 +235,11 @@ class Optimizer(torch.optim.Optimizer):
             self._arm()
         return loss
 
+    def _in_place(self, families: dict) -> dict:
+        """The families that step in place, in one function (compiled when they compile)."""
+        graphs = self._plan.graphs
+        return {e: f for e, f in families.items() if runs_in_place(graphs[e], [b.program for _, b, _ in f])}
+
     def _step_guarded(self, plain: dict, grads: list[Tensor]) -> None:
         """Element-wise families whose compiled steps check finiteness themselves: no value is read
         back from the device (a skip is counted there, see :mod:`opcomp.skips`)."""
@@ -272,11 +277,9 @@ class Optimizer(torch.optim.Optimizer):
         try:
             for param in params:
                 param.grad = torch.zeros_like(param)
-            families, graphs = self._plan.families(self.param_groups), self._plan.graphs
-            if not families or not all(
-                runs_in_place(graphs[e], [b.program for _, b, _ in items]) and self._elementwise.compiles(items)
-                for e, items in families.items()
-            ):
+            families = self._plan.families(self.param_groups)
+            plain = self._in_place(families)
+            if not families or len(plain) < len(families) or not all(map(self._elementwise.compiles, plain.values())):
                 return False
             values = [p.detach().clone() for p in params]
             self.state, self._skips = snapshot(state, params), Skips()
