@@ -130,8 +130,13 @@ class Statistics:
 
 
 def mean_square(blocks: list[Tensor], count: float) -> Tensor:
-    """Σ r² / count over the rows of each block, per column (``r * r``: pow(2) is five times slower on CPU)."""
-    return sum((rows * rows).sum(0) for rows in blocks) / count
+    """Σ r² / count over the rows of each block, per column (``r * r``: pow(2) is five times slower
+    on CPU), the blocks' sums added and divided in place."""
+    total = None
+    for rows in blocks:
+        part = (rows * rows).sum(0)
+        total = part if total is None else total.add_(part)
+    return total.div_(count)
 
 
 def mean_gram(blocks: list[Tensor], count: float, bf16: bool) -> Tensor:

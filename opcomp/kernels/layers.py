@@ -80,10 +80,10 @@ def step_counts(ctx: LayerCtx) -> list[int]:
 
 
 def average(state: dict, name: str, value: Tensor, decay: float) -> None:
-    """S ← decay·S + (1 − decay)·value; the first value starts it. A non-finite batch statistic
-    abandons the step before anything changes. S is replaced, not written into (layer operators
-    declare ``replaces_state``: a step's snapshot shares their buffers instead of copying them)."""
-    finite([value])
+    """S ← decay·S + (1 − decay)·value; the first value starts it. Callers check a step's values
+    with one :func:`finite` first, so that a non-finite batch statistic abandons the step before
+    anything changes. S is replaced, not written into (layer operators declare
+    ``replaces_state``: a step's snapshot shares their buffers instead of copying them)."""
     if name not in state:
         state[name] = value.clone()
     else:
@@ -115,6 +115,8 @@ def fold_statistics(
             values += [statistics.G_diagonal() if diagonal_g else statistics.G(bf16)]
             rows += [statistics.a_count, statistics.examples]
     values, rows = ctx.statistics.pooled(values, rows)
+    counted = [index for index in range(len(due)) if rows[2 * index + 1]]
+    finite([values[2 * index + side] for index in counted for side in (0, 1)])
     fresh = {}
     for index, (layer, statistics) in enumerate(zip(due, found)):
         if not rows[2 * index + 1]:
@@ -397,7 +399,9 @@ def ekfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
         else:
             scales.append(statistics.eigen_scale(layer.state.get("Q_G"), layer.state.get("Q_A")))
             examples.append(statistics.examples)
-    for layer, scale in zip(corrected, ctx.statistics.pooled(scales, examples)[0]):
+    scales = ctx.statistics.pooled(scales, examples)[0]
+    finite(scales)
+    for layer, scale in zip(corrected, scales):
         average(layer.state, "scale", scale, o.decay)
     out: list = [None] * len(x)
     for layer in ctx.layers:
