@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import opcomp
+from opcomp.kernels import layers
 
 RUNNABLE = [
     "g",
@@ -122,9 +123,9 @@ def test_a_layer_step_reads_the_device_once_and_its_step_counts_never():
 
 
 @pytest.mark.parametrize("model_name", ["mlp", "strided_conv", "token_model"])
-def test_a_refresh_reads_the_device_once_per_batch_of_factors_it_inverts(model_name):
-    """π-split damping stays on the device; what a refresh reads is whether each batched Cholesky
-    (one per distinct factor size) needs its eigendecomposition fallback."""
+def test_a_refresh_reads_the_device_once_however_many_factor_sizes_it_inverts(model_name):
+    """π-split damping stays on the device, and every batched Cholesky (one per distinct factor
+    size) reports whether it needs the eigendecomposition fallback in one read for them all."""
     model = shapes.make(model_name)
     x, y = shapes.batch(model_name)
     opt = opcomp.build("kfac[invert_every=2](g) | adamw", model, lr=0.01)
@@ -137,9 +138,33 @@ def test_a_refresh_reads_the_device_once_per_batch_of_factors_it_inverts(model_n
         counts.append(reads)
     key = next(n.state_key for n in opcomp.lower("kfac[invert_every=2](g) | adamw").nodes if n.op == "kfac")
     sizes = {tuple(b[f].shape) for e in opt.state.values() if key in e for b in [e[key]] for f in "AG" if f in b}
-    sizes = {s for s in sizes if len(s) == 2}
-    assert counts[2] == ["__bool__"] * (len(sizes) + 1)  # a refresh: the batches, then the step's finiteness
+    assert len({s for s in sizes if len(s) == 2}) >= 2  # more than one batch to invert
+    assert counts[2] == ["tolist", "__bool__"]  # a refresh: the batches' failures, then the step's finiteness
     assert counts[3] == ["__bool__"]
+
+
+def test_only_the_factors_whose_cholesky_fails_take_the_eigendecomposition():
+    """Two sizes, one factor in each that fp32 Cholesky cannot factor (rank one: [[1, 1], [1, 1]]
+    and its 3 × 3 kin): those get V diag(1/max(λ, tiny)) Vᵀ, the rest their inverse, against
+    float64 numbers computed here. Every batch's failure is read in one go; then, only because
+    some failed, whether those hold inf or NaN (a NaN fails Cholesky too, and ends the step)."""
+    tiny = torch.finfo(torch.float32).tiny
+
+    def spd(n: int, seed: int) -> torch.Tensor:
+        x = torch.randn(n, 2 * n, generator=torch.Generator().manual_seed(seed))
+        return x @ x.T / (2 * n) + 0.1 * torch.eye(n)
+
+    matrices = [spd(2, 0), torch.ones(2, 2), spd(3, 1), torch.ones(3, 3), spd(3, 2)]
+    with counted_reads() as reads:
+        inverses = [inverse for (inverse,) in layers.damped_inverses(matrices)]
+    assert reads == ["tolist", "__bool__"]
+    for matrix, inverse in zip(matrices, inverses):
+        values, vectors = torch.linalg.eigh(matrix.double())
+        if values.min() > 1e-6:
+            torch.testing.assert_close(inverse.double(), torch.linalg.inv(matrix.double()), rtol=1e-4, atol=1e-4)
+        else:  # 1/tiny on the null space, 1/λ elsewhere
+            expected = vectors @ torch.diag(1.0 / values.clamp_min(tiny)) @ vectors.T
+            torch.testing.assert_close(inverse.double(), expected, rtol=1e-3, atol=0.0)
 
 
 @pytest.mark.parametrize("model_name", ["mlp", "strided_conv", "token_model"])
