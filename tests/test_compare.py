@@ -9,6 +9,7 @@ import statistics
 import pytest
 import quadratic_task
 import system_data
+import torch
 
 import opcomp
 from opcomp.cli import main
@@ -198,3 +199,28 @@ def test_the_task_module_of_docs_compare_runs_as_written(tmp_path, monkeypatch, 
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "regression" and results["metric"] == "loss"
     assert all(r["finished"] and math.isfinite(r["test_loss"]) for r in results["runs"])
+
+
+@pytest.mark.parametrize("own_loss", [False, True])
+def test_a_score_is_the_mean_loss_and_accuracy_over_every_chunk(own_loss):
+    """Against the loss and accuracy computed here on the whole set at once; the built-in
+    cross-entropy runs the model once per chunk, a task's own loss twice (loss, then argmax)."""
+    from torch.nn import functional as F
+
+    from opcomp.bench.tasks import digits
+
+    task = digits("mlp")
+    if own_loss:
+        task.loss = lambda model, x, y: F.cross_entropy(model(x), y)
+    model = task.seeded_model(0)
+    x, y = task.validation
+    forwards = []
+    handle = model.register_forward_hook(lambda module, inputs, output: forwards.append(len(inputs[0])))
+    loss, accuracy = task.score(model, (x, y), chunk=100)
+    handle.remove()
+    with torch.no_grad():
+        logits = model.eval()(x)
+    assert loss == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
+    assert accuracy == int((logits.argmax(-1) == y).sum()) / len(y)
+    chunks = math.ceil(len(y) / 100)
+    assert len(forwards) == chunks * (2 if own_loss else 1)
