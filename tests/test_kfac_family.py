@@ -113,6 +113,38 @@ def test_diag_kfac_equals_its_formula():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("model_name", ["mlp", "strided_conv", "token_model"])
+def test_diag_kfac_divides_every_weight_and_bias_entry_by_its_factor_diagonals(model_name):
+    """On strided and dilated convolutions (weights (out, in, kh, kw)) and an Embedding (whose X is
+    its weight transposed): entry (o, i) of X over (G_o + λ)(A_i + λ), a bias over (G_o + λ)
+    times its own A entry (the last), from the node's diagonals after its first step, laid out
+    here by hand."""
+    model = shapes.make(model_name)
+    x, y = shapes.batch(model_name)
+    damping = 0.01
+    opt = opcomp.build(f"diag_kfac[damping={damping}](g)", model, lr=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    shapes.loss(model, x, y).backward()
+    grads = {p: p.grad.clone() for p in model.parameters()}
+    opt.step()
+    moved = {p: old - p.detach() for p, old in zip(model.parameters(), before)}
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding))]
+    assert {p for m in layers for p in m.parameters()} == set(moved)
+    for module in layers:
+        state = node_state(opt, module.weight, "diag_kfac")
+        g, a = state["G_diag"] + damping, state["A_diag"] + damping
+        weight = grads[module.weight]
+        if isinstance(module, nn.Embedding):
+            expected = (weight.T / (g.unsqueeze(1) * a)).T
+        else:
+            matrix = weight.reshape(weight.shape[0], -1)
+            expected = (matrix / (g.unsqueeze(1) * a[: matrix.shape[1]])).reshape(weight.shape)
+        torch.testing.assert_close(moved[module.weight], expected, rtol=1e-10, atol=1e-14)
+        if getattr(module, "bias", None) is not None:
+            assert len(a) == weight[0].numel() + 1
+            torch.testing.assert_close(moved[module.bias], grads[module.bias] / (g * a[-1]), rtol=1e-10, atol=1e-14)
+
+
 def test_linear_over_leading_dimensions_treats_every_position_as_a_row():
     torch.manual_seed(4)
     model = nn.Linear(4, 3)

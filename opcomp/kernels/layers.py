@@ -142,24 +142,29 @@ def matrix_of(layer: LayerSlot, x: list[Tensor]) -> Tensor:
     like = x[layer.weight if layer.weight is not None else layer.bias]
     parts = []
     if layer.columns != "bias":
-        if layer.weight is None:
-            parts.append(like.new_zeros(rows, inputs))
-        else:
-            weight = x[layer.weight]
-            parts.append(weight.T if layer.kind == "conv1d" else weight.reshape(rows, inputs))
+        parts.append(like.new_zeros(rows, inputs) if layer.weight is None else weight_matrix(layer, x[layer.weight]))
     if layer.columns != "weight":
         parts.append(like.new_zeros(rows, 1) if layer.bias is None else x[layer.bias].reshape(rows, 1))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+def weight_matrix(layer: LayerSlot, weight: Tensor) -> Tensor:
+    """A value shaped like the layer's weight, as the (out, in) matrix X acts as (a view)."""
+    if layer.embedding or layer.kind == "conv1d":
+        return weight.T
+    return weight.reshape(layer_shape(layer.module, layer.kind))
+
+
+def as_weight(layer: LayerSlot, matrix: Tensor, like: Tensor) -> Tensor:
+    """An (out, in) matrix back in the layout of the layer's weight: :func:`weight_matrix` undone."""
+    return (matrix.T if layer.embedding or layer.kind == "conv1d" else matrix).reshape(like.shape)
+
+
 def scatter(layer: LayerSlot, direction: Tensor, like: list[Tensor], out: list) -> None:
     """The layer's direction back onto the parameters that have a gradient this step."""
-    if layer.embedding:
-        out[layer.weight] = direction.T.reshape(like[layer.weight].shape)
-        return
     if layer.weight is not None:
         columns = direction[:, :-1] if layer.columns == "weight+bias" else direction
-        out[layer.weight] = (columns.T if layer.kind == "conv1d" else columns).reshape(like[layer.weight].shape)
+        out[layer.weight] = as_weight(layer, columns, like[layer.weight])
     if layer.bias is not None:
         out[layer.bias] = direction[:, -1].reshape(like[layer.bias].shape)
 
@@ -386,13 +391,21 @@ def invert_factored(
 
 @kernel("diag_kfac", collective="layers")
 def diag_kfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
-    """X ⊙ 1/((diag G + λ)(diag A + λ)ᵀ), the DiagFOG code's outer product of factor diagonals."""
+    """X ⊙ 1/((diag G + λ)(diag A + λ)ᵀ), the DiagFOG code's outer product of factor diagonals.
+    A diagonal A leaves a bias column independent of the weight's: each is divided on its own,
+    without folding them into one matrix first."""
     o = ctx.options
     out: list = [None] * len(x)
     fold_statistics(ctx, step_counts(ctx), ("A_diag", "G_diag"), lambda layer: (True, True))
     for layer in ctx.layers:
-        denominator = (layer.state["G_diag"] + o.damping).unsqueeze(1) * (layer.state["A_diag"] + o.damping)
-        scatter(layer, matrix_of(layer, x) / denominator, x, out)
+        g, a = layer.state["G_diag"] + o.damping, layer.state["A_diag"] + o.damping
+        if layer.weight is not None and layer.columns != "bias":
+            weight = x[layer.weight]
+            columns = a[:-1] if layer.columns == "weight+bias" else a
+            out[layer.weight] = as_weight(layer, weight_matrix(layer, weight) / (g.unsqueeze(1) * columns), weight)
+        if layer.bias is not None and layer.columns != "weight":
+            bias = x[layer.bias]
+            out[layer.bias] = (bias.reshape(-1) / (g * a[-1])).reshape(bias.shape)
     return out
 
 
