@@ -149,7 +149,8 @@ def matrix_of(layer: LayerSlot, x: list[Tensor]) -> Tensor:
 
 
 def weight_matrix(layer: LayerSlot, weight: Tensor) -> Tensor:
-    """A value shaped like the layer's weight, as the (out, in) matrix X acts as (a view)."""
+    """A value shaped like the layer's weight, as the (out, in) matrix X acts as (a view where its
+    layout allows)."""
     if layer.embedding or layer.kind == "conv1d":
         return weight.T
     return weight.reshape(layer_shape(layer.module, layer.kind))
