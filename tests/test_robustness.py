@@ -123,12 +123,22 @@ def test_a_layer_step_reads_the_device_once_and_its_step_counts_never():
 
 
 @pytest.mark.parametrize("model_name", ["mlp", "strided_conv", "token_model"])
-def test_a_refresh_reads_the_device_once_however_many_factor_sizes_it_inverts(model_name):
-    """π-split damping stays on the device, and every batched Cholesky (one per distinct factor
-    size) reports whether it needs the eigendecomposition fallback in one read for them all."""
+@pytest.mark.parametrize(
+    ("statistic", "refresh_read"),
+    [
+        ("kfac[invert_every=2]", "tolist"),
+        ("kfac[damping_mode=exact, invert_every=2]", "__bool__"),
+        ("ekfac[invert_every=2]", "__bool__"),
+    ],
+)
+def test_a_refresh_reads_the_device_once_however_many_factor_sizes_it_decomposes(model_name, statistic, refresh_read):
+    """π-split damping stays on the device; every batched Cholesky (one per distinct factor size)
+    reports whether it needs the eigendecomposition fallback in one read for them all, and
+    eigenbases check all their factors finite in one read."""
     model = shapes.make(model_name)
     x, y = shapes.batch(model_name)
-    opt = opcomp.build("kfac[invert_every=2](g) | adamw", model, lr=0.01)
+    expression = f"{statistic}(g) | adamw"
+    opt = opcomp.build(expression, model, lr=0.01)
     counts = []
     for _ in range(4):
         with counted_reads() as reads:
@@ -136,10 +146,10 @@ def test_a_refresh_reads_the_device_once_however_many_factor_sizes_it_inverts(mo
             shapes.loss(model, x, y).backward()
             opt.step()
         counts.append(reads)
-    key = next(n.state_key for n in opcomp.lower("kfac[invert_every=2](g) | adamw").nodes if n.op == "kfac")
+    key = next(n.state_key for n in opcomp.lower(expression).nodes if n.op == statistic.split("[")[0])
     sizes = {tuple(b[f].shape) for e in opt.state.values() if key in e for b in [e[key]] for f in "AG" if f in b}
-    assert len({s for s in sizes if len(s) == 2}) >= 2  # more than one batch to invert
-    assert counts[2] == ["tolist", "__bool__"]  # a refresh: the batches' failures, then the step's finiteness
+    assert len({s for s in sizes if len(s) == 2}) >= 2  # more than one batch to decompose
+    assert counts[2] == [refresh_read, "__bool__"]  # a refresh, then the step's finiteness
     assert counts[3] == ["__bool__"]
 
 

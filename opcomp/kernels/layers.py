@@ -188,14 +188,17 @@ def decomposed(
     operation: Callable[[list[Tensor]], list[tuple]],
     shapes: Callable[[Tensor], list[tuple]],
     parallel: DataParallel | None,
+    finite_first: bool = False,
 ) -> list[tuple]:
     """``operation`` (whose results have ``shapes``) over ``matrices``, which it batches by size.
     Across ranks, each matrix is decomposed by one owner (cost d³, longest first to the least
     loaded rank) and shared with the others in one sum: the work splits, and every rank holds
-    the same bits."""
+    the same bits. All matrices are checked finite first, in one read, across ranks (decided
+    alike before the work splits) or when ``finite_first`` (an operation that cannot take NaN)."""
+    if matrices and (finite_first or parallel is not None):
+        finite(matrices, now=True)
     if parallel is None or not matrices:
         return operation(matrices)
-    finite(matrices, now=True)  # decided alike on every rank before the work splits
 
     def owned(indices: list[int]) -> list[tuple]:
         try:
@@ -216,8 +219,7 @@ def inverse_shapes(matrix: Tensor) -> list[tuple]:
 
 
 def eigens(matrices: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
-    """:func:`eigen` of each matrix, batched by size, after one check that all are finite."""
-    finite(matrices, now=True)
+    """:func:`eigen` of each matrix, batched by size (finite ones: ``decomposed(..., finite_first=True)``)."""
     return by_size(matrices, eigen)
 
 
@@ -319,7 +321,8 @@ class Refresh:
         eigenvalues, with the identity as basis (no Q stored)."""
         dense = [(layer, name) for name in ("A", "G") for layer in self.layers if layer.state[name].ndim == 2]
         factors = [layer.state[name] for layer, name in dense]
-        for (layer, name), (values, vectors) in zip(dense, decomposed(factors, eigens, eigen_shapes, self.parallel)):
+        decompositions = decomposed(factors, eigens, eigen_shapes, self.parallel, finite_first=True)
+        for (layer, name), (values, vectors) in zip(dense, decompositions):
             layer.state[f"{name}_eigenvalues"], layer.state[f"Q_{name}"] = values, vectors
         for name in ("A", "G"):
             for layer in self.layers:
