@@ -88,7 +88,14 @@ def deferred_checks() -> Iterator[list[Tensor]]:
 
 def all_true(flags: list[Tensor]) -> bool:
     """The recorded checks, decided: one read of the device."""
-    return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+    return not flags or bool(together(flags, flags[0]))
+
+
+def together(flags: list[Tensor], like: Tensor) -> Tensor:
+    """The recorded checks as one flag on ``like``'s device, which nothing reads."""
+    if not flags:
+        return torch.ones((), dtype=torch.bool, device=like.device)
+    return torch.stack([f.to(like.device) for f in flags]).all()
 
 
 def check_loss(loss, *, probing: bool) -> Tensor:

@@ -213,15 +213,15 @@ class Flat:
         return {i: [out[self.position[id(p)]] for p in self.buckets[i].params] for i, _ in self.running}
 
 
-def apply(update: Update) -> None:
+def apply(update: Update, ok: Tensor | None = None) -> None:
     """p ← p·(1 − lr·decay) − lr·u, in the working precision: rounded once for half-precision
-    parameters, in place for fp32 and fp64 ones.
+    parameters, in place for fp32 and fp64 ones; with ``ok`` (a device flag), only where it holds.
 
     ``lr`` is a float when eager and a 0-d tensor when compiled (so schedules never recompile).
     """
     params, lr, decay = update.bucket.params, update.lr, update.program.decay
     low = params[0].dtype != working_dtype(params[0].dtype)
-    target = torch._foreach_mul(update.bucket.working_params, 1.0) if low else params
+    target = torch._foreach_mul(update.bucket.working_params, 1.0) if low or ok is not None else params
     if decay:
         torch._foreach_mul_(target, 1.0 - lr * decay)
     if isinstance(lr, Tensor):
@@ -230,7 +230,7 @@ def apply(update: Update) -> None:
         torch._foreach_add_(target, update.direction, alpha=-lr)
     if target is not params:
         for param, value in zip(params, target):
-            param.copy_(value)
+            param.copy_(value if ok is None else torch.where(ok, value, param))
 
 
 def bucket_steps(items: list, state: Mapping) -> list[BucketStep]:

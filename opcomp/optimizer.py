@@ -27,6 +27,7 @@ from opcomp.closure import (
     deferred_checks,
     finite,
     first_evaluation,
+    together,
 )
 from opcomp.definitions import Namespace
 from opcomp.errors import OpcompError
@@ -39,7 +40,14 @@ from opcomp.plan import Plan
 from opcomp.prediction import Output, Prediction
 from opcomp.report import warn_at_build
 from opcomp.skips import Skips
-from opcomp.state import load, snapshot
+from opcomp.state import keep_where, load, snapshot, unchanged_layout
+
+
+def decides_on_device(params: list[Tensor]) -> bool:
+    """Whether a step with layer statistics keeps or undoes itself on the device instead of reading
+    its checks (docs/runtime.md): on CUDA, where a read stalls the queue of launched work. On the
+    CPU a read costs nothing, and the masked writes would cost passes over the changed state."""
+    return any(p.is_cuda for p in params)
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -216,7 +224,8 @@ class Optimizer(torch.optim.Optimizer):
                     )
                 ]
                 finite([value for update in updates for value in update.direction])  # nothing non-finite lands
-            if not all_true(pending):
+            ok = self._device_decision(pending, saved, touched) if deferring and not plain else None
+            if ok is None and not all_true(pending):
                 raise NonFinite
         except NonFinite:
             self.state = saved
@@ -227,13 +236,27 @@ class Optimizer(torch.optim.Optimizer):
                 self._capture.clear()
             raise
         for update in updates:
-            apply(update)
+            apply(update, ok)
+        if ok is not None:  # the step is kept, or undone, where ok says
+            keep_where(ok, self.state, saved, touched, replaced)
+            self._skips.counter(ok).add_((~ok).to(torch.int32))
+            self._skips.after_device_step(stacklevel=4)
         for expression, items in plain.items():
             self._elementwise.run(expression, graphs[expression], items, self.state, self._parallel)
         if self._capture is not None:
             self._capture.clear()
             self._arm()
         return loss
+
+    def _device_decision(self, pending: list[Tensor], saved, touched: list[Tensor]) -> Tensor | None:
+        """The step's checks as one device flag, when the step can be kept or undone where it
+        holds without the host reading it: on CUDA (:func:`decides_on_device`), for a step that
+        created no state (a first step, a first refresh: then the host reads, as on the CPU) and
+        that steps no element-wise family in place beside its layer statistics (the caller's
+        ``plain``, which runs after the host decided)."""
+        if not touched or not decides_on_device(touched) or not unchanged_layout(self.state, saved, touched):
+            return None
+        return together(pending, touched[0])
 
     def _in_place(self, families: dict) -> dict:
         """The families that step in place, in one function (compiled when they compile)."""
@@ -258,7 +281,7 @@ class Optimizer(torch.optim.Optimizer):
                 break
             self._elementwise.run(expression, graph, items, self.state, self._parallel)
         if ok is not None:
-            self._skips.after_compiled_step(stacklevel=4)
+            self._skips.after_device_step(stacklevel=4)
 
     @torch.no_grad()
     def warm_up(self) -> bool:

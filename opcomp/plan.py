@@ -21,7 +21,7 @@ from opcomp.graph import Graph, Node, lower
 from opcomp.kernels.factors import Columns, Kind, check_supported, diagonal_sides, layer_kind, matrix_shape
 from opcomp.lang.ast import Expr
 from opcomp.ops import Applies
-from opcomp.state import peek, taken
+from opcomp.state import peek, possibly_taken
 
 APPLIES_NEEDS = {
     Applies.MATRIX: "a matrix (ndim >= 2)",
@@ -252,9 +252,10 @@ class LayerPlan:
         return self.weight if self.weight is not None else self.bias
 
     def due(self, state) -> bool:
-        """Whether this step feeds the layer's statistics (every ``update_every`` steps of its node)."""
+        """Whether this step feeds the layer's statistics (every ``update_every`` steps of its node);
+        while the last step's decision is on its way to the host, whether it may."""
         kept = peek(state[self.owner], self.node.state_key) if self.owner in state else {}
-        return taken(kept) % self.node.options.update_every == 0
+        return any(count % self.node.options.update_every == 0 for count in possibly_taken(kept))
 
 
 @dataclass

@@ -41,8 +41,9 @@ class Skips:
         self.host += 1
         self.notice(stacklevel + 1)
 
-    def after_compiled_step(self, stacklevel: int) -> None:
-        """Start copying the device count to the host, and warn if a copy already shows a skip."""
+    def after_device_step(self, stacklevel: int) -> None:
+        """After a step that counted its skip on the device: start copying the count to the host,
+        and warn if a copy already shows a skip."""
         self.mirror.copy_(self.device, non_blocking=True)
         self.notice(stacklevel + 1)
 

@@ -57,9 +57,52 @@ does (statistics due, inverses due) never reads the device. A counter missing he
 state_dict, or one only ``tick`` advances) is read once."""
 
 
+class Decision:
+    """A step's device flag (kept or skipped) on its way to the host: copied without waiting
+    (into pinned memory on CUDA, with an event to wait on should it be read before it lands;
+    elsewhere at once). It is read when a host count needs it, in the next step at the earliest."""
+
+    def __init__(self, flag: Tensor) -> None:
+        self.host = torch.empty((), dtype=torch.bool, pin_memory=flag.is_cuda)
+        self.host.copy_(flag, non_blocking=flag.is_cuda)
+        self.event = None
+        if flag.is_cuda:
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(flag.device))
+
+    def kept(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host.numpy())
+
+
+class Undecided:
+    """A counter's host value while its step's :class:`Decision` is on its way: ``after`` if the
+    step was kept, else ``before`` (None: not known on the host, read from the device once)."""
+
+    def __init__(self, before: int | None, after: int, decision: Decision) -> None:
+        self.before, self.after, self.decision = before, after, decision
+
+    def value(self) -> int | None:
+        return self.after if self.decision.kept() else self.before
+
+
+def host_count(count: Tensor) -> int | None:
+    """The counter's value as the host knows it (None: not known), a decided :class:`Undecided`
+    remembered as its value."""
+    known = HOST_COUNTS.get(count)
+    if isinstance(known, Undecided):
+        known = known.value()
+        if known is None:
+            del HOST_COUNTS[count]
+        else:
+            HOST_COUNTS[count] = known
+    return known
+
+
 def advance(entry: dict, like: Tensor, name: str = STEP) -> int:
     """How often the counter was advanced before (known on the host after its first read); advances it."""
-    before = 0 if name not in entry else HOST_COUNTS.get(entry[name])
+    before = 0 if name not in entry else host_count(entry[name])
     count = counter(entry, like, name)
     if before is None:
         before = int(count.item())
@@ -73,8 +116,17 @@ def taken(entry: dict, name: str = STEP) -> int:
     count = entry.get(name)
     if count is None:
         return 0
-    known = HOST_COUNTS.get(count)
+    known = host_count(count)
     return int(count.item()) if known is None else known
+
+
+def possibly_taken(entry: dict, name: str = STEP) -> tuple[int, ...]:
+    """:func:`taken`, or both values it may have while the last step's decision is on its way to
+    the host, without waiting for it (what arming the capture for the coming step needs)."""
+    known = HOST_COUNTS.get(entry[name]) if name in entry else None
+    if isinstance(known, Undecided) and known.before is not None:
+        return (known.before, known.after)
+    return (taken(entry, name),)
 
 
 class NodeState:
@@ -128,6 +180,38 @@ def snapshot(state, params: list[Tensor], shared: Collection[str] = ()) -> defau
         else:
             copy[param] = entries
     return copy
+
+
+def unchanged_layout(state, saved, params: list[Tensor]) -> bool:
+    """Whether the step kept every state dict of ``params`` to the keys and buffer names it had
+    when ``saved`` was taken: then :func:`keep_where` can undo it without the host knowing."""
+    return all(
+        state[p].keys() == saved[p].keys() and all(b.keys() == saved[p][k].keys() for k, b in state[p].items())
+        for p in params
+    )
+
+
+def keep_where(ok: Tensor, state, saved, params: list[Tensor], shared: Collection[str]) -> None:
+    """The step's state of ``params`` where ``ok`` (a device flag), ``saved``'s elsewhere, without
+    reading ``ok``: buffers written in place take ``where(ok, new, old)`` in place, buffers a node
+    replaced (under ``shared`` keys) and counters :func:`advance` replaced are replaced by it, a
+    counter's host value waiting, :class:`Undecided`, until the host has ``ok``."""
+    decision = None
+    for param in params:
+        for key, buffers in state[param].items():
+            before = saved[param][key]
+            for name, tensor in buffers.items():
+                old = before[name]
+                if tensor is old:
+                    continue
+                if key not in shared and tensor not in HOST_COUNTS:
+                    tensor.copy_(torch.where(ok, tensor, old))
+                    continue
+                buffers[name] = torch.where(ok, tensor, old)
+                after = HOST_COUNTS.get(tensor)
+                if after is not None:
+                    decision = decision or Decision(ok)
+                    HOST_COUNTS[buffers[name]] = Undecided(host_count(old), after, decision)
 
 
 def _cloned(tensor: Tensor) -> Tensor:

@@ -554,3 +554,53 @@ def test_a_set_of_parameters_is_refused_like_a_set_in_a_group():
         opcomp.build("adamw", set(net().parameters()))
     with pytest.raises(opcomp.OpcompError, match="pass a list"):
         opcomp.build("adamw", [{"params": set(net().parameters())}], lr=0.1)
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "strided_conv", "token_model"])
+@pytest.mark.parametrize(
+    "statistic",
+    ["kfac[update_every=2, invert_every=3]", "diag_kfac[update_every=2]", "ekfac[invert_every=2]", "kfac[bf16]"],
+)
+def test_a_step_decided_on_the_device_reads_nothing_and_keeps_what_a_host_decided_step_keeps(
+    model_name, statistic, monkeypatch
+):
+    """How a step with layer statistics runs on CUDA, forced here on the CPU: its checks become
+    one device flag that masks the parameters' update and every state buffer it changed, and the
+    host learns the outcome only when a count needs it. Against the same optimizer deciding on
+    the host, over steps whose gradients are NaN on some: bit-identical parameters, state and
+    skip count, and no read in a step that neither refreshes nor creates state."""
+    from opcomp import optimizer as module
+
+    expression = f"muon({statistic}(g)) | adamw"  # buffers written in place (momentum, Adam's) beside replaced ones
+    x, y = shapes.batch(model_name)
+    runs = {}
+    for on_device in (False, True):
+        monkeypatch.setattr(module, "decides_on_device", lambda params, answer=on_device: answer)
+        model = shapes.make(model_name)
+        opt = opcomp.build(expression, model, lr=0.01)
+        reads = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the skip warning
+            for step in range(9):
+                with counted_reads() as seen:
+                    opt.zero_grad()
+                    shapes.loss(model, x, y).backward()
+                    if step in (2, 5, 6):
+                        next(model.parameters()).grad.view(-1)[0] = float("nan")
+                    opt.step()
+                reads.append(seen)
+        runs[on_device] = (model, opt, reads)
+    (host_model, host_opt, host_reads), (device_model, device_opt, reads) = runs[False], runs[True]
+    for a, b in zip(host_model.parameters(), device_model.parameters()):
+        assert torch.equal(a, b)
+    host_state, device_state = host_opt.state_dict()["state"], device_opt.state_dict()["state"]
+    for index, entries in host_state.items():
+        for key, buffers in entries.items():
+            for name, tensor in buffers.items():
+                assert torch.equal(tensor, device_state[index][key][name]), (index, key, name)
+    assert host_opt.skipped_steps == device_opt.skipped_steps == 3
+    # a host-decided step reads its checks last; after the first (which creates the state) the
+    # device-decided ones read only what a refresh reads
+    assert all(host[-1] == "__bool__" for host in host_reads)
+    assert [seen for seen in reads[1:]] == [host[:-1] for host in host_reads[1:]]
+    assert [] in reads[1:]  # steps without a refresh read nothing
