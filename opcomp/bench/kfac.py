@@ -5,9 +5,10 @@
 Each row is a full training step (forward, backward, opt.step) on the same model and batch,
 rows interleaved round by round; medians in milliseconds (a step that refreshes inverses is
 rarer than one in two, so the median is the step between refreshes), and the ratio of means,
-which spreads the refreshes over the steps. Then two parts of fog's step alone:
-the capture hooks (forward + backward, armed against disarmed) and one batched refresh of every
-factor inverse.
+which spreads the refreshes over the steps. Then parts of fog's step alone: the capture hooks
+(forward + backward, armed against disarmed), one batched refresh of every factor inverse, and
+``opt.step`` deciding its checks on the host against keeping them on the device, as it does on
+CUDA (forced here on whatever device runs).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import argparse
 import statistics
 import time
 from types import SimpleNamespace
+from unittest.mock import patch
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 import opcomp
+import opcomp.optimizer as optimizer_module
 from opcomp.bench import models, table_cell
 from opcomp.bench.step import synchronize
 from opcomp.kernels.layers import invert_factored
@@ -127,12 +130,25 @@ def main(argv: list[str] | None = None) -> None:
         invert_factored(slots, 1e-3)
         synchronize(args.device)
         inversions.append(time.perf_counter() - start)
+    decided: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(args.steps):
+        for on_device, bucket in decided.items():
+            with patch.object(optimizer_module, "decides_on_device", lambda params, answer=on_device: answer):
+                opt.zero_grad()
+                loss(model).backward()
+                synchronize(args.device)
+                start = time.perf_counter()
+                opt.step()
+                synchronize(args.device)
+                bucket.append(time.perf_counter() - start)
     print()
     print("| part of fog's step | ms |")
     print("| --- | --- |")
     print(f"| forward + backward, hooks disarmed | {median_ms(disarmed):.1f} |")
     print(f"| forward + backward, hooks recording | {median_ms(armed):.1f} |")
     print(f"| refresh of all {len(slots)} layers' factor inverses (batched by size) | {median_ms(inversions):.1f} |")
+    print(f"| opt.step, its checks read by the host | {median_ms(decided[False]):.1f} |")
+    print(f"| opt.step, its checks kept on the device (masked writes; CUDA's way) | {median_ms(decided[True]):.1f} |")
 
 
 if __name__ == "__main__":
