@@ -105,7 +105,7 @@ def advance(entry: dict, like: Tensor, name: str = STEP) -> int:
     before = 0 if name not in entry else host_count(entry[name])
     count = counter(entry, like, name)
     if before is None:
-        before = int(count.item())
+        before = HOST_COUNTS[count] = int(count.item())  # known from now on, as a kept step's "before"
     entry[name] = count + 1  # a new tensor: a snapshot that shares the old one keeps its value
     HOST_COUNTS[entry[name]] = before + 1
     return before
