@@ -5,7 +5,8 @@
 (one node over a list of parameters) or, for a layer's statistics, its one entry: buffers are
 created on first use in the parameter's working precision, and every node counts its steps in one
 ``step`` counter. Before a step that can give up (layer statistics, probes) the optimizer takes a
-:func:`snapshot` and puts it back if the step does; :func:`load` checks a saved state against the
+:func:`snapshot` and puts it back if the step does, or, deciding on the device, keeps each buffer
+where the step's flag says (:func:`keep_where`); :func:`load` checks a saved state against the
 shapes its buffers must have before anything is loaded.
 """
 
