@@ -87,14 +87,13 @@ class Task:
             with torch.no_grad():
                 for start in range(0, len(y), chunk):
                     xb, yb = x[start : start + chunk], y[start : start + chunk]
-                    if self.metric == "accuracy" and self.loss is cross_entropy:  # one forward for both
-                        logits = model(xb)
+                    logits = model(xb) if self.metric == "accuracy" else None
+                    if logits is not None and self.loss is cross_entropy:  # one forward for both
                         total += float(logits_cross_entropy(logits, yb)) * yb.numel()
-                        correct += int((logits.argmax(-1) == yb).sum())
                     else:
                         total += float(self.loss(model, xb, yb)) * yb.numel()
-                        if self.metric == "accuracy":
-                            correct += int((model(xb).argmax(-1) == yb).sum())
+                    if logits is not None:
+                        correct += int((logits.argmax(-1) == yb).sum())
                     count += yb.numel()
         finally:
             model.train(training)

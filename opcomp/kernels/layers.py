@@ -137,7 +137,7 @@ def matrix_of(layer: LayerSlot, x: list[Tensor]) -> Tensor:
     bias as a last column when folded in. A parameter that runs the node but has no gradient this
     step contributes zeros."""
     if layer.embedding:
-        return x[layer.weight].T
+        return weight_matrix(layer, x[layer.weight])
     rows, inputs = layer_shape(layer.module, layer.kind)
     like = x[layer.weight if layer.weight is not None else layer.bias]
     parts = []
