@@ -84,18 +84,17 @@ def train(
     loop: str,
     rank: int = 0,
     world: int = 1,
-    swapped: bool = False,
+    shift: int = 0,
     wrapper: str = "ddp",
 ) -> list[torch.Tensor]:
     """The parameters after STEPS steps; when ``world`` > 1, each rank on its share under DDP or
-    FSDP2 (``wrapper``, the parameters gathered whole at the end); ``swapped``: the batch's halves
-    in the other order (what one process's rounding alone does)."""
+    FSDP2 (``wrapper``, the parameters gathered whole at the end); ``shift``: the batch's examples
+    rolled by that many places, summed in another order (what one process's rounding alone does)."""
     model, opt = built(preset, model_name, world, wrapper)
     share = BATCH // world
     for step in range(STEPS):
         x, y = data(model_name, step)
-        if swapped:
-            x, y = x.roll(BATCH // 2, 0), y.roll(BATCH // 2, 0)
+        x, y = x.roll(shift, 0), y.roll(shift, 0)
         x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
         if loop == "closure" or opt.needs_closure:
             opt.step(lambda x=x, y=y: F.cross_entropy(model(x), y))

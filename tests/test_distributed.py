@@ -22,15 +22,21 @@ def ranks(tmp_path_factory):
 @pytest.mark.parametrize("case", ddp_cases.cases(), ids="-".join)
 def test_ddp_steps_as_one_process_on_the_whole_batch(ranks, case):
     """Within float tolerance, or within what summing the batch in another order changes in one
-    process: Adam's first step is sign-like, and fs_adarmsuon orthogonalises it, so a rounding-level
-    change can flip an entry near 0 (1e-3 on the conv net, in one process alone)."""
+    process. Some steps are that sensitive: fs_adarmsuon divides the probed gradient by the raw
+    one's magnitude and orthogonalises in bfloat16, where a rounding-level change of its input can
+    move an entry across a bfloat16 step; on the conv net three orders of one batch end up to 1e-3
+    apart in one process, and which order shows it differs between CPUs, so each of three counts."""
     first, second = (rank["results"][case] for rank in ranks)
     assert all(torch.equal(a, b) for a, b in zip(first, second)), "the ranks' parameters differ"
-    reference, reordered = ddp_cases.train(*case), ddp_cases.train(*case, swapped=True)
+    reference = ddp_cases.train(*case)
     start = [p.detach() for p in ddp_cases.fresh(case[1]).parameters()]
     moved = max(float((p - s).abs().max()) for p, s in zip(reference, start))
     assert moved > 1e-3, "the reference did not train"
-    rounding = max(float((a - b).abs().max()) for a, b in zip(reference, reordered))
+    rounding = max(
+        float((a - b).abs().max())
+        for shift in (ddp_cases.BATCH // 4, ddp_cases.BATCH // 2, 3 * ddp_cases.BATCH // 4)
+        for a, b in zip(reference, ddp_cases.train(*case, shift=shift))
+    )
     error = max(float((a - b).abs().max()) for a, b in zip(first, reference))
     assert error <= max(1e-4 * moved, 2 * rounding), f"{error:.1e} off one process (its own rounding: {rounding:.1e})"
 
