@@ -131,7 +131,8 @@ def build(
             + (
                 "compile='auto' steps eagerly on the CPU (compile='on' compiles there)"
                 if compile == "auto" and not any(p.is_cuda for g in optimizer.param_groups for p in g["params"])
-                else "expressions with layer statistics, probes or rebound gradients step eagerly"
+                else "expressions with layer statistics, probes or rebound gradients step eagerly, "
+                "and adam(g) or adamw(g) alone runs torch's fused AdamW kernel"
             ),
             OpcompNotice,
             stacklevel=2,

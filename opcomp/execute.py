@@ -30,6 +30,7 @@ from opcomp.graph import Graph, Node
 from opcomp.kernels import COLLECTIVE, KERNELS, REBINDINGS
 from opcomp.kernels.context import BucketStep, Ctx, ProbeCtx
 from opcomp.kernels.elementwise import upcoming_second_moment
+from opcomp.kernels.fused import adamw_node, fusable, fused_adamw, non_finite
 from opcomp.kernels.layers import LayerCtx, LayerSlot
 from opcomp.plan import LayerPlan, ParamInfo, Plan, Program
 from opcomp.precision import working, working_dtype
@@ -272,8 +273,12 @@ class Elementwise:
         self.lr_tensors: dict[tuple, Tensor] = {}
 
     def guards(self, families: Mapping[str, list]) -> bool:
-        """Whether every one of ``families`` checks finiteness inside its compiled step."""
-        return all(self.compiles(items) and _key(e, items) in self.started for e, items in families.items())
+        """Whether every one of ``families`` checks finiteness inside its own step: a compiled one
+        from its second step, one that runs torch's fused AdamW from its first."""
+        return all(
+            adamw_nodes(items) is not None or (self.compiles(items) and _key(e, items) in self.started)
+            for e, items in families.items()
+        )
 
     def run(
         self, expression: str, graph: Graph, items: list, state: Mapping, parallel: DataParallel | None = None
@@ -281,6 +286,10 @@ class Elementwise:
         """One family, after the optimizer checked every gradient; eagerly, matrix work is split
         among ``parallel``'s ranks."""
         buckets = bucket_steps(items, state)
+        nodes = adamw_nodes(items)
+        if nodes is not None:
+            step_adamw(items, buckets, nodes, None)
+            return
         step_in_place(graph, [b.program for _, b, _ in items], buckets, [float(g["lr"]) for g, _, _ in items], parallel)
         if self.compiles(items):
             self.started.add(_key(expression, items))
@@ -295,9 +304,20 @@ class Elementwise:
         skips: Skips,
         ok: Tensor | None = None,
     ) -> Tensor | None:
-        """One family through its compiled, self-checking step. The step's first family computes
-        whether every gradient in ``check`` is finite and returns that flag; the others are given
-        it as ``ok``. None when the compiler failed here: the family then steps eagerly."""
+        """One family through its self-checking step: compiled, or torch's fused AdamW told by the
+        flag (:func:`adamw_nodes`). The step's first family computes whether every gradient in
+        ``check`` is finite and returns that flag; the others are given it as ``ok``. None when
+        the compiler failed here: the family then steps eagerly."""
+        nodes = adamw_nodes(items)
+        if nodes is not None:
+            if ok is None:
+                found = non_finite(check)
+                skips.counter(check[0]).add_(found.to(torch.int32))
+                ok = found == 0
+            else:
+                found = (~ok).to(torch.float32)
+            step_adamw(items, bucket_steps(items, state), nodes, found)
+            return ok
         programs = [bucket.program for _, bucket, _ in items]
         key = _key(expression, items)
         runner = self.runners.get(key)
@@ -325,7 +345,10 @@ class Elementwise:
     def compiles(self, items: list) -> bool:
         """auto: on CUDA only. On the CPU a cold compile costs 5–40 s and pays back after 80–750
         steps (``python -m opcomp.bench.compile_cost``, docs/performance.md), longer than many CPU
-        runs: there it takes ``compile="on"``."""
+        runs: there it takes ``compile="on"``. A family that runs torch's fused AdamW has nothing
+        to compile."""
+        if adamw_nodes(items) is not None:
+            return False
         if self.compile != "auto":
             return self.compile == "on"
         return any(p.is_cuda for _, _, params in items for p in params)
@@ -339,6 +362,21 @@ class Elementwise:
         tensor = self.lr_tensors[key]
         tensor.fill_(float(group["lr"]))
         return tensor
+
+
+def adamw_nodes(items: list) -> list[Node] | None:
+    """Each bucket's ``adam`` or ``adamw`` node, when every bucket of the family is torch's AdamW
+    and runs its fused kernel (:mod:`opcomp.kernels.fused`); else None."""
+    nodes = [adamw_node(bucket.program.steps) for _, bucket, _ in items]
+    if any(node is None for node in nodes) or not all(fusable(params) for _, _, params in items):
+        return None
+    return nodes
+
+
+def step_adamw(items: list, buckets: list[BucketStep], nodes: list[Node], found_inf: Tensor | None) -> None:
+    """A family of :func:`adamw_nodes`, stepped by torch's fused kernel (unless ``found_inf``)."""
+    for (group, planned, _), bucket, node in zip(items, buckets, nodes):
+        fused_adamw(node.options, planned.program.decay, bucket, node.state_key, float(group["lr"]), found_inf)
 
 
 def _key(expression: str, items: list) -> tuple:

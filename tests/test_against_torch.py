@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import shapes
 import torch
 from torch import nn
 from torch.optim._muon import _zeropower_via_newtonschulz
@@ -75,6 +76,40 @@ def test_adamw_matches_torch_adamw_with_a_scheduler_and_two_groups():
     assert max_difference(ours, theirs) <= 1e-6
     assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in reference.param_groups]
     assert max_difference(ours, mlp()) > 1e-2  # it did train
+
+
+@pytest.mark.parametrize("compile_mode", ["off", "on"])
+@pytest.mark.parametrize("model_name", sorted(shapes.MODELS))
+@pytest.mark.parametrize(
+    ("expression", "options"),
+    [
+        ("adamw[wd=0.05](g)", dict(weight_decay=0.05)),
+        ("adam(g) + 0.03 * p", dict(weight_decay=0.03)),  # the decay peeled off the root
+        (
+            "adamw[b1=0.8, b2=0.99, eps=1e-6, wd=0.02](g) + 0.01 * p",
+            dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.03),
+        ),
+    ],
+)
+def test_adam_or_adamw_alone_steps_bit_for_bit_as_torch_fused_adamw(expression, options, model_name, compile_mode):
+    """Such an update runs torch's own fused kernel, compiled or not: the same bits as
+    torch.optim.AdamW(fused=True) step after step, on convolutions, embeddings and linears, with
+    a schedule moving the rate."""
+    models = [shapes.make(model_name, dtype=torch.float32) for _ in range(2)]
+    x, y = shapes.batch(model_name, dtype=torch.float32)
+    ours = opcomp.build(expression, models[0], lr=0.01, compile=compile_mode)
+    theirs = torch.optim.AdamW(models[1].parameters(), lr=0.01, fused=True, **options)
+    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=8) for o in (ours, theirs)]
+    for _ in range(6):
+        for model, opt in zip(models, (ours, theirs)):
+            opt.zero_grad()
+            shapes.loss(model, x, y).backward()
+            opt.step()
+        for scheduler in schedulers:
+            scheduler.step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)
+    assert max_difference(models[0], shapes.make(model_name, dtype=torch.float32)) > 1e-3  # it did train
 
 
 @pytest.mark.parametrize("nesterov", [True, False])

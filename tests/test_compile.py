@@ -59,7 +59,7 @@ def test_compiled_and_eager_steps_agree(expression, shapes, seed):
 
 def test_fifty_steps_of_a_cosine_schedule_compile_no_more_graphs():
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
-    opt = opcomp.build("adamw", model, lr=1e-2, compile="on")
+    opt = opcomp.build("lion", model, lr=1e-2, compile="on")  # adamw runs torch's fused kernel uncompiled
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50)
     x, y = torch.randn(8, 16), torch.randn(8, 4)
 
@@ -86,7 +86,7 @@ def test_a_compiling_step_says_so_once_and_auto_leaves_the_cpu_eager(monkeypatch
     original = execute.compiled
     monkeypatch.setattr(execute, "compiled", lambda graph, programs: compiles.append(1) or original(graph, programs))
     model = nn.Sequential(nn.Linear(1000, 1000), nn.Linear(1000, 10))  # 1M parameters: still eager
-    automatic = opcomp.build("adamw", model, lr=1e-3)
+    automatic = opcomp.build("lion", model, lr=1e-3)
     model(torch.randn(2, 1000)).sum().backward()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no notice, no compile
@@ -94,12 +94,12 @@ def test_a_compiling_step_says_so_once_and_auto_leaves_the_cpu_eager(monkeypatch
     assert compiles == []
 
     small = nn.Linear(3, 2)
-    forced = opcomp.build("adamw", small, lr=1e-3, compile="on")
+    forced = opcomp.build("lion", small, lr=1e-3, compile="on")
     small(torch.ones(1, 3)).sum().backward()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         forced.step()  # the first step is eager: it makes the state the compiled graph keeps
-    with pytest.warns(opcomp.OpcompNotice, match=r"compiling the fused step of adamw.* over 2 tensors once, ~1 s"):
+    with pytest.warns(opcomp.OpcompNotice, match=r"compiling the fused step of lion.* over 2 tensors once, ~1 s"):
         forced.step()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -130,7 +130,7 @@ def test_second_order_probes_step_a_compiled_model_as_its_eager_original(express
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("expression", ["adamw", "muon(g) | adamw"])
+@pytest.mark.parametrize("expression", ["lion", "muon(g) | adamw", "adamw"])  # adamw: torch's fused kernel
 def test_a_compiled_step_reads_nothing_back_from_the_device(expression):
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
     opt = opcomp.build(expression, model, lr=1e-2, compile="on")
@@ -159,13 +159,13 @@ def test_a_warmed_up_optimizer_compiled_at_build_and_steps_as_one_that_did_not()
     kept = torch.ones(3)
     models[0][2].bias.grad = kept  # a gradient the user had before the warm-up is theirs again after
     counters.clear()
-    with pytest.warns(opcomp.OpcompNotice, match="compiling the fused step of adamw"):
-        warmed = opcomp.build("adamw", models[0], lr=1e-2, compile="on", warmup=True)
+    with pytest.warns(opcomp.OpcompNotice, match="compiling the fused step of lion"):
+        warmed = opcomp.build("lion", models[0], lr=1e-2, compile="on", warmup=True)
     assert counters["stats"]["unique_graphs"] == 1
     assert all(torch.equal(a, b) for a, b in zip(before, models[0].parameters()))
     assert models[0][2].bias.grad is kept and models[0][0].weight.grad is None
     assert warmed.state_dict()["state"] == {} and warmed.skipped_steps == 0
-    cold = opcomp.build("adamw", models[1], lr=1e-2, compile="on")
+    cold = opcomp.build("lion", models[1], lr=1e-2, compile="on")
     x, y = torch.randn(5, 6), torch.randn(5, 3)
     counters.clear()
     for _ in range(4):
@@ -186,4 +186,20 @@ def test_a_warmup_that_cannot_compile_says_why():
         opcomp.build("adamw", model, warmup=True)
     with pytest.warns(opcomp.OpcompNotice, match="layer statistics, probes or rebound gradients step eagerly"):
         opcomp.build("kfac(g) | adamw", model, compile="on", warmup=True)
+    with pytest.warns(opcomp.OpcompNotice, match="adamw.g. alone runs torch's fused AdamW kernel"):
+        opcomp.build("adamw", model, compile="on", warmup=True)
     assert model.weight.grad is None
+
+
+def test_the_compiled_finiteness_check_sees_every_non_finite_value_the_eager_one_does():
+    """Inductor simplifies algebra (it folds ``t * 0`` to 0): the compiled flag must still read
+    every element, of every floating dtype a step meets."""
+    from opcomp.closure import finite_flag
+
+    compiled = torch.compile(finite_flag, fullgraph=True)
+    dtypes = (torch.float32, torch.bfloat16, torch.float64, torch.float16)
+    for bad in (float("nan"), float("inf"), -float("inf"), None):
+        for where in range(len(dtypes)):
+            tensors = [torch.randn(7, 33, dtype=dtype) for dtype in dtypes]
+            tensors[where][3, 5] = torch.finfo(dtypes[where]).max if bad is None else bad
+            assert bool(compiled(tensors)) == bool(finite_flag(tensors)) == (bad is None)

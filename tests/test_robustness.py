@@ -84,6 +84,8 @@ def test_zero_gradients_and_zero_inputs_never_give_nan(expression):
         ("0.5 * muon(adam(g)) + 0.5 * adam(g) | adamw", "off"),
         pytest.param("0.5 * muon(adam(g)) + 0.5 * adam(g) | adamw", "on", marks=pytest.mark.compile),
         ("fog", "off"),  # layer statistics: checks decided once, at the step's end
+        ("adamw", "off"),  # torch's fused kernel, told by the flag
+        ("adam(g) + 0.1 * p", "on"),  # the same kernel whatever compile says
     ],
 )
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -348,8 +350,8 @@ def test_automatic_compilation_falls_back_to_eager_when_the_compiler_fails(monke
     # "auto" leaves the CPU eager: let it compile here, as it would on CUDA
     monkeypatch.setattr(execute.Elementwise, "compiles", lambda self, items: self.compile != "off")
     reference, model = net(), net()
-    eager = opcomp.build("adamw", reference, lr=0.01, compile="off")
-    automatic = opcomp.build("adamw", model, lr=0.01, compile="auto")
+    eager = opcomp.build("lion", reference, lr=0.01, compile="off")  # adamw would run torch's fused kernel
+    automatic = opcomp.build("lion", model, lr=0.01, compile="auto")
     for _ in range(2):  # a compiled family steps eagerly once first, making its state
         backward(reference)
         eager.step()
@@ -360,12 +362,28 @@ def test_automatic_compilation_falls_back_to_eager_when_the_compiler_fails(monke
         automatic.step()
     assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), model.parameters()))
     forced_model = net()
-    forced = opcomp.build("adamw", forced_model, lr=0.01, compile="on")
+    forced = opcomp.build("lion", forced_model, lr=0.01, compile="on")
     backward(forced_model)
     forced.step()
     backward(forced_model)
     with pytest.raises(RuntimeError, match="no C compiler here"):
         forced.step()
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.float32, torch.bfloat16, torch.float64)])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
+def test_the_fused_kernels_flag_is_exact_and_leaves_the_gradients_as_they_were(bad, dtypes):
+    """torch's GradScaler check (all fp32) or opcomp's own (mixed dtypes): 1.0 exactly when some
+    element is inf or NaN; the largest finite values count as finite."""
+    from opcomp.kernels.fused import non_finite
+
+    for where in range(len(dtypes)):
+        grads = [torch.randn(9, 7, dtype=dtype) for dtype in dtypes]
+        grads[where][4, 2] = torch.finfo(dtypes[where]).max if bad is None else bad
+        before = [g.clone() for g in grads]
+        assert float(non_finite(grads)) == (0.0 if bad is None else 1.0)
+        for a, b in zip(grads, before):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 def test_an_empty_parameter_beside_a_non_finite_gradient_still_skips_the_step():
