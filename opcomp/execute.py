@@ -273,26 +273,27 @@ class Elementwise:
         self.lr_tensors: dict[tuple, Tensor] = {}
 
     def guards(self, families: Mapping[str, list]) -> bool:
-        """Whether every one of ``families`` checks finiteness inside its own step: a compiled one
-        from its second step, one that runs torch's fused AdamW from its first."""
-        return all(
-            adamw_nodes(items) is not None or (self.compiles(items) and _key(e, items) in self.started)
-            for e, items in families.items()
-        )
+        """Whether every one of ``families`` checks finiteness inside its own step: its buckets that
+        run torch's fused AdamW from the first step, the others once their compiled step started."""
+        return all(self._guarded(e, torch_adamw(items)[2]) for e, items in families.items())
+
+    def _guarded(self, expression: str, rest: list) -> bool:
+        return not rest or (self.compiles(rest) and _key(expression, rest) in self.started)
 
     def run(
         self, expression: str, graph: Graph, items: list, state: Mapping, parallel: DataParallel | None = None
     ) -> None:
         """One family, after the optimizer checked every gradient; eagerly, matrix work is split
         among ``parallel``'s ranks."""
-        buckets = bucket_steps(items, state)
-        nodes = adamw_nodes(items)
-        if nodes is not None:
-            step_adamw(items, buckets, nodes, None)
+        fused, nodes, rest = torch_adamw(items)
+        if fused:
+            step_adamw(fused, bucket_steps(fused, state), nodes, None)
+        if not rest:
             return
-        step_in_place(graph, [b.program for _, b, _ in items], buckets, [float(g["lr"]) for g, _, _ in items], parallel)
-        if self.compiles(items):
-            self.started.add(_key(expression, items))
+        lrs = [float(g["lr"]) for g, _, _ in rest]
+        step_in_place(graph, [b.program for _, b, _ in rest], bucket_steps(rest, state), lrs, parallel)
+        if self.compiles(rest):
+            self.started.add(_key(expression, rest))
 
     def run_guarded(
         self,
@@ -304,20 +305,28 @@ class Elementwise:
         skips: Skips,
         ok: Tensor | None = None,
     ) -> Tensor | None:
-        """One family through its self-checking step: compiled, or torch's fused AdamW told by the
-        flag (:func:`adamw_nodes`). The step's first family computes whether every gradient in
-        ``check`` is finite and returns that flag; the others are given it as ``ok``. None when
-        the compiler failed here: the family then steps eagerly."""
-        nodes = adamw_nodes(items)
-        if nodes is not None:
+        """One family through its self-checking step: its compiled graph, then its buckets that run
+        torch's fused AdamW (:func:`torch_adamw`), told by the flag. The step's first family
+        computes whether every gradient in ``check`` is finite and returns that flag; the others
+        are given it as ``ok``. None when the compiler failed here (nothing of the family has
+        stepped): the family then steps eagerly."""
+        fused, nodes, rest = torch_adamw(items)
+        found = None
+        if rest:
+            ok = self._compiled_step(expression, graph, rest, state, check, skips, ok)
             if ok is None:
-                found = non_finite(check)
-                skips.counter(check[0]).add_(found.to(torch.int32))
-                ok = found == 0
-            else:
-                found = (~ok).to(torch.float32)
-            step_adamw(items, bucket_steps(items, state), nodes, found)
-            return ok
+                return None
+        elif ok is None:
+            found = non_finite(check)
+            skips.counter(check[0]).add_(found.to(torch.int32))
+            ok = found == 0
+        if fused:
+            step_adamw(fused, bucket_steps(fused, state), nodes, (~ok).to(torch.float32) if found is None else found)
+        return ok
+
+    def _compiled_step(
+        self, expression: str, graph: Graph, items: list, state: Mapping, check: list, skips: Skips, ok
+    ) -> Tensor | None:
         programs = [bucket.program for _, bucket, _ in items]
         key = _key(expression, items)
         runner = self.runners.get(key)
@@ -338,20 +347,21 @@ class Elementwise:
                 f"opcomp: torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
                 "this optimizer steps eagerly from now on (compile='off' silences this)",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
             return None
 
     def compiles(self, items: list) -> bool:
-        """auto: on CUDA only. On the CPU a cold compile costs 5–40 s and pays back after 80–750
-        steps (``python -m opcomp.bench.compile_cost``, docs/performance.md), longer than many CPU
-        runs: there it takes ``compile="on"``. A family that runs torch's fused AdamW has nothing
-        to compile."""
-        if adamw_nodes(items) is not None:
+        """Whether the family's buckets other than torch's fused AdamW (:func:`torch_adamw`), if
+        any, step compiled. auto: on CUDA only. On the CPU a cold compile costs 5–40 s and pays
+        back after 80–750 steps (``python -m opcomp.bench.compile_cost``, docs/performance.md),
+        longer than many CPU runs: there it takes ``compile="on"``."""
+        rest = torch_adamw(items)[2]
+        if not rest:
             return False
         if self.compile != "auto":
             return self.compile == "on"
-        return any(p.is_cuda for _, _, params in items for p in params)
+        return any(p.is_cuda for _, _, params in rest for p in params)
 
     def _lr_tensor(self, group: dict, param: Tensor) -> Tensor:
         """The group's learning rate as a 0-d tensor in the parameters' working precision, refreshed
@@ -364,17 +374,22 @@ class Elementwise:
         return tensor
 
 
-def adamw_nodes(items: list) -> list[Node] | None:
-    """Each bucket's ``adam`` or ``adamw`` node, when every bucket of the family is torch's AdamW
-    and runs its fused kernel (:mod:`opcomp.kernels.fused`); else None."""
-    nodes = [adamw_node(bucket.program.steps) for _, bucket, _ in items]
-    if any(node is None for node in nodes) or not all(fusable(params) for _, _, params in items):
-        return None
-    return nodes
+def torch_adamw(items: list) -> tuple[list, list[Node], list]:
+    """A family's items split: those whose bucket is torch's AdamW and runs its fused kernel
+    (:mod:`opcomp.kernels.fused`), with their ``adam``/``adamw`` nodes, and the rest."""
+    fused, nodes, rest = [], [], []
+    for item in items:
+        node = adamw_node(item[1].program.steps)
+        if node is not None and fusable(item[2]):
+            fused.append(item)
+            nodes.append(node)
+        else:
+            rest.append(item)
+    return fused, nodes, rest
 
 
 def step_adamw(items: list, buckets: list[BucketStep], nodes: list[Node], found_inf: Tensor | None) -> None:
-    """A family of :func:`adamw_nodes`, stepped by torch's fused kernel (unless ``found_inf``)."""
+    """Items of :func:`torch_adamw`, stepped by torch's fused kernel (unless ``found_inf``)."""
     for (group, planned, _), bucket, node in zip(items, buckets, nodes):
         fused_adamw(node.options, planned.program.decay, bucket, node.state_key, float(group["lr"]), found_inf)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import shapes
@@ -110,6 +111,35 @@ def test_adam_or_adamw_alone_steps_bit_for_bit_as_torch_fused_adamw(expression, 
     for a, b in zip(*(m.parameters() for m in models)):
         assert torch.equal(a, b)
     assert max_difference(models[0], shapes.make(model_name, dtype=torch.float32)) > 1e-3  # it did train
+
+
+@pytest.mark.parametrize("compile_mode", ["off", "on"])
+def test_the_adamw_branch_of_muon_or_adamw_steps_bit_for_bit_as_torch_fused_adamw(compile_mode):
+    """Buckets of a mixed family run torch's fused kernel too, beside the muon buckets (compiled
+    or not), told by the one check of the step."""
+    generator = torch.Generator().manual_seed(5)
+    shapes = [(12, 8), (7,), (12, 8), (13,), (7,)]
+    ours = [nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours if p.ndim == 1]
+    opt = opcomp.build("muon(g) | adamw[wd=0.02](g)", ours, lr=0.01, compile=compile_mode)
+    reference = torch.optim.AdamW(theirs, lr=0.01, weight_decay=0.02, fused=True)
+    for step in range(5):
+        grads = [torch.randn(s, generator=generator) for s in shapes]
+        if step == 3:
+            grads[0][1, 1] = float("nan")  # a skipped step: no bucket moves, no counter advances
+        for p, g in zip(ours, grads):
+            p.grad = g
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+        if step != 3:
+            for p, g in zip(theirs, [g for g in grads if g.ndim == 1]):
+                p.grad = g
+            reference.step()
+    assert opt.skipped_steps == 1
+    assert sorted(opt.assignments().values()) == ["adamw"] * 3 + ["muon"] * 2
+    for a, b in zip([p for p in ours if p.ndim == 1], theirs):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("nesterov", [True, False])
