@@ -287,7 +287,7 @@ class Elementwise:
         among ``parallel``'s ranks."""
         fused, nodes, rest = torch_adamw(items)
         if fused:
-            step_adamw(fused, bucket_steps(fused, state), nodes, None)
+            step_adamw(fused, state, nodes, None)
         if not rest:
             return
         lrs = [float(g["lr"]) for g, _, _ in rest]
@@ -321,7 +321,7 @@ class Elementwise:
             skips.counter(check[0]).add_(found.to(torch.int32))
             ok = found == 0
         if fused:
-            step_adamw(fused, bucket_steps(fused, state), nodes, (~ok).to(torch.float32) if found is None else found)
+            step_adamw(fused, state, nodes, (~ok).to(torch.float32) if found is None else found)
         return ok
 
     def _compiled_step(
@@ -374,9 +374,9 @@ class Elementwise:
         return tensor
 
 
-def torch_adamw(items: list) -> tuple[list, list[Node], list]:
+def torch_adamw(items: list) -> tuple[list, list[tuple[Node, float]], list]:
     """A family's items split: those whose bucket is torch's AdamW and runs its fused kernel
-    (:mod:`opcomp.kernels.fused`), with their ``adam``/``adamw`` nodes, and the rest."""
+    (:mod:`opcomp.kernels.fused`), with their ``adam``/``adamw`` nodes and scales, and the rest."""
     fused, nodes, rest = [], [], []
     for item in items:
         node = adamw_node(item[1].program.steps)
@@ -388,10 +388,40 @@ def torch_adamw(items: list) -> tuple[list, list[Node], list]:
     return fused, nodes, rest
 
 
-def step_adamw(items: list, buckets: list[BucketStep], nodes: list[Node], found_inf: Tensor | None) -> None:
-    """Items of :func:`torch_adamw`, stepped by torch's fused kernel (unless ``found_inf``)."""
-    for (group, planned, _), bucket, node in zip(items, buckets, nodes):
-        fused_adamw(node.options, planned.program.decay, bucket, node.state_key, float(group["lr"]), found_inf)
+def step_adamw(items: list, state: Mapping, nodes: list, found_inf: Tensor | None) -> None:
+    """Items of :func:`torch_adamw`, stepped by torch's fused kernel unless ``found_inf``. A step
+    that would make their state (a first step) reads the flag first, so that a skipped one makes
+    none, as a step decided on the host makes none."""
+    fresh = any(
+        node.state_key not in state.get(p, {}) for (_, _, params), (node, _) in zip(items, nodes) for p in params
+    )
+    if found_inf is not None and fresh and bool(found_inf):
+        return
+    for update in fused_updates(items, bucket_steps(items, state), nodes):
+        update.apply(found_inf)
+
+
+def fused_updates(items: list, buckets: list[BucketStep], nodes: list) -> list[FusedAdamW]:
+    return [
+        FusedAdamW(float(group["lr"]), planned.program.decay, bucket, node, scale)
+        for (group, planned, _), bucket, (node, scale) in zip(items, buckets, nodes)
+    ]
+
+
+@dataclass
+class FusedAdamW:
+    """A bucket of :func:`torch_adamw`'s, stepped only when applied. In a family with layer
+    statistics or probes that is after every check of the step, so its moments need no snapshot:
+    a step given up before the updates land never touched them."""
+
+    lr: float
+    decay: float
+    bucket: BucketStep
+    node: Node
+    scale: float
+
+    def apply(self, found_inf: Tensor | None) -> None:
+        fused_adamw(self.node.options, self.decay, self.bucket, self.node.state_key, self.lr, found_inf, self.scale)
 
 
 def _key(expression: str, items: list) -> tuple:

@@ -31,7 +31,7 @@ from opcomp.closure import (
 )
 from opcomp.definitions import Namespace
 from opcomp.errors import OpcompError
-from opcomp.execute import Elementwise, apply, run_family, runs_in_place
+from opcomp.execute import Elementwise, apply, run_family, runs_in_place, step_adamw, torch_adamw
 from opcomp.kernels import COLLECTIVE
 from opcomp.kernels import load as load_kernels
 from opcomp.kernels.factors import Reduction, StepStatistics
@@ -207,7 +207,9 @@ class Optimizer(torch.optim.Optimizer):
             return self._skip(loss)
         # the others (layer statistics, probes) can meet inf or NaN mid-step: they need a way back,
         # and they run first, so nothing has been applied when one gives up
-        touched = [p for items in fallible.values() for _, _, params in items for p in params]
+        # their AdamW buckets run torch's fused kernel once the step is decided: nothing to snapshot
+        split = {e: torch_adamw(items) for e, items in fallible.items()}
+        touched = [p for _, _, rest in split.values() for _, _, params in rest for p in params]
         replaced = {n.state_key for e in fallible for n in graphs[e].nodes if n.spec.replaces_state}
         saved = snapshot(self.state, touched, replaced) if fallible else None
         capture = self._capture
@@ -218,9 +220,10 @@ class Optimizer(torch.optim.Optimizer):
                     finite(grads)
                 updates = [
                     update
-                    for expression, items in fallible.items()
+                    for expression, (_, _, rest) in split.items()
+                    if rest
                     for update in run_family(
-                        self._plan, expression, items, self.state, statistics, probe, self._parallel
+                        self._plan, expression, rest, self.state, statistics, probe, self._parallel
                     )
                 ]
                 finite([value for update in updates for value in update.direction])  # nothing non-finite lands
@@ -237,6 +240,9 @@ class Optimizer(torch.optim.Optimizer):
             raise
         for update in updates:
             apply(update, ok)
+        for items, nodes, _ in split.values():
+            if items:
+                step_adamw(items, self.state, nodes, None if ok is None else (~ok).to(torch.float32))
         if ok is not None:  # the step is kept, or undone, where ok says
             keep_where(ok, self.state, saved, touched, replaced)
             self._skips.counter(ok).add_((~ok).to(torch.int32))

@@ -386,6 +386,17 @@ def test_the_fused_kernels_flag_is_exact_and_leaves_the_gradients_as_they_were(b
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("expression", ["adamw", "muon(g) | adamw", "fog"])
+def test_a_skipped_first_step_leaves_no_state(expression):
+    model = net()
+    opt = opcomp.build(expression, model, lr=0.1)
+    backward(model)
+    list(model.parameters())[0].grad[0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    assert opt.skipped_steps == 1 and opt.state_dict()["state"] == {}
+
+
 def test_an_empty_parameter_beside_a_non_finite_gradient_still_skips_the_step():
     empty, full = nn.Parameter(torch.ones(0)), nn.Parameter(torch.ones(3))
     opt = opcomp.build("sgd", [empty, full], lr=0.1)

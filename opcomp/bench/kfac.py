@@ -1,6 +1,6 @@
 """What layer statistics cost: hooks, factor updates and inversions, beside a plain Muon step.
 
-    python -m opcomp.bench.kfac [--model mlp|transformer] [--steps 30] [--device cuda]
+    python -m opcomp.bench.kfac [--model mlp|transformer] [--steps 30] [--device cuda] [--vocabulary 96]
 
 Each row is a full training step (forward, backward, opt.step) on the same model and batch,
 rows interleaved round by round; medians in milliseconds (a step that refreshes inverses is
@@ -44,19 +44,20 @@ CONFIGURATIONS = {
 }
 
 
-def task(kind: str, seed: int = 0, device: str = "cpu"):
-    """A model factory and one fixed batch with its loss, on ``device``."""
+def task(kind: str, seed: int = 0, device: str = "cpu", vocabulary: int = 96):
+    """A model factory and one fixed batch with its loss, on ``device``; the transformer's
+    ``vocabulary`` sizes its embedding and head, which fog steps with AdamW."""
     generator = torch.Generator().manual_seed(seed)
     if kind == "mlp":
         x = torch.randn(256, 784, generator=generator).to(device)
         y = torch.randint(0, 10, (256,), generator=generator).to(device)
         return (lambda: models.mlp(784, 512, 10).to(device)), (lambda m: F.cross_entropy(m(x), y))
-    tokens = torch.randint(0, 96, (16, 64), generator=generator).to(device)
+    tokens = torch.randint(0, vocabulary, (16, 64), generator=generator).to(device)
 
     def loss(model: nn.Module) -> torch.Tensor:
-        return F.cross_entropy(model(tokens[:, :-1]).reshape(-1, 96), tokens[:, 1:].reshape(-1))
+        return F.cross_entropy(model(tokens[:, :-1]).reshape(-1, vocabulary), tokens[:, 1:].reshape(-1))
 
-    return (lambda: models.CharTransformer(96, width=128, heads=4, depth=2, length=64).to(device)), loss
+    return (lambda: models.CharTransformer(vocabulary, width=128, heads=4, depth=2, length=64).to(device)), loss
 
 
 def training_step(model: nn.Module, opt: torch.optim.Optimizer, loss) -> None:
@@ -74,8 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=["mlp", "transformer"], default="mlp")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--vocabulary", type=int, default=96, help="the transformer's tokens")
     args = parser.parse_args(argv)
-    make, loss = task(args.model, device=args.device)
+    make, loss = task(args.model, device=args.device, vocabulary=args.vocabulary)
     runs = {}
     for label, expression in CONFIGURATIONS.items():
         torch.manual_seed(0)

@@ -1,7 +1,8 @@
 """torch's fused AdamW kernel, for a bucket whose whole update is AdamW.
 
 A bucket that runs ``adamw(g)``, or ``adam(g)`` with decoupled decay peeled off its root
-(``adam(g) + c * p``), steps exactly as ``torch.optim.AdamW(fused=True)`` does, and torch's kernel
+(``adam(g) + c * p``), steps exactly as ``torch.optim.AdamW(fused=True)`` does (scaled, as in
+fog's ``0.1 * adamw``, at a scaled rate and decay), and torch's kernel
 makes that step in one pass per parameter: it reads p, g, m and v once and writes p, m and v
 once. Run through opcomp's own kernels the same step takes ten ``foreach`` passes eagerly, or a
 compile of several seconds per tensor to fuse them. Such a bucket therefore calls
@@ -33,15 +34,23 @@ DEVICES = ("cpu", "cuda")
 has run it here yet."""
 
 
-def adamw_node(steps: Sequence) -> Node | None:
+def adamw_node(steps: Sequence) -> tuple[Node, float] | None:
     """The ``adam`` or ``adamw`` node of a program whose steps (each a node and the ids of its
-    inputs) are ``g`` and that node on it, nothing more (decay peeled off the root aside)."""
-    if len(steps) != 2:
+    inputs) are ``g``, that node on it, and at most a positive ``scale`` of it (``0.1 * adamw``,
+    fog's fallback), with the scale's factor (1 without one); None for any other program."""
+    if len(steps) not in (2, 3):
         return None
-    source, step = steps
+    source, step = steps[:2]
     if source.node.op != "g" or step.node.op not in ("adam", "adamw") or step.node.scope is not None:
         return None
-    return step.node if tuple(step.inputs) == (source.node.id,) else None
+    if tuple(step.inputs) != (source.node.id,):
+        return None
+    if len(steps) == 2:
+        return step.node, 1.0
+    scale = steps[2]
+    if scale.node.op != "scale" or tuple(scale.inputs) != (step.node.id,) or not scale.node.options.c > 0:
+        return None
+    return step.node, float(scale.node.options.c)
 
 
 def fusable(params: list[Tensor]) -> bool:
@@ -79,13 +88,20 @@ def non_finite(grads: list[Tensor]) -> Tensor:
 
 
 def fused_adamw(
-    options: Options, decay: float, bucket: BucketStep, state_key: str, lr: float, found_inf: Tensor | None
+    options: Options,
+    decay: float,
+    bucket: BucketStep,
+    state_key: str,
+    lr: float,
+    found_inf: Tensor | None,
+    scale: float = 1.0,
 ) -> None:
     """One AdamW step of ``bucket`` in place, with the moments and counter a kernel of ``adam`` or
     ``adamw`` keeps under ``state_key`` (so either path continues the other's state). ``decay``
-    is the program's peeled decay, added to the node's own ``wd``. ``found_inf`` (a device flag,
-    :func:`non_finite`) set, nothing changes: the kernel writes nothing and the counters, advanced
-    first as torch.optim advances them, go back."""
+    is the program's peeled decay; with ``scale`` c the update p·(1 − lr·decay) − lr·c·(adam +
+    wd·p) is torch's AdamW at rate lr·c and decay decay/c + wd. ``found_inf`` (a device flag,
+    :func:`non_finite`) set, nothing changes: the kernel writes nothing and the counters,
+    advanced first as torch.optim advances them, go back."""
     node = NodeState(bucket.states, bucket.params, state_key)
     first, second = node.buffers("exp_avg"), node.buffers("exp_avg_sq")
     steps = [counter(entry, param) for entry, param in zip(node.entries, bucket.params)]
@@ -99,10 +115,10 @@ def fused_adamw(
         second,
         [],
         steps,
-        lr=lr,
+        lr=lr * scale,
         beta1=options.b1,
         beta2=options.b2,
-        weight_decay=decay + getattr(options, "wd", 0.0),
+        weight_decay=decay / scale + getattr(options, "wd", 0.0),
         eps=options.eps,
         amsgrad=False,
         maximize=False,
