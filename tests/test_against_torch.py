@@ -146,6 +146,23 @@ def test_the_adamw_branch_of_muon_or_adamw_steps_bit_for_bit_as_torch_fused_adam
         assert torch.equal(a, b)
 
 
+def test_an_adam_option_the_fused_kernel_cannot_express_keeps_opcomps_kernels(monkeypatch):
+    """Should ``adam`` gain an option torch's kernel has no argument for, its buckets step through
+    opcomp's own kernels instead of dropping it."""
+    from opcomp.kernels import fused
+
+    params = [nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(5))]
+    opt = opcomp.build("adamw", params, lr=0.01)
+    calls = []
+    monkeypatch.setattr(fused, "OPTIONS", {"adam": {"b1", "b2", "eps"}, "adamw": {"b1", "b2", "eps"}})
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: calls.append(1))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    assert calls == [] and all(not torch.equal(a, b) for a, b in zip(before, params))
+
+
 @pytest.mark.parametrize("model_name", ["strided_conv", "token_model"])
 def test_fogs_fallback_runs_torchs_fused_kernel_after_the_step_is_decided(model_name, monkeypatch):
     """In a family with layer statistics the AdamW buckets step once every check has passed: the
