@@ -54,16 +54,11 @@ def checked(ps: list[Tensor], gs, ms, vs, lr: Tensor, c1: Tensor, c2: Tensor, fl
 def checked_by_ends(ps: list[Tensor], gs, ms, vs, lr: Tensor, c1: Tensor, c2: Tensor) -> None:
     """:func:`checked` with the check opcomp's compiled steps made before: each gradient's minimum
     and maximum (``aminmax``), finite exactly when all its elements are."""
-    checked(
-        ps,
-        gs,
-        ms,
-        vs,
-        lr,
-        c1,
-        c2,
-        flag=lambda ts: torch.cat([torch.stack(torch.aminmax(t)) for t in ts]).isfinite().all(),
-    )
+    checked(ps, gs, ms, vs, lr, c1, c2, flag=ends_finite)
+
+
+def ends_finite(tensors: list[Tensor]) -> Tensor:
+    return torch.cat([torch.stack(torch.aminmax(t)) for t in tensors]).isfinite().all()
 
 
 def by_hand(step: Callable, shapes, device: str) -> Callable[[], None]:
