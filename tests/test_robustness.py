@@ -371,15 +371,19 @@ def test_automatic_compilation_falls_back_to_eager_when_the_compiler_fails(monke
 
 
 @pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.float32, torch.bfloat16, torch.float64)])
+@pytest.mark.parametrize("expanded", [False, True])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
-def test_the_fused_kernels_flag_is_exact_and_leaves_the_gradients_as_they_were(bad, dtypes):
-    """torch's GradScaler check (all fp32) or opcomp's own (mixed dtypes): 1.0 exactly when some
-    element is inf or NaN; the largest finite values count as finite."""
+def test_the_fused_kernels_flag_is_exact_and_leaves_the_gradients_as_they_were(bad, dtypes, expanded):
+    """torch's GradScaler check (all fp32, contiguous) or opcomp's own (mixed dtypes, a gradient
+    expanded from one row): 1.0 exactly when some element is inf or NaN; the largest finite
+    values count as finite."""
     from opcomp.kernels.fused import non_finite
 
     for where in range(len(dtypes)):
         grads = [torch.randn(9, 7, dtype=dtype) for dtype in dtypes]
         grads[where][4, 2] = torch.finfo(dtypes[where]).max if bad is None else bad
+        if expanded:
+            grads.append(torch.ones(1, 7).expand(9, 7))
         before = [g.clone() for g in grads]
         assert float(non_finite(grads)) == (0.0 if bad is None else 1.0)
         for a, b in zip(grads, before):
