@@ -122,13 +122,13 @@ def test_the_adamw_branch_of_muon_or_adamw_steps_bit_for_bit_as_torch_fused_adam
     or not), told by the one check of the step; fog's scaled fallback as AdamW at a tenth of the
     rate."""
     generator = torch.Generator().manual_seed(5)
-    shapes = [(12, 8), (7,), (12, 8), (13,), (7,)]
-    ours = [nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
+    sizes = [(12, 8), (7,), (12, 8), (13,), (7,)]
+    ours = [nn.Parameter(torch.randn(s, generator=generator)) for s in sizes]
     theirs = [nn.Parameter(p.detach().clone()) for p in ours if p.ndim == 1]
     opt = opcomp.build(f"muon(g) | {fallback}(g)", ours, lr=0.01, compile=compile_mode)
     reference = torch.optim.AdamW(theirs, lr=rate, weight_decay=decay, fused=True)
     for step in range(5):
-        grads = [torch.randn(s, generator=generator) for s in shapes]
+        grads = [torch.randn(s, generator=generator) for s in sizes]
         if step == 3:
             grads[0][1, 1] = float("nan")  # a skipped step: no bucket moves, no counter advances
         for p, g in zip(ours, grads):
