@@ -2,12 +2,11 @@
 
 A bucket that runs ``adamw(g)``, or ``adam(g)`` with decoupled decay peeled off its root
 (``adam(g) + c * p``), steps exactly as ``torch.optim.AdamW(fused=True)`` does (scaled, as in
-fog's ``0.1 * adamw``, at a scaled rate and decay), and torch's kernel
-makes that step in one pass per parameter: it reads p, g, m and v once and writes p, m and v
-once. Run through opcomp's own kernels the same step takes ten ``foreach`` passes eagerly (3.3
-times as long), or a compile of 20–75 s to fuse them into a graph that is no faster. Such a
-bucket therefore calls ``torch._fused_adamw_`` (the numbers are torch's own, bit for bit),
-compiled or not.
+fog's ``0.1 * adamw``, at a scaled rate and decay), and torch's kernel makes that step in one
+pass per parameter: it reads p, g, m and v once and writes p, m and v once. Run through
+opcomp's own kernels the same step takes ten ``foreach`` passes eagerly (3.3 times as long), or
+a compile of 20–75 s to fuse them into a graph that is no faster. Such a bucket therefore calls
+``torch._fused_adamw_`` (the numbers are torch's own, bit for bit), compiled or not.
 
 The finiteness check stays opcomp's: a device flag computed from the gradients, which the
 kernel reads as its ``found_inf`` (then it changes nothing) and by which the step counters,
