@@ -397,31 +397,9 @@ def step_adamw(items: list, state: Mapping, nodes: list, found_inf: Tensor | Non
     )
     if found_inf is not None and fresh and bool(found_inf):
         return
-    for update in fused_updates(items, bucket_steps(items, state), nodes):
-        update.apply(found_inf)
-
-
-def fused_updates(items: list, buckets: list[BucketStep], nodes: list) -> list[FusedAdamW]:
-    return [
-        FusedAdamW(float(group["lr"]), planned.program.decay, bucket, node, scale)
-        for (group, planned, _), bucket, (node, scale) in zip(items, buckets, nodes)
-    ]
-
-
-@dataclass
-class FusedAdamW:
-    """A bucket of :func:`torch_adamw`'s, stepped only when applied. In a family with layer
-    statistics or probes that is after every check of the step, so its moments need no snapshot:
-    a step given up before the updates land never touched them."""
-
-    lr: float
-    decay: float
-    bucket: BucketStep
-    node: Node
-    scale: float
-
-    def apply(self, found_inf: Tensor | None) -> None:
-        fused_adamw(self.node.options, self.decay, self.bucket, self.node.state_key, self.lr, found_inf, self.scale)
+    for (group, planned, _), bucket, (node, scale) in zip(items, bucket_steps(items, state), nodes):
+        decay, lr = planned.program.decay, float(group["lr"])
+        fused_adamw(node.options, decay, bucket, node.state_key, lr, found_inf, scale)
 
 
 def _key(expression: str, items: list) -> tuple:
