@@ -351,12 +351,12 @@ class Elementwise:
             )
             return None
 
-    def compiles(self, items: list) -> bool:
-        """Whether the family's buckets other than torch's fused AdamW (:func:`torch_adamw`), if
-        any, step compiled. auto: on CUDA only. On the CPU a cold compile costs 5–40 s and pays
-        back after 80–750 steps (``python -m opcomp.bench.compile_cost``, docs/performance.md),
-        longer than many CPU runs: there it takes ``compile="on"``."""
-        rest = torch_adamw(items)[2]
+    def compiles(self, rest: list) -> bool:
+        """Whether ``rest`` — a family's buckets other than torch's fused AdamW, the last part of
+        :func:`torch_adamw` — step compiled; never when there are none. auto: on CUDA only. On the
+        CPU a cold compile costs 5–40 s and pays back after 80–750 steps (``python -m
+        opcomp.bench.compile_cost``, docs/performance.md), longer than many CPU runs: there it
+        takes ``compile="on"``."""
         if not rest:
             return False
         if self.compile != "auto":

@@ -308,7 +308,11 @@ class Optimizer(torch.optim.Optimizer):
                 param.grad = torch.zeros_like(param)
             families = self._plan.families(self.param_groups)
             plain = self._in_place(families)
-            if not families or len(plain) < len(families) or not all(map(self._elementwise.compiles, plain.values())):
+            if (
+                not families
+                or len(plain) < len(families)
+                or not all(self._elementwise.compiles(torch_adamw(items)[2]) for items in plain.values())
+            ):
                 return False
             values = [p.detach().clone() for p in params]
             self.state, self._skips = snapshot(state, params), Skips()
