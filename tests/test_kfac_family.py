@@ -291,6 +291,90 @@ def test_accumulated_micro_batches_give_the_factors_of_the_whole_batch(reduction
             torch.testing.assert_close(states[1][layer_name][buffer], whole[buffer], rtol=1e-9, atol=1e-14)
 
 
+@pytest.mark.parametrize("name", ["strided_conv", "token_model"])
+def test_factor_averages_over_steps_of_accumulated_micro_batches_are_the_running_average_of_each_batch(name):
+    """A and G after each step are decay·S + (1 − decay)·(that batch's factor), from the second
+    step on folded into the product itself; each batch's factor is taken by a fresh optimizer's
+    first step, which starts the average from it alone."""
+    decay, expression = 0.7, "kfac[decay=0.7, invert_every=1](g) | g"
+    batches = [shapes.batch(name, 16, seed=seed) for seed in range(3)]
+    model = shapes.make(name)
+    opt = opcomp.build(expression, model, lr=0.0)
+    expected: dict = {}
+    for x, y in batches:
+        opt.zero_grad()
+        for part_x, part_y in zip(x.chunk(2), y.chunk(2)):
+            (shapes.loss(model, part_x, part_y) / 2).backward()
+        opt.step()
+        alone = shapes.make(name)
+        first = opcomp.build(expression, alone, lr=0.0)
+        shapes.loss(alone, x, y).backward()
+        first.step()
+        for layer_name, layer in shapes.layers(model).items():
+            fresh = node_state(first, alone.get_submodule(layer_name).weight, "kfac")
+            state = node_state(opt, layer.weight, "kfac")
+            for buffer in ("A", "G"):
+                before = expected.get((layer_name, buffer))
+                now = fresh[buffer] if before is None else decay * before + (1 - decay) * fresh[buffer]
+                expected[layer_name, buffer] = now
+                torch.testing.assert_close(state[buffer], now, rtol=1e-9, atol=1e-14)
+
+
+class SharedInputs(nn.Module):
+    """Query, key (no bias) and value read one input, as in attention; two more layers read its
+    halves, views of the same memory that must not be taken for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.query, self.key, self.value = nn.Linear(6, 4), nn.Linear(6, 4, bias=False), nn.Linear(6, 4)
+        self.left, self.right = nn.Linear(3, 4), nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(x)
+        mixed = self.query(h) * self.key(h) + self.value(h).tanh()
+        return mixed + self.left(h[..., :3]) * self.right(h[..., 3:])
+
+
+def test_layers_that_read_one_input_alike_share_its_factor_and_views_of_it_do_not(monkeypatch):
+    """Each layer's A is the running average of mean [h, 1][h, 1]ᵀ over its own input h (the 1
+    when it has a bias); query and value have one A formed once, key its own (no bias column),
+    and the halves theirs."""
+    import opcomp.kernels.factors as factors
+
+    model = SharedInputs().double()
+    decay, expression = 0.7, "kfac[decay=0.7, invert_every=1](g) | g"
+    opt = opcomp.build(expression, model, lr=0.0)
+    grams = []
+    counting = factors.mean_gram
+    monkeypatch.setattr(factors, "mean_gram", lambda *args, **kw: grams.append(1) or counting(*args, **kw))
+    inputs = {
+        "query": lambda h: h,
+        "key": lambda h: h,
+        "value": lambda h: h,
+        "left": lambda h: h[..., :3],
+        "right": lambda h: h[..., 3:],
+    }
+    expected: dict = {}
+    for seed in range(3):
+        x = torch.randn(5, 7, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        grams.clear()
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        assert len(grams) == 4 + 5  # A: one for query and value, key's, left's, right's; G: five
+        for name, read in inputs.items():
+            layer = model.get_submodule(name)
+            rows = read(torch.tanh(x)).reshape(-1, layer.in_features)
+            if layer.bias is not None:
+                rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype)], dim=1)
+            fresh = rows.T @ rows / len(rows)
+            before = expected.get(name)
+            expected[name] = fresh if before is None else decay * before + (1 - decay) * fresh
+            state = node_state(opt, layer.weight, "kfac")
+            torch.testing.assert_close(state["A"], expected[name], rtol=1e-9, atol=1e-14)
+
+
 def test_conv2d_factors_with_stride_dilation_and_padding_match_patches_taken_by_hand():
     torch.manual_seed(8)
     conv = nn.Conv2d(2, 3, kernel_size=2, stride=2, dilation=2, padding=1)

@@ -15,7 +15,7 @@ S ← decay·S + (1 − decay)·S_batch.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -96,12 +96,36 @@ def fold_statistics(
     """Average this step's A and G (each kept dense or as its diagonal, as ``diagonal`` says) into
     the state ``names`` of every layer whose statistics are due, pooled over the ranks in one
     reduction. Returns the due layers (by id) that some rank had statistics for, with this rank's
-    (None where only others had some)."""
+    (None where only others had some).
+
+    Layers that read one input alike (:func:`~opcomp.kernels.factors.inputs_key`) share one A.
+    In one process nothing is pooled, so any other dense factor's average is folded into its
+    product (:func:`~opcomp.kernels.factors.mean_gram`'s ``onto``); the check then reads the new
+    average, finite exactly when the old one (finite) and the step's statistic are, and not
+    overflowed."""
     sampled = getattr(ctx.options, "fisher", "empirical") == "mc"
+    decay = ctx.options.decay
     due = [layer for layer, count in zip(ctx.layers, counts) if count % ctx.options.update_every == 0]
     found = [ctx.statistics(layer, sampled) for layer in due]
     bf16 = getattr(ctx.options, "bf16", False)  # kfac and ekfac have it, diag_kfac not
-    values, rows = [], []
+    readers = Counter(statistics.source for statistics in found if statistics is not None)
+    shared: dict[tuple, Tensor] = {}
+    values, rows, averaged = [], [], set()
+
+    def factor(layer: LayerSlot, side: int, dense, on_diagonal, kept_diagonal: bool, source) -> Tensor:
+        """One factor's value: shared with the layers that read its input alike (``source``), an
+        average already (recorded in ``averaged``), or this step's statistic."""
+        if source is not None and readers[source] > 1:
+            if (source, kept_diagonal) not in shared:
+                shared[source, kept_diagonal] = on_diagonal() if kept_diagonal else dense(bf16)
+            return shared[source, kept_diagonal]
+        if kept_diagonal:
+            return on_diagonal()
+        if ctx.parallel is None and not bf16 and names[side] in layer.state:
+            averaged.add(len(values))
+            return dense(onto=(layer.state[names[side]], decay))
+        return dense(bf16)
+
     for layer, statistics in zip(due, found):
         diagonal_a, diagonal_g = diagonal(layer)
         if statistics is None:  # none here: zeros that count for nothing, so every rank reduces alike
@@ -110,13 +134,14 @@ def fold_statistics(
             values += [torch.zeros((inputs,) if diagonal_a else (inputs, inputs), **like)]
             values += [torch.zeros((out,) if diagonal_g else (out, out), **like)]
             rows += [0, 0]
-        else:
-            values += [statistics.A_diagonal() if diagonal_a else statistics.A(bf16)]
-            values += [statistics.G_diagonal() if diagonal_g else statistics.G(bf16)]
-            rows += [statistics.a_count, statistics.examples]
+            continue
+        values.append(factor(layer, 0, statistics.A, statistics.A_diagonal, diagonal_a, statistics.source))
+        values.append(factor(layer, 1, statistics.G, statistics.G_diagonal, diagonal_g, None))
+        rows += [statistics.a_count, statistics.examples]
     values, rows = ctx.statistics.pooled(values, rows)
     counted = [index for index in range(len(due)) if rows[2 * index + 1]]
-    finite([values[2 * index + side] for index in counted for side in (0, 1)])
+    checked = {id(values[2 * index + side]): values[2 * index + side] for index in counted for side in (0, 1)}
+    finite(list(checked.values()))
     fresh = {}
     for index, (layer, statistics) in enumerate(zip(due, found)):
         if not rows[2 * index + 1]:
@@ -126,8 +151,12 @@ def fold_statistics(
                     "to opcomp.build, with gradients enabled, before opt.step()"
                 )
             continue
-        average(layer.state, names[0], values[2 * index], ctx.options.decay)
-        average(layer.state, names[1], values[2 * index + 1], ctx.options.decay)
+        for side in (0, 1):
+            position = 2 * index + side
+            if position in averaged:
+                layer.state[names[side]] = values[position]
+            else:
+                average(layer.state, names[side], values[position], decay)
         fresh[id(layer)] = statistics
     return fresh
 
