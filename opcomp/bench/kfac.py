@@ -5,7 +5,10 @@
 Each row is a full training step (forward, backward, opt.step) on the same model and batch,
 rows interleaved round by round; medians in milliseconds (a step that refreshes inverses is
 rarer than one in two, so the median is the step between refreshes), and the ratio of means,
-which spreads the refreshes over the steps. Then parts of fog's step alone: the capture hooks
+which spreads the refreshes over the steps. Two more rows bound fog from below: its matrix
+products alone (each layer's factor grams, one per input read alike, and its two
+preconditioning products, on the rows the step captured), and a muon_adamw step followed by
+them, timed as one row: what fog costs in fp32 with nothing else. Then parts of fog's step alone: the capture hooks
 (forward + backward, armed against disarmed), one batched refresh of every factor inverse, and
 ``opt.step`` deciding its checks on the host against keeping them on the device, as it does on
 CUDA (forced here on whatever device runs).
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 from unittest.mock import patch
 
@@ -44,6 +48,12 @@ CONFIGURATIONS = {
 }
 
 
+FLOOR = (
+    "fog's matrix products alone",
+    "muon(g) | adamw, then fog's matrix products (fog's floor in fp32)",
+)
+
+
 def task(kind: str, seed: int = 0, device: str = "cpu", vocabulary: int = 96):
     """A model factory and one fixed batch with its loss, on ``device``; the transformer's
     ``vocabulary`` sizes its embedding and head, which fog steps with AdamW."""
@@ -66,6 +76,39 @@ def training_step(model: nn.Module, opt: torch.optim.Optimizer, loss) -> None:
     opt.step()
 
 
+def fog_products(model: nn.Module, opt: torch.optim.Optimizer, loss) -> Callable[[], None]:
+    """A function that runs fog's matrix products alone: from one recorded forward and backward,
+    each distinct input's gram (the bias as an appended 1), each layer's output-gradient gram,
+    and G⁻¹ X A⁻¹ on a random X with the layer's inverses."""
+    opt.zero_grad()
+    loss(model).backward()
+    grams, preconditions, seen = [], [], set()
+    for module, entries in opt._capture.entries.items():
+        entry = next((e for e in entries if e.grad is not None), None)
+        state = next((v for k, v in opt.state[module.weight].items() if k.startswith("kfac[")), None)
+        if entry is None or state is None:
+            continue
+        a = entry.input.reshape(-1, entry.input.shape[-1])
+        if module.bias is not None:
+            a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
+        if (entry.input.data_ptr(), a.shape) not in seen:
+            seen.add((entry.input.data_ptr(), a.shape))
+            grams.append(a)
+        grams.append(entry.grad.reshape(-1, entry.grad.shape[-1]))
+        g_inverse, a_inverse = state["G_inv"], state["A_inv"]
+        preconditions.append((g_inverse, torch.randn(len(g_inverse), len(a_inverse)).to(a_inverse), a_inverse))
+    opt._capture.clear()
+    opt.zero_grad()
+
+    def products() -> None:
+        for rows in grams:
+            rows.T @ rows
+        for g_inverse, x, a_inverse in preconditions:
+            g_inverse @ x @ a_inverse
+
+    return products
+
+
 def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1e3
 
@@ -85,12 +128,19 @@ def main(argv: list[str] | None = None) -> None:
         runs[label] = (model, opcomp.build(expression, model, lr=0.01))
     for model, opt in runs.values():  # warm up: state, first factors and inverses
         training_step(model, opt, loss)
-    samples: dict[str, list[float]] = {label: [] for label in runs}
+    products = fog_products(*runs["fog, invert_every=10"], loss)
+    baseline_run = runs["muon(g) | adamw"]
+    rows = {
+        label: (lambda model=model, opt=opt: training_step(model, opt, loss)) for label, (model, opt) in runs.items()
+    }
+    rows[FLOOR[0]] = products
+    rows[FLOOR[1]] = lambda: (training_step(*baseline_run, loss), products())
+    samples: dict[str, list[float]] = {label: [] for label in rows}
     for _ in range(args.steps):
-        for label, (model, opt) in runs.items():
+        for label, run in rows.items():
             synchronize(args.device)
             start = time.perf_counter()
-            training_step(model, opt, loss)
+            run()
             synchronize(args.device)
             samples[label].append(time.perf_counter() - start)
     count = sum(p.numel() for p in next(iter(runs.values()))[0].parameters())
