@@ -8,6 +8,8 @@ import pytest
 import shapes
 import torch
 from fisher import block_vectors, empirical_fisher, node_state, per_example_gradients
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
@@ -375,13 +377,20 @@ def test_layers_that_read_one_input_alike_share_its_factor_and_views_of_it_do_no
             torch.testing.assert_close(state["A"], expected[name], rtol=1e-9, atol=1e-14)
 
 
-def test_conv2d_factors_with_stride_dilation_and_padding_match_patches_taken_by_hand():
+@pytest.mark.parametrize(
+    ("expression", "bias", "columns"),
+    [("kfac(g) | g", True, "weight+bias"), ("kfac(g) | g", False, "weight"), ("muon(g) | kfac(g) | g", True, "bias")],
+)
+def test_conv2d_factors_with_stride_dilation_and_padding_match_patches_taken_by_hand(expression, bias, columns):
+    """A from each example's patches averaged over positions, with the bias's 1 when the bias runs
+    the node with the weight, that 1 alone when it runs it without; G from output gradients
+    summed over positions."""
     torch.manual_seed(8)
-    conv = nn.Conv2d(2, 3, kernel_size=2, stride=2, dilation=2, padding=1)
+    conv = nn.Conv2d(2, 3, kernel_size=2, stride=2, dilation=2, padding=1, bias=bias)
     model = nn.Sequential(conv, nn.Flatten(), nn.LazyLinear(4))
     x = torch.randn(3, 2, 7, 7)
     model(x)  # materialise the lazy layer before building
-    opt = opcomp.build("kfac(g) | g", model, lr=0.0)
+    opt = opcomp.build(expression, model, lr=0.0)
     outputs = []
 
     def keep(module, args, output):  # returns None, so the output is left as it is
@@ -399,14 +408,39 @@ def test_conv2d_factors_with_stride_dilation_and_padding_match_patches_taken_by_
         for i in range(out.shape[2]):
             for j in range(out.shape[3]):
                 top, left = 2 * i, 2 * j
-                patch = padded[n, :, top : top + 3 : 2, left : left + 3 : 2]  # 2×2 taps, dilation 2
-                patches.append(torch.cat([patch.flatten(), torch.ones(1)]))
-        rows.append(torch.stack(patches).mean(0))
+                patch = padded[n, :, top : top + 3 : 2, left : left + 3 : 2].flatten()  # 2×2 taps, dilation 2
+                patches.append({"weight": patch, "weight+bias": torch.cat([patch, torch.ones(1)])}.get(columns))
+        rows.append(torch.ones(1) if columns == "bias" else torch.stack(patches).mean(0))
     a = torch.stack(rows)
     d = (out.grad * 3).flatten(2).sum(2)  # per-example (mean over 3), summed over positions
-    state = node_state(opt, conv.weight, "kfac")
+    state = node_state(opt, conv.bias if columns == "bias" else conv.weight, "kfac")
     torch.testing.assert_close(state["A"], a.T @ a / 3)
     torch.testing.assert_close(state["G"], d.T @ d / 3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    extra=st.tuples(st.integers(0, 5), st.integers(0, 5)),
+    examples=st.integers(1, 3),
+    channels=st.integers(1, 3),
+)
+def test_patch_means_are_the_unfolded_patches_averaged_over_positions(
+    kernel, stride, dilation, padding, extra, examples, channels
+):
+    """For any geometry whose output is not empty: what KFAC's A reads of a Conv2d, formed by one
+    convolution with a kernel of ones, equals ``F.unfold``'s patches averaged over positions."""
+    from opcomp.kernels.factors import patch_means
+
+    conv = nn.Conv2d(channels, 2, kernel, stride=stride, dilation=dilation, padding=padding)
+    reach = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
+    height, width = (max(1, r - 2 * p) + e for r, p, e in zip(reach, padding, extra))
+    x = torch.randn(examples, channels, height, width, dtype=torch.float64)
+    expected = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).mean(2)
+    torch.testing.assert_close(patch_means(x, conv), expected, rtol=1e-12, atol=1e-14)
 
 
 def test_overflowing_layer_statistics_skip_the_step_and_change_nothing():
