@@ -1,6 +1,6 @@
 """What layer statistics cost: hooks, factor updates and inversions, beside a plain Muon step.
 
-    python -m opcomp.bench.kfac [--model mlp|transformer] [--steps 30] [--device cuda] [--vocabulary 96]
+    python -m opcomp.bench.kfac [--model mlp|transformer|resnet] [--steps 30] [--device cuda] [--vocabulary 96]
 
 Each row is a full training step (forward, backward, opt.step) on the same model and batch,
 rows interleaved round by round; medians in milliseconds (a step that refreshes inverses is
@@ -55,13 +55,19 @@ FLOOR = (
 
 
 def task(kind: str, seed: int = 0, device: str = "cpu", vocabulary: int = 96):
-    """A model factory and one fixed batch with its loss, on ``device``; the transformer's
-    ``vocabulary`` sizes its embedding and head, which fog steps with AdamW."""
+    """A model factory and one fixed batch with its loss, on ``device``: the MLP on 256 examples,
+    the small ResNet (strided and 1×1 convolutions, batch norm) on 64 images of 32×32, the
+    transformer on 16 sequences, whose ``vocabulary`` sizes its embedding and head (fog steps
+    them with AdamW)."""
     generator = torch.Generator().manual_seed(seed)
     if kind == "mlp":
         x = torch.randn(256, 784, generator=generator).to(device)
         y = torch.randint(0, 10, (256,), generator=generator).to(device)
         return (lambda: models.mlp(784, 512, 10).to(device)), (lambda m: F.cross_entropy(m(x), y))
+    if kind == "resnet":
+        images = torch.randn(64, 3, 32, 32, generator=generator).to(device)
+        labels = torch.randint(0, 10, (64,), generator=generator).to(device)
+        return (lambda: models.small_resnet().to(device)), (lambda m: F.cross_entropy(m(images), labels))
     tokens = torch.randint(0, vocabulary, (16, 64), generator=generator).to(device)
 
     def loss(model: nn.Module) -> torch.Tensor:
@@ -77,9 +83,10 @@ def training_step(model: nn.Module, opt: torch.optim.Optimizer, loss) -> None:
 
 
 def fog_products(model: nn.Module, opt: torch.optim.Optimizer, loss) -> Callable[[], None]:
-    """A function that runs fog's matrix products alone: from one recorded forward and backward,
-    each distinct input's gram (the bias as an appended 1), each layer's output-gradient gram,
-    and G⁻¹ X A⁻¹ on a random X with the layer's inverses."""
+    """A function that runs fog's matrix products alone, on random rows shaped as one recorded
+    forward and backward gives them: each distinct input's gram (A's width: a conv's patches, the
+    bias as an appended 1; a row per position of a Linear, per example of a Conv2d), each layer's
+    output-gradient gram, and G⁻¹ X A⁻¹ with the layer's inverses."""
     opt.zero_grad()
     loss(model).backward()
     grams, preconditions, seen = [], [], set()
@@ -88,14 +95,15 @@ def fog_products(model: nn.Module, opt: torch.optim.Optimizer, loss) -> Callable
         state = next((v for k, v in opt.state[module.weight].items() if k.startswith("kfac[")), None)
         if entry is None or state is None:
             continue
-        a = entry.input.reshape(-1, entry.input.shape[-1])
-        if module.bias is not None:
-            a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
-        if (entry.input.data_ptr(), a.shape) not in seen:
-            seen.add((entry.input.data_ptr(), a.shape))
-            grams.append(a)
-        grams.append(entry.grad.reshape(-1, entry.grad.shape[-1]))
         g_inverse, a_inverse = state["G_inv"], state["A_inv"]
+        if isinstance(module, nn.Conv2d):
+            rows = entry.input.shape[0]
+        else:
+            rows = entry.input.numel() // entry.input.shape[-1]
+        if (entry.input.data_ptr(), len(a_inverse)) not in seen:
+            seen.add((entry.input.data_ptr(), len(a_inverse)))
+            grams.append(torch.randn(rows, len(a_inverse)).to(a_inverse))
+        grams.append(torch.randn(rows, len(g_inverse)).to(g_inverse))
         preconditions.append((g_inverse, torch.randn(len(g_inverse), len(a_inverse)).to(a_inverse), a_inverse))
     opt._capture.clear()
     opt.zero_grad()
@@ -115,7 +123,7 @@ def median_ms(samples: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["mlp", "transformer"], default="mlp")
+    parser.add_argument("--model", choices=["mlp", "transformer", "resnet"], default="mlp")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--vocabulary", type=int, default=96, help="the transformer's tokens")
