@@ -116,7 +116,7 @@ def patch_means(inputs: Tensor, module: nn.Conv2d) -> Tensor:
     conv is, offset by (i, j) times its dilation. The grid is a product of a row grid and a
     column grid, so the sums are R_hᵀ X R_w per example and channel, R a 0/1 matrix that marks
     which input rows (columns) each kernel offset reads (:func:`tap_selector`; padding reads
-    zeros, so it has no rows). Two thin products that read the input once: on CPU 8–107 times
+    zeros, so it has no rows). Two thin products that read the input once: on CPU 9–110 times
     faster than unfolding on ResNet shapes (``python -m opcomp.bench.patches``,
     docs/performance.md); the same values up to rounding."""
     n, c, h, w = inputs.shape
