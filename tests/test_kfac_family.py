@@ -58,6 +58,31 @@ def test_ekfac_scale_is_the_mean_square_of_rotated_per_example_gradients(name):
         torch.testing.assert_close(state["scale"], expected, rtol=1e-9, atol=1e-14)
 
 
+def test_ekfac_scale_of_convs_without_a_bias_column_is_the_mean_square_of_rotated_weight_gradients():
+    """Convolutions whose rotated patches are taken as convolutions with Q_A's columns as kernels,
+    with no bias column to add: against per-example weight gradients from torch.func."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=1, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, kernel_size=2, dilation=2, bias=False),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, shapes.CLASSES),
+    ).double()
+    x, y = shapes.batch("strided_conv", 24)
+    opt = opcomp.build("ekfac[invert_every=1](g) | g", model, lr=0.0)
+    shapes.loss(model, x, y).backward()
+    opt.step()
+    examples = per_example_gradients(model, lambda out, t: F.cross_entropy(out, t), x, y)
+    for name in ("0", "2"):
+        weight = model.get_submodule(name).weight
+        state = node_state(opt, weight, "ekfac")
+        vectors = block_vectors(examples, name, with_bias=False).reshape(len(x), weight.shape[0], -1)
+        expected = (state["Q_G"].T @ vectors @ state["Q_A"]).square().mean(0)
+        torch.testing.assert_close(state["scale"], expected, rtol=1e-9, atol=1e-14)
+
+
 def test_ekfac_corrects_right_after_each_refresh_and_averages_in_between():
     model = shapes.make("strided_conv")
     batches = [shapes.batch("strided_conv", 24, seed=s) for s in range(3)]

@@ -68,6 +68,10 @@ class Sample:
         """A's rows: examples, or examples times positions."""
         return self.d.shape[0] if reduce else self.d.shape[0] * self.d.shape[1]
 
+    def rotated_a(self, q: Tensor | None) -> Tensor:
+        """a Q, (N, S, in); a missing Q is the identity."""
+        return self.a if q is None else self.a @ q
+
 
 class ConvSample:
     """A Conv2d's micro-batch, formed as far as it is used. Its reduced rows (what KFAC and
@@ -107,6 +111,23 @@ class ConvSample:
     def count(self, reduce: bool) -> int:
         examples, _, height, width = self.grad.shape
         return examples if reduce else examples * height * width
+
+    def rotated_a(self, q: Tensor | None) -> Tensor:
+        """a Q without unfolding: column j of a Q at every position is the conv of the input with
+        column j of Q as its kernel (its last row as the bias, when a holds the bias's 1)."""
+        if q is None or self.columns == "bias":
+            return self.a if q is None else self.a @ q
+        module, folded = self.module, self.columns == "weight+bias"
+        kernels = q[: q.shape[0] - folded].T.reshape(q.shape[1], *module.weight.shape[1:])
+        out = F.conv2d(
+            self.inputs, kernels, q[-1] if folded else None, module.stride, _padding(module), module.dilation
+        )
+        return out.flatten(2).transpose(1, 2)
+
+
+def _squares(values: Tensor) -> Tensor:
+    """values², as a product: ``square`` is ``pow``, five times slower on CPU."""
+    return values * values
 
 
 def patch_means(inputs: Tensor, module: nn.Conv2d) -> Tensor:
@@ -202,13 +223,13 @@ class Statistics:
         total = None
         for sample in self.samples:
             d = sample.d if q_g is None else sample.d @ q_g
-            a = sample.a if q_a is None else sample.a @ q_a
+            a = sample.rotated_a(q_a)
             if d.shape[1] == 1:  # no sharing: Σ_n (d_n²)(a_n²)ᵀ in one product
                 part = (d[:, 0] * d[:, 0]).T @ (a[:, 0] * a[:, 0])
             else:
                 chunk = max(1, CHUNK // max(1, d.shape[2] * a.shape[2]))
                 part = sum(
-                    torch.einsum("nso,nsi->noi", d[i : i + chunk], a[i : i + chunk]).square().sum(0)
+                    _squares(torch.einsum("nso,nsi->noi", d[i : i + chunk], a[i : i + chunk])).sum(0)
                     for i in range(0, len(d), chunk)
                 )
             total = part if total is None else total + part
