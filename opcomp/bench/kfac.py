@@ -7,11 +7,11 @@ rows interleaved round by round; medians in milliseconds (a step that refreshes 
 rarer than one in two, so the median is the step between refreshes), and the ratio of means,
 which spreads the refreshes over the steps. Two more rows bound fog from below: its matrix
 products alone (each layer's factor grams, one per input read alike, and its two
-preconditioning products, on the rows the step captured), and a muon_adamw step followed by
-them, timed as one row: what fog costs in fp32 with nothing else. Then parts of fog's step alone: the capture hooks
-(forward + backward, armed against disarmed), one batched refresh of every factor inverse, and
-``opt.step`` deciding its checks on the host against keeping them on the device, as it does on
-CUDA (forced here on whatever device runs).
+preconditioning products, on random rows of the shapes a step captures), and a muon_adamw
+step followed by them, timed as one row: what fog costs in fp32 with nothing else. Then parts
+of fog's step alone: the capture hooks (forward + backward, armed against disarmed), one
+batched refresh of every factor inverse, and ``opt.step`` deciding its checks on the host
+against keeping them on the device, as it does on CUDA (forced here on whatever device runs).
 """
 
 from __future__ import annotations

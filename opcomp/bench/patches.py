@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from opcomp.bench.step import synchronize
 from opcomp.kernels.factors import patch_means
 
-# (images, channels, side, kernel, stride, padding) of each distinct convolution
+# (images, channels, side, kernel, stride, padding): the small ResNet's every distinct conv, ResNet-18's some
 SHAPES = {
     "small ResNet, 64 × 32²": [
         (64, 3, 32, 7, 2, 3),
@@ -31,6 +31,7 @@ SHAPES = {
         (64, 32, 8, 1, 2, 0),
         (64, 64, 4, 3, 1, 1),
         (64, 64, 4, 3, 2, 1),
+        (64, 64, 4, 1, 2, 0),
         (64, 128, 2, 3, 1, 1),
     ],
     "ResNet-18, 32 × 224²": [
