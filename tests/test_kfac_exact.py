@@ -118,13 +118,21 @@ def test_monte_carlo_fisher_approaches_the_gauss_newton_block_of_a_deep_linear_n
     assert errors[2] < 0.1
 
 
-def test_kfac_factored_damping_follows_its_formula():
-    model = mlp()
+def repeated_shapes() -> nn.Module:
+    """Two hidden layers of one shape, which KFAC preconditions in one batch."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)]
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize(("make", "layers"), [(mlp, ("0", "2")), (repeated_shapes, ("0", "2", "4", "6"))])
+def test_kfac_factored_damping_follows_its_formula(make, layers):
+    model = make()
     x, y = repeated_batch(6, "ce")
     x = x + 0.3 * torch.randn_like(x)  # not exact: the formula is what is checked
     damping = 0.01
     opt, grads, directions = one_step(model, f"kfac[damping={damping}](g)", x, y, "ce", "mean")
-    for layer in ("0", "2"):
+    for layer in layers:
         state = node_state(opt, model.get_submodule(layer).weight, "kfac")
         a, g = state["A"], state["G"]
         pi = ((a.trace() / a.shape[0]) / (g.trace() / g.shape[0])).sqrt()
