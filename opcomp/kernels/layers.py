@@ -339,11 +339,13 @@ def preconditioned(g_inverse: Tensor, matrix: Tensor, a_inverse: Tensor, bf16: b
     return x.to(matrix.dtype)
 
 
-BATCHED = 1 << 18
-"""Elements of X up to which layers of one shape are preconditioned together, one pair of
-batched products for all of them: a small product costs its launch and thread wake-ups more
-than its arithmetic (8 layers of 128 × 129 on CPU: 1.8 → 0.5 ms, docs/performance.md). Larger
-ones gain nothing and would stack a copy of their gradients."""
+BATCHED = 128
+"""The longest side of X up to which layers of one shape are preconditioned together, one pair
+of batched products for all of them: a small product costs its launch and thread wake-ups more
+than its arithmetic. Stacking copies X and both inverses, which costs more than it saves past
+this (on CPU, with the copies: 16 layers of 64 × 64 7.1 times faster, 8 of 128 × 128 2.5
+times, 4 of 128 × 256 even, 4 of 256 × 256 0.75 times: ``python -m
+opcomp.bench.preconditioning``, docs/performance.md)."""
 
 
 def preconditioned_layers(layers: list[LayerSlot], matrices: list[Tensor], bf16: bool) -> list[Tensor]:
@@ -353,7 +355,7 @@ def preconditioned_layers(layers: list[LayerSlot], matrices: list[Tensor], bf16:
     groups: dict[tuple, list[int]] = defaultdict(list)
     for index, (layer, matrix) in enumerate(zip(layers, matrices)):
         g_inverse, a_inverse = layer.state["G_inv"], layer.state["A_inv"]
-        if g_inverse.ndim == a_inverse.ndim == 2 and matrix.numel() <= BATCHED:
+        if g_inverse.ndim == a_inverse.ndim == 2 and max(matrix.shape) <= BATCHED:
             groups[matrix.shape, matrix.dtype, matrix.device, g_inverse.dtype].append(index)
         else:
             out[index] = preconditioned(g_inverse, matrix, a_inverse, bf16)

@@ -1,0 +1,60 @@
+"""When KFAC's preconditioning pays for batching: G⁻¹ X A⁻¹ per layer, looped or stacked.
+
+    python -m opcomp.bench.preconditioning [--repeats 200] [--device cpu]
+
+For groups of layers of one shape, the two products of each layer in turn against one pair of
+batched products over the group, the stacking of X and both inverses included (the state keeps
+each layer's inverses apart): medians in microseconds, interleaved. ``kernels.layers.BATCHED``
+is the longest side up to which opcomp batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from opcomp.bench.step import synchronize
+from opcomp.kernels.layers import BATCHED
+
+GROUPS = ((16, 64, 64), (8, 128, 128), (4, 128, 256), (4, 256, 256), (2, 512, 128), (12, 192, 192), (4, 384, 384))
+"""(layers, out, in) of each group, from the sizes that batch well to those that do not."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    print(f"{torch.get_num_threads()} threads, device {args.device}, median of {args.repeats}, BATCHED = {BATCHED}")
+    print()
+    print("| layers × (out, in) | looped µs | batched µs | looped ÷ batched | opcomp batches |")
+    print("| --- | --- | --- | --- | --- |")
+    for count, out, inputs in GROUPS:
+        g = [torch.randn(out, out, device=args.device) for _ in range(count)]
+        a = [torch.randn(inputs, inputs, device=args.device) for _ in range(count)]
+        x = [torch.randn(out, inputs, device=args.device) for _ in range(count)]
+        ways = {
+            "looped": lambda g=g, x=x, a=a: [gi @ xi @ ai for gi, xi, ai in zip(g, x, a)],
+            "batched": lambda g=g, x=x, a=a: (torch.stack(g) @ torch.stack(x) @ torch.stack(a)).unbind(),
+        }
+        samples: dict[str, list[float]] = {name: [] for name in ways}
+        for _ in range(10):
+            for way in ways.values():
+                way()
+        for _ in range(args.repeats):
+            for name, way in ways.items():
+                synchronize(args.device)
+                start = time.perf_counter()
+                way()
+                synchronize(args.device)
+                samples[name].append(time.perf_counter() - start)
+        looped, batched = (statistics.median(samples[name]) * 1e6 for name in ways)
+        chosen = "yes" if max(out, inputs) <= BATCHED else "no"
+        print(f"| {count} × ({out}, {inputs}) | {looped:.0f} | {batched:.0f} | {looped / batched:.2f} | {chosen} |")
+
+
+if __name__ == "__main__":
+    main()
