@@ -360,6 +360,12 @@ def preconditioned_layers(layers: list[LayerSlot], matrices: list[Tensor], bf16:
         else:
             out[index] = preconditioned(g_inverse, matrix, a_inverse, bf16)
     for indices in groups.values():
+        if len(indices) == 1:  # alone in its shape: nothing to batch, nothing to copy
+            (index,) = indices
+            out[index] = preconditioned(
+                layers[index].state["G_inv"], matrices[index], layers[index].state["A_inv"], bf16
+            )
+            continue
         g_inverse = torch.stack([layers[i].state["G_inv"] for i in indices])
         a_inverse = torch.stack([layers[i].state["A_inv"] for i in indices])
         batch = preconditioned(g_inverse, torch.stack([matrices[i] for i in indices]), a_inverse, bf16)
