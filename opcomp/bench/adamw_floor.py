@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 import opcomp
-from opcomp.bench.step import SHAPES, parameters, stepper, synchronize
+from opcomp.bench.step import SHAPES, interleaved, parameters, stepper
 from opcomp.closure import finite_flag
 
 
@@ -92,14 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     for step in rows.values():
         step()
         step()
-    samples: dict[str, list[float]] = {name: [] for name in rows}
-    for round_ in range(args.steps):
-        order = list(rows) if round_ % 2 else list(reversed(rows))
-        for name in order:
-            start = time.perf_counter()
-            rows[name]()
-            synchronize(args.device)
-            samples[name].append(time.perf_counter() - start)
+    samples = interleaved(rows, args.steps, args.device, alternate=True)
     times = {name: statistics.median(values) * 1e3 for name, values in samples.items()}
     total = sum(torch.Size(s).numel() for s in shapes)
     print(

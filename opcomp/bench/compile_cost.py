@@ -22,7 +22,7 @@ import torch
 
 import opcomp
 from opcomp.bench import table_cell
-from opcomp.bench.step import SHAPES, parameters, stepper, synchronize
+from opcomp.bench.step import SHAPES, interleaved, parameters, stepper, synchronize
 
 
 def compiling_step(shapes, device: str, expression: str) -> tuple[float, torch.optim.Optimizer]:
@@ -50,14 +50,7 @@ def row(shapes_name: str, device: str, expression: str, rounds: int) -> str:
     steps = {"eager": stepper(eager), "compiled": stepper(compiled)}
     for step in steps.values():
         step()
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            synchronize(device)
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            samples[name].append(time.perf_counter() - start)
+    samples = interleaved(steps, rounds, device)
     eager_ms, compiled_ms = (statistics.median(samples[name]) * 1e3 for name in ("eager", "compiled"))
     saved = eager_ms - compiled_ms
     even = f"{compile_seconds * 1e3 / saved:,.0f}" if saved > 0 else "never"

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 import opcomp
 import opcomp.optimizer as optimizer_module
 from opcomp.bench import models, table_cell
-from opcomp.bench.step import synchronize
+from opcomp.bench.step import interleaved, synchronize
 from opcomp.kernels.layers import invert_factored
 
 CONFIGURATIONS = {
@@ -143,14 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     rows[FLOOR[0]] = products
     rows[FLOOR[1]] = lambda: (training_step(*baseline_run, loss), products())
-    samples: dict[str, list[float]] = {label: [] for label in rows}
-    for _ in range(args.steps):
-        for label, run in rows.items():
-            synchronize(args.device)
-            start = time.perf_counter()
-            run()
-            synchronize(args.device)
-            samples[label].append(time.perf_counter() - start)
+    samples = interleaved(rows, args.steps, args.device)
     count = sum(p.numel() for p in next(iter(runs.values()))[0].parameters())
     print(
         f"model {args.model} ({count / 1e6:.2f}M parameters), median of {args.steps} steps, "

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from opcomp.bench.step import synchronize
+from opcomp.bench.step import interleaved
 from opcomp.kernels.layers import BATCHED
 
 GROUPS = ((16, 64, 64), (8, 128, 128), (4, 128, 256), (4, 256, 256), (2, 512, 128), (12, 192, 192), (4, 384, 384))
@@ -40,17 +39,8 @@ def main(argv: list[str] | None = None) -> None:
             "looped": lambda g=g, x=x, a=a: [gi @ xi @ ai for gi, xi, ai in zip(g, x, a)],
             "batched": lambda g=g, x=x, a=a: (torch.stack(g) @ torch.stack(x) @ torch.stack(a)).unbind(),
         }
-        samples: dict[str, list[float]] = {name: [] for name in ways}
-        for _ in range(10):
-            for way in ways.values():
-                way()
-        for _ in range(args.repeats):
-            for name, way in ways.items():
-                synchronize(args.device)
-                start = time.perf_counter()
-                way()
-                synchronize(args.device)
-                samples[name].append(time.perf_counter() - start)
+        interleaved(ways, 10, args.device)  # warm up
+        samples = interleaved(ways, args.repeats, args.device)
         looped, batched = (statistics.median(samples[name]) * 1e6 for name in ways)
         chosen = "yes" if max(out, inputs) <= BATCHED else "no"
         print(f"| {count} × ({out}, {inputs}) | {looped:.0f} | {batched:.0f} | {looped / batched:.2f} | {chosen} |")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -112,6 +112,24 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def interleaved(
+    runs: Mapping[str, Callable[[], object]], rounds: int, device: str, alternate: bool = False
+) -> dict[str, list[float]]:
+    """Seconds each run takes, timed in turn round by round so that the machine's drift falls on
+    every row alike (with ``alternate``, every other round in reverse order), each between
+    synchronisations of the device."""
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(rounds):
+        order = list(runs) if not alternate or round_ % 2 else list(reversed(runs))
+        for name in order:
+            synchronize(device)
+            start = time.perf_counter()
+            runs[name]()
+            synchronize(device)
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
 def bandwidth(nbytes: int, device: str, in_place: bool, repeats: int = 10) -> float:
     """Bytes per second of ``b.copy_(a)`` (2 bytes counted per byte copied) or, in place,
     ``b.add_(a)`` (3 counted: a read-modify-write like an optimizer's, no write-allocate)."""
@@ -148,7 +166,6 @@ def measure(optimizers: dict[str, torch.optim.Optimizer], rounds: int, device: s
         step()
         step()
     synchronize(device)
-    samples: dict[str, list[float]] = {name: [] for name in optimizers}
     peaks: dict[str, int | None] = {}
     for name, step in steps.items():
         if device.startswith("cuda"):
@@ -159,12 +176,7 @@ def measure(optimizers: dict[str, torch.optim.Optimizer], rounds: int, device: s
             peaks[name] = torch.cuda.max_memory_allocated() - before
         else:
             peaks[name] = None
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            samples[name].append(time.perf_counter() - start)
+    samples = interleaved(steps, rounds, device)
     return {name: statistics.median(v) * 1e3 for name, v in samples.items()}, peaks
 
 
