@@ -73,11 +73,12 @@ class Sample:
         return self.a if q is None else self.a @ q
 
 
-class ConvSample:
-    """A Conv2d's micro-batch, formed as far as it is used. Its reduced rows (what KFAC and
-    diagonal KFAC read) come without unfolding the input: each entry of a patch averaged over
-    the output positions is :func:`patch_means`, and d summed over them a sum over the gradient's
-    spatial dimensions; EKFAC's patches rotated by Q_A are a convolution (:meth:`rotated_a`).
+class ConvSample(Sample):
+    """A Conv2d's micro-batch, formed as far as it is used (``a`` and ``d`` on first use). Its
+    reduced rows (what KFAC and diagonal KFAC read) come without unfolding the input: each entry
+    of a patch averaged over the output positions is :func:`patch_means`, and d summed over them
+    a sum over the gradient's spatial dimensions; EKFAC's patches rotated by Q_A are a
+    convolution (:meth:`rotated_a`).
     The unfolded (N, S, in) patches, a copy kernel-size times the input's, are made only when
     asked for: a layer called twice in one forward, EKFAC with A kept diagonal."""
 
@@ -100,7 +101,7 @@ class ConvSample:
 
     def rows(self, side: str, reduce: bool) -> Tensor:
         if not reduce:
-            return self.a.flatten(0, 1) if side == "a" else self.d.flatten(0, 1)
+            return super().rows(side, reduce)
         if side == "d":
             return self.grad.sum((2, 3))
         ones = self.inputs.new_ones(self.inputs.shape[0], 1)
@@ -117,7 +118,7 @@ class ConvSample:
         """a Q without unfolding: column j of a Q at every position is the conv of the input with
         column j of Q as its kernel (its last row as the bias, when a holds the bias's 1)."""
         if q is None or self.columns == "bias":
-            return self.a if q is None else self.a @ q
+            return super().rotated_a(q)
         module, folded = self.module, self.columns == "weight+bias"
         kernels = q[: q.shape[0] - folded].T.reshape(q.shape[1], *module.weight.shape[1:])
         out = F.conv2d(
@@ -177,7 +178,7 @@ def _with_bias_column(a: Tensor, columns: Columns) -> Tensor:
 class Statistics:
     """A layer's samples of one step and what they make: A, G, their diagonals, EKFAC's scale."""
 
-    samples: list[Sample | ConvSample]
+    samples: list[Sample]
     examples: int  # N, over every micro-batch
     reduce: bool = False  # Conv2d: one row per example
     vocabulary: int = 0  # Embedding: the number of tokens
@@ -425,9 +426,7 @@ def _examples(module: nn.Module, inputs: Tensor) -> int:
     return 1 if inputs.ndim == unbatched else inputs.shape[0]
 
 
-def _sample(
-    module: nn.Module, inputs: Tensor, grad: Tensor, columns: Columns, dtype: torch.dtype
-) -> Sample | ConvSample:
+def _sample(module: nn.Module, inputs: Tensor, grad: Tensor, columns: Columns, dtype: torch.dtype) -> Sample:
     if isinstance(module, nn.Embedding):
         return Sample(_shared(inputs.unsqueeze(-1), module)[..., 0], _shared(grad, module).to(dtype))
     if isinstance(module, nn.Conv2d):
