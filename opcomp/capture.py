@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from opcomp.autograd import differentiate
 from opcomp.errors import OpcompError
 from opcomp.prediction import Prediction
 
@@ -108,7 +109,14 @@ class Capture:
             return
         with torch.no_grad():
             gradient = sampled_gradient(output.detach(), self.likelihood, self.class_dim, self.reduction)
-        grads = torch.autograd.grad(output, [e.output for e in pending], gradient, retain_graph=True, allow_unused=True)
+        grads = differentiate(
+            output,
+            [e.output for e in pending],
+            gradient,
+            retain_graph=True,
+            allow_unused=True,
+            needed_by="fisher=mc's sampled backward",
+        )
         for entry, grad in zip(pending, grads):
             entry.sampled = None if grad is None else grad.detach()
             entry.output = None

@@ -27,10 +27,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from opcomp.autograd import differentiate
 from opcomp.distributed import DataParallel, is_shard
 from opcomp.errors import OpcompError
 from opcomp.precision import working, working_dtype
 from opcomp.prediction import Prediction
+from opcomp.quiet import quiet
 
 CLOSURE_SHAPE = "def closure(): return loss_fn(model(x), y)"
 
@@ -200,7 +202,7 @@ class Probe:
             with torch.no_grad():
                 for param, direction in zip(params, directions):
                     param.data.add_(direction.to(param.dtype), alpha=scale)
-            with self.disarm():
+            with self.disarm(), quiet(self.model, self.closure) if restore else nullcontext():
                 yield
         finally:
             with torch.no_grad():
@@ -296,7 +298,7 @@ class Probe:
                     grads = [p.grad for p in params]
             else:
                 loss = self.evaluate(grad=True)
-                grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+                grads = differentiate(loss, list(params), allow_unused=True, needed_by="a probe's gradient")
                 grads = self.reduced([None if g is None else g.detach() for g in grads], params)
                 if self.parallel is not None:
                     self.pooled(float(loss))
@@ -315,7 +317,11 @@ class Probe:
         self.check_model_call()
         if self._loss_gradients is None:
             outputs = [call.output for call in self.calls]
-            self._loss_gradients = list(torch.autograd.grad(self.loss, outputs, create_graph=True, retain_graph=True))
+            self._loss_gradients = list(
+                differentiate(
+                    self.loss, outputs, create_graph=True, retain_graph=True, needed_by="a Gauss–Newton product"
+                )
+            )
         return self._loss_gradients
 
 
@@ -381,7 +387,14 @@ def first_evaluation(
     if loss.requires_grad and any(n.spec.reads_gradient for n in nodes):
         trainable = [p for p in params if p.requires_grad]
         with torch.enable_grad(), second_derivatives(twice):
-            grads = torch.autograd.grad(loss, trainable, create_graph=double, retain_graph=probing, allow_unused=True)
+            grads = differentiate(
+                loss,
+                trainable,
+                create_graph=double,
+                retain_graph=probing,
+                allow_unused=True,
+                needed_by="opt.step(closure)'s backward",
+            )
         means = averaged([None if g is None else g.detach() for g in grads], trainable, parallel)
         for param, grad, mean in zip(trainable, grads, means):
             param.grad = mean

@@ -166,9 +166,14 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             params = [p for group in self.param_groups for p in group["params"]]
             disarm = self._capture.disarmed if self._capture is not None else nullcontext
-            loss, probe = first_evaluation(
-                closure, params, graphs, self._plan.model, disarm, bool(probing), self._prediction, self._parallel
-            )
+            try:
+                loss, probe = first_evaluation(
+                    closure, params, graphs, self._plan.model, disarm, bool(probing), self._prediction, self._parallel
+                )
+            except BaseException:  # nothing of this step is kept, the statistics its forward recorded neither
+                if self._capture is not None:
+                    self._capture.clear()
+                raise
         loss = self._step(loss, probe)
         return probe.estimate() if loss is None and probe is not None else loss
 

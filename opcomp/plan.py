@@ -111,6 +111,8 @@ class Program:
             elif step.node.op not in ("g", "p"):
                 parts.append(factor + step.node.op)
                 factor = ""
+        if not parts:  # the gradient (or parameter) itself, perhaps scaled: plain SGD
+            parts.append(factor + self.steps[0].node.op)
         return " ← ".join(parts) + (f" (weight decay {self.decay:g})" if self.decay else "")
 
 
@@ -185,15 +187,61 @@ def applicability(graph: Graph, info: ParamInfo) -> tuple[dict[int, bool], dict[
     return applies, chosen
 
 
-def first_branch_refusal(graph: Graph, info: ParamInfo) -> Node | None:
-    """The operator that keeps the first branch of a root fallback from the parameter; None when
-    the branch applies (or the root is no fallback)."""
-    root = graph.root
-    if root.op != "fallback":
-        return None
-    applies, _ = applicability(graph, info)
-    first = graph.nodes[root.inputs[0]]
-    return None if applies[first.id] else blame(graph, first, applies, info)
+def fallen_back(graph: Graph, info: ParamInfo) -> list[tuple[Node, Node]]:
+    """Each fallback the parameter's program passes through whose first branch it does not take,
+    outermost first, with the operator that keeps that branch from it. Fallbacks anywhere count
+    (``momentum(kfac(g) | g)`` falls back inside ``momentum``), not only one at the root."""
+    applies, chosen = applicability(graph, info)
+    found: list[tuple[Node, Node]] = []
+    pending, seen = [graph.root.id], set()
+    while pending:
+        node = graph.nodes[pending.pop()]
+        if node.id in seen:
+            continue
+        seen.add(node.id)
+        if node.op != "fallback":
+            pending.extend(node.inputs)
+        elif node.id in chosen:
+            first = graph.nodes[node.inputs[0]]
+            if chosen[node.id] != first.id:
+                found.append((node, blame(graph, first, applies, info)))
+            pending.append(chosen[node.id])
+    return sorted(found, key=lambda pair: -pair[0].id)
+
+
+NEEDS = {
+    Applies.MATRIX: "a matrix",
+    Applies.LAYER: "a layer of its own that hooks can see",
+    Applies.HIDDEN: "a hidden layer's weight",
+}
+LAYER_TYPES = {
+    Applies.LAYER: "Linear, Conv2d, Embedding and Hugging Face Conv1D layers",
+    Applies.HIDDEN: "the weights of Linear, Conv2d and Hugging Face Conv1D layers",
+}
+
+
+def why_not(culprit: Node, info: ParamInfo) -> str:
+    """Why ``culprit`` does not apply to the parameter, in a few words: what the parameter is, and
+    what the operator takes."""
+    applies, op = culprit.applies, culprit.op
+    owner = type(info.module).__name__ if info.module is not None else None
+    needs = f"{op} needs {NEEDS[applies]}"
+    if applies is Applies.MATRIX or (applies is Applies.HIDDEN and len(info.shape) < 2):
+        return f"{len(info.shape)}-D parameters ({needs})"
+    if applies is Applies.HIDDEN and info.head:
+        return f"the output head's weight ({needs})"
+    if applies is Applies.HIDDEN and info.kind == "embedding":
+        return f"embeddings ({needs})"
+    if info.tied:
+        return f"parameters tied to another module ({needs})"
+    if owner is None:
+        return f"parameters outside any module ({needs})"
+    if info.unhookable:
+        return f"parameters inside a MultiheadAttention, which projects where no hook reaches ({needs})"
+    if info.kind is None:
+        takes = LAYER_TYPES[applies]
+        return f"{owner} parameters ({owner} is a layer type opcomp has no statistics for; {op} takes {takes})"
+    return f"{info.role} parameters of a {owner} ({needs})"
 
 
 def blame(graph: Graph, node: Node, applies: dict[int, bool], info: ParamInfo) -> Node:
@@ -428,9 +476,15 @@ class Plan:
             parts.append(f"param group {index}  lr={group['lr']}{rule}")
             parts.append(explain(self.graphs[group["expr"]], planned.written))
             parts.append("parameters:")
-            rows = [(n, str(tuple(p.shape))) for b in planned.buckets for n, p in zip(b.names, b.params)]
+            graph = self.graphs[group["expr"]]
+            rows = [(n, p) for b in planned.buckets for n, p in zip(b.names, b.params)]
             width = max((len(n) for n, _ in rows), default=0)
-            parts.extend(f"  {n:<{width}}  {s:<16} {runs[n]}{rule}" for n, s in rows)
+            for name, param in rows:
+                why = "; ".join(
+                    why_not(culprit, self.infos[id(param)]) for _, culprit in fallen_back(graph, self.infos[id(param)])
+                )
+                fell = f"  — fell back: {why}" if why else ""
+                parts.append(f"  {name:<{width}}  {str(tuple(param.shape)):<16} {runs[name]}{rule}{fell}")
             parts.append("")
         return "\n".join(parts).rstrip()
 

@@ -1,85 +1,75 @@
 """What a build does other than as written, said once at build time.
 
-A fallback expression (``muon(kfac(g)) | adamw``) runs its first branch where that branch applies.
-When that is less than half of a param group's parameters by size, the optimizer is mostly its
-fallback, and the build says so with the numbers and the reasons (a layer opcomp cannot hook, a
-tied embedding, 1-D parameters…), so that ``fog`` on a model it barely covers is never silently AdamW.
-Likewise a layer factor kept diagonal because it exceeds ``max_dim`` (with what the dense one would
-have cost), and a compiled model whose training pass a second-order expression must run eagerly.
+A fallback (``muon(kfac(g)) | adamw``, or one nested inside an operator, ``momentum(kfac(g) | g)``)
+runs its first branch where that branch applies. When more than half of a param group's parameters
+by size fall past it, the optimizer is mostly its fallback, and the build says so with the numbers
+and the reasons (a layer opcomp cannot hook, a tied embedding, 1-D parameters…), so that ``fog``
+on a model it barely covers is never silently AdamW. Likewise a layer factor kept diagonal because
+it exceeds ``max_dim`` (with what the dense one would have cost), and a compiled model whose
+training pass a second-order expression must run eagerly.
 """
 
 from __future__ import annotations
 
 import sys
 import warnings
-from collections import Counter
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from opcomp.errors import OpcompWarning
-from opcomp.ops import Applies
-from opcomp.plan import ParamInfo, Plan, first_branch_refusal
+from opcomp.plan import Plan, fallen_back, why_not
 
 MOST = 0.5
-"""Below this share of a group's parameters (by size) the first branch is reported."""
+"""When more than this share of a group's parameters (by size) falls back at some ``|``, the build says so."""
 
-NEEDS = {
-    Applies.MATRIX: "a matrix",
-    Applies.LAYER: "a layer of its own that hooks can see",
-    Applies.HIDDEN: "a hidden layer's weight",
-}
+
+@dataclass
+class FallenBack:
+    """The parameters of a group that fall back at one ``|``: their size, why, and what they run."""
+
+    size: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    runs: Counter = field(default_factory=Counter)
 
 
 def coverage(plan: Plan, param_groups: list[dict]) -> list[str]:
-    """One line per param group whose first branch reaches less than ``MOST`` of its parameters."""
+    """One line per fallback (at the root or nested, ``momentum(kfac(g) | g)``) past which more than
+    ``MOST`` of a param group's parameters fall, with the reasons."""
     lines = []
     for index, (group, planned) in enumerate(zip(param_groups, plan.groups)):
         graph = plan.graphs[group["expr"]]
-        if graph.root.op != "fallback":
-            continue
-        total = main = 0
-        reasons: Counter = Counter()
-        fallbacks: Counter = Counter()
+        total = 0
+        fallen: dict[int, FallenBack] = defaultdict(FallenBack)
         for bucket in planned.buckets:
             for param in bucket.params:
-                info = plan.infos[id(param)]
                 total += param.numel()
-                culprit = first_branch_refusal(graph, info)
-                if culprit is None:
-                    main += param.numel()
-                else:
-                    needs = NEEDS[culprit.applies]
-                    reasons[f"{why_not(culprit.applies, info)} ({culprit.op} needs {needs})"] += 1
-                    fallbacks[bucket.program.describe()] += param.numel()
-        if total and main / total < MOST:
-            first = graph.nodes[graph.root.inputs[0]]
-            rest = ", ".join(f"{count} × {reason}" for reason, count in reasons.most_common())
+                for fallback, culprit in fallen_back(graph, plan.infos[id(param)]):
+                    record = fallen[fallback.id]
+                    record.size += param.numel()
+                    record.reasons[why_not(culprit, plan.infos[id(param)])] += 1
+                    record.runs[bucket.program.describe()] += param.numel()
+        for node_id in sorted(fallen, reverse=True):
+            record = fallen[node_id]
+            if not total or record.size / total <= MOST:
+                continue
+            first = graph.nodes[graph.nodes[node_id].inputs[0]]
+            where = "" if node_id == graph.root.id else f" of the '|' inside {_user(graph, node_id)}"
+            rest = ", ".join(f"{count} × {reason}" for reason, count in record.reasons.most_common())
             lines.append(
-                f"opcomp: {planned.written}: the first branch ({first.op}) runs on {main / total:.0%} of the "
-                f"parameters of param group {index}; {1 - main / total:.0%} fell back to "
-                f"{' / '.join(fallbacks)}: {rest} — opt.explain() lists each parameter"
+                f"opcomp: {planned.written}: the first branch ({first.op}){where} runs on "
+                f"{1 - record.size / total:.0%} of the parameters of param group {index}; "
+                f"{record.size / total:.0%} fell back to {' / '.join(record.runs)}: {rest} — opt.explain() lists "
+                "each parameter"
             )
     return lines
 
 
-def why_not(applies: Applies, info: ParamInfo) -> str:
-    """Why a parameter is not one an operator applies to, in a few words."""
-    owner = type(info.module).__name__ if info.module is not None else None
-    if applies is Applies.MATRIX or len(info.shape) < 2:
-        return f"{len(info.shape)}-D parameters"
-    if applies is Applies.HIDDEN and info.head:
-        return "the output head's weight"
-    if applies is Applies.HIDDEN and info.kind == "embedding":
-        return "embeddings"
-    if info.tied:
-        return "parameters tied to another module"
-    if owner is None:
-        return "parameters outside any module"
-    if info.unhookable:
-        return "parameters inside a MultiheadAttention, which projects where no hook reaches"
-    if info.kind is None:
-        return f"parameters of a {owner}"
-    return f"{info.role} parameters of a {owner}"
+def _user(graph, node_id: int) -> str:
+    """The operator that reads a nested fallback (the outermost one, when several do)."""
+    users = graph.users[node_id]
+    return graph.nodes[max(users)].op if users else "the expression"
 
 
 def budget(plan: Plan) -> list[str]:

@@ -3,6 +3,8 @@ and a Lightning-style closure. Tiny models, random init, nothing downloaded."""
 
 from __future__ import annotations
 
+import warnings
+
 import hf
 import pytest
 import torch
@@ -160,3 +162,116 @@ def test_lightning_automatic_optimization_steps_as_the_closure_returning_the_los
     trained, expected = parameters(module), parameters(reference)
     assert any(not torch.equal(a, b) for a, b in zip(expected, parameters(Classifier.make(expr))))
     assert all(torch.equal(a, b) for a, b in zip(trained, expected))
+
+
+def test_trainer_uses_the_recommended_lr_unless_learning_rate_is_set_and_logs_which(tmp_path, caplog):
+    library = hf.transformers()
+    default = library.TrainingArguments(output_dir=str(tmp_path)).learning_rate
+    with caplog.at_level("INFO", logger="opcomp.integrations.hf_trainer"):
+        recommended = trainer(tmp_path / "a", "fog", learning_rate=default).create_optimizer()
+        chosen = trainer(tmp_path / "b", "fog", learning_rate=0.002).create_optimizer()
+    assert {g["lr"] for g in recommended.param_groups} == {0.03}  # fog's `# lr:`
+    assert {g["lr"] for g in chosen.param_groups} == {0.002}
+    said = [r.getMessage() for r in caplog.records]
+    assert any("fog steps at its recommended lr 0.03" in line and "default 5e-05" in line for line in said)
+    assert any("fog steps at TrainingArguments.learning_rate=0.002" in line for line in said)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"weight_decay": 0.1}, "weight_decay=0.1"),
+        ({"optim": "sgd"}, "optim='sgd'"),
+        ({"adam_beta1": 0.8, "adam_beta2": 0.99}, "adam_beta1=0.8, adam_beta2=0.99"),
+    ],
+)
+def test_trainer_warns_about_optimizer_arguments_it_ignores(tmp_path, arguments, named):
+    with pytest.warns(opcomp.OpcompWarning, match=f"OpcompTrainer ignores {named}"):
+        trainer(tmp_path, "fog", **arguments).create_optimizer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", opcomp.OpcompWarning)
+        trainer(tmp_path, "fog").create_optimizer()  # nothing set: nothing said
+
+
+class Logged:
+    """A LightningModule that logs its loss and updates a torchmetrics metric in training_step, and
+    a Lightning logger and callback that keep what the loop saw."""
+
+    @staticmethod
+    def make(expr: str):
+        import lightning
+        import torchmetrics
+        from torch import nn
+        from torch.nn import functional as F
+
+        class Module(lightning.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                torch.manual_seed(0)
+                self.net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+                self.accuracy = torchmetrics.classification.MulticlassAccuracy(3, average="micro")
+                self.outputs: list[float] = []
+
+            def training_step(self, batch, index):
+                x, y = batch
+                logits = self.net(x)
+                loss = F.cross_entropy(logits, y)
+                self.accuracy.update(logits, y)
+                self.log("train_loss", loss, on_step=True, on_epoch=False)
+                return loss
+
+            def on_train_batch_end(self, outputs, batch, index) -> None:
+                self.outputs.append(float(outputs["loss"]))
+
+            def configure_optimizers(self):
+                return opcomp.build(expr, self, lr=0.05)
+
+        return Module()
+
+    @staticmethod
+    def logger():
+        from lightning.pytorch.loggers.logger import Logger
+
+        class Keep(Logger):
+            name, version = "keep", 0
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.rows: list[dict] = []
+
+            def log_metrics(self, metrics, step=None) -> None:
+                self.rows.append(dict(metrics))
+
+            def log_hyperparams(self, *args, **kwargs) -> None:
+                pass
+
+        return Keep()
+
+
+@pytest.mark.parametrize("expr", ["sam_sgd", "asam_sgd", "fog"])
+def test_lightning_logs_and_metrics_see_the_loss_at_p_once_per_step(expr):
+    """SAM's second training_step runs at p + ε: its self.log, its metric update and its returned
+    loss must not replace the training pass's (L(p), computed here by a plain loop)."""
+    import lightning
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = classification_data()
+    module, keep = Logged.make(expr), Logged.logger()
+    trainer = lightning.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=keep,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=32))
+    reference = Logged.make(expr)
+    opt, at_p = opcomp.build(expr, reference, lr=0.05), []
+    for _ in range(3):
+        at_p.append(float(opt.step(lambda: F.cross_entropy(reference.net(x), y))))
+    assert [row["train_loss"] for row in keep.rows if "train_loss" in row] == at_p
+    assert module.outputs == at_p
+    assert int(module.accuracy.update_count) == 3

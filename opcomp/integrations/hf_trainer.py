@@ -17,13 +17,30 @@ Trainer's backward and its step, are refused with the fix.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import warnings
 from typing import Any
 
 import torch
 import transformers
 
 import opcomp
-from opcomp.errors import OpcompError
+from opcomp.errors import OpcompError, OpcompWarning
+
+logger = logging.getLogger(__name__)
+
+IGNORED = ("optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
+"""TrainingArguments that configure the Trainer's own optimizer; OpcompTrainer warns when one is set."""
+
+
+def _default(name: str):
+    return next(f.default for f in dataclasses.fields(transformers.TrainingArguments) if f.name == name)
+
+
+def _value(setting):
+    """An argument as written: the optimizer's name rather than its enum."""
+    return getattr(setting, "value", setting)
 
 
 class ClosureStepper(torch.optim.Optimizer):
@@ -91,8 +108,11 @@ class ClosureStepper(torch.optim.Optimizer):
 
 
 class OpcompTrainer(transformers.Trainer):
-    """A ``transformers.Trainer`` whose optimizer is ``opcomp.build(expr, model, lr=args.learning_rate,
-    **build_options)``; any scheduler the arguments ask for drives its learning rate."""
+    """A ``transformers.Trainer`` whose optimizer is ``opcomp.build(expr, model, lr=..., **build_options)``;
+    any scheduler the arguments ask for drives its learning rate. The lr is ``args.learning_rate``
+    when set, else the expression's recommended one (logged); the arguments that configure the
+    Trainer's own optimizer (``optim``, ``weight_decay``, ``adam_*``) are ignored, with a warning
+    when set."""
 
     def __init__(self, *args, expr: str, build_options: dict | None = None, **kwargs) -> None:
         self.expr, self.build_options = expr, dict(build_options or {})
@@ -101,12 +121,50 @@ class OpcompTrainer(transformers.Trainer):
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
-            built = opcomp.build(self.expr, model or self.model, lr=self.args.learning_rate, **self.build_options)
+            self._warn_ignored()
+            options = {"lr": self._learning_rate(), **self.build_options}
+            built = opcomp.build(self.expr, model or self.model, **options)
+            self._log_learning_rate(built)
             if built.needs_closure:
                 self._refuse_between_backward_and_step()
                 built = self.stepper = ClosureStepper(built)
             self.optimizer = built
         return self.optimizer
+
+    def _learning_rate(self) -> float | None:
+        """``learning_rate`` when the arguments set it; else None, and the build takes the expression's
+        recommended lr: the Trainer's default (5e-5, an AdamW fine-tuning rate) would leave most
+        presets standing still."""
+        return None if self.args.learning_rate == _default("learning_rate") else self.args.learning_rate
+
+    def _log_learning_rate(self, built: opcomp.Optimizer) -> None:
+        rates = sorted({group["lr"] for group in built.param_groups})
+        shown = ", ".join(f"{lr:g}" for lr in rates)
+        if self._learning_rate() is not None:
+            logger.info("OpcompTrainer: %s steps at TrainingArguments.learning_rate=%s", self.expr, shown)
+            return
+        logger.warning(
+            "OpcompTrainer: %s steps at its recommended lr %s, since TrainingArguments.learning_rate is at the "
+            "Trainer's default %g (set learning_rate to another value to use it)",
+            self.expr,
+            shown,
+            _default("learning_rate"),
+        )
+
+    def _warn_ignored(self) -> None:
+        """Arguments that configure the Trainer's own optimizer, which the expression replaces."""
+        ignored = [
+            f"{name}={_value(getattr(self.args, name))!r}"
+            for name in IGNORED
+            if _value(getattr(self.args, name)) != _value(_default(name))
+        ]
+        if ignored:
+            warnings.warn(
+                f"OpcompTrainer ignores {', '.join(ignored)}: the optimizer is {self.expr}, whose options say "
+                f"everything it does — write them in the expression (e.g. 'adamw[wd=0.1]') or pass build_options",
+                OpcompWarning,
+                stacklevel=3,
+            )
 
     def _refuse_between_backward_and_step(self) -> None:
         """What the Trainer does between its backward and its step has no place in a probe step."""

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from opcomp.autograd import products
 from opcomp.closure import Probe, finite, second_derivatives, zeros_like_working
 from opcomp.kernels import kernel
 from opcomp.kernels.context import ProbeCtx
@@ -19,19 +20,17 @@ from opcomp.precision import working
 def hessian_products(probe: Probe, params: Sequence[Tensor], vectors: Sequence[Tensor]) -> list[Tensor | None]:
     """H·v per parameter by differentiating ⟨∇L, v⟩ once more (the first backward kept its graph),
     averaged over the ranks; None where the gradient does not reach a parameter."""
-    grads = [probe.graph_grads[id(p)] for p in params]
+    reached = [(probe.graph_grads[id(p)], v.to(p.dtype)) for p, v in zip(params, vectors) if id(p) in probe.graph_grads]
     with second_derivatives():
-        products = torch.autograd.grad(
-            grads, params, [v.to(p.dtype) for v, p in zip(vectors, params)], retain_graph=True, allow_unused=True
-        )
-    return probe.reduced(products, params)
+        found = products([g for g, _ in reached], params, [v for _, v in reached], retain_graph=True, needed_by="hvp")
+    return probe.reduced(found, params)
 
 
 @kernel("hvp", collective="probe")
 def hvp(ctx: ProbeCtx, x: list[Tensor]) -> list[Tensor]:
     """H·x."""
-    products = hessian_products(ctx.probe, ctx.params, x)
-    return finite([torch.zeros_like(v) if h is None else h.detach().to(v.dtype) for h, v in zip(products, x)])
+    found = hessian_products(ctx.probe, ctx.params, x)
+    return finite([torch.zeros_like(v) if h is None else h.detach().to(v.dtype) for h, v in zip(found, x)])
 
 
 class GaussNewton:
@@ -50,23 +49,24 @@ class GaussNewton:
         self.outputs = [call.output for call in probe.calls]
         self.duals = [torch.zeros_like(output, requires_grad=True) for output in self.outputs]
         with second_derivatives():
-            self.transposed = torch.autograd.grad(
-                self.outputs, self.params, self.duals, create_graph=True, retain_graph=True, allow_unused=True
+            self.transposed = products(
+                self.outputs, self.params, self.duals, create_graph=True, retain_graph=True, needed_by="gnvp"
             )
 
     def __call__(self, v: Sequence[Tensor]) -> list[Tensor]:
         reached = [(t, vi.to(t.dtype)) for t, vi in zip(self.transposed, v) if t is not None]
-        products: Sequence[Tensor | None] = [None] * len(v)  # no parameter here reaches the outputs: G is 0
+        found: Sequence[Tensor | None] = [None] * len(v)  # no parameter here reaches the outputs: G is 0
         if reached:
             with second_derivatives():
-                jvs = torch.autograd.grad(
-                    [t for t, _ in reached], self.duals, [vi for _, vi in reached], retain_graph=True, allow_unused=True
+                jvs = products(
+                    [t for t, _ in reached], self.duals, [vi for _, vi in reached], retain_graph=True, needed_by="gnvp"
                 )
                 jvs = [torch.zeros_like(o) if jv is None else jv for jv, o in zip(jvs, self.outputs)]
-                hjvs = torch.autograd.grad(self.probe.loss_gradients(), self.outputs, jvs, retain_graph=True)
-                products = torch.autograd.grad(self.outputs, self.params, hjvs, retain_graph=True, allow_unused=True)
-        products = self.probe.reduced(products, self.params)  # averaged over the ranks' batches
-        return [zeros_like_working(vi) if gv is None else working(gv) for gv, vi in zip(products, v)]
+                hjvs = products(self.probe.loss_gradients(), self.outputs, jvs, retain_graph=True, needed_by="gnvp")
+                hjvs = [torch.zeros_like(o) if h is None else h for h, o in zip(hjvs, self.outputs)]  # H_L is 0
+                found = products(self.outputs, self.params, hjvs, retain_graph=True, needed_by="gnvp")
+        found = self.probe.reduced(found, self.params)  # averaged over the ranks' batches
+        return [zeros_like_working(vi) if gv is None else working(gv) for gv, vi in zip(found, v)]
 
 
 @kernel("gnvp", collective="probe")

@@ -1,0 +1,97 @@
+"""A step changes the parameters by what the expression says, or changes nothing: reentrant
+checkpointing is refused before anything moves, a Hessian term that does not exist is zero, and
+a step whose update or new parameters would be inf or NaN is skipped like a non-finite gradient."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+import opcomp
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.first, self.middle, self.head = nn.Linear(8, 8), nn.Linear(8, 16), nn.Linear(16, 4)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        inner = checkpoint(lambda t: torch.relu(self.middle(t)), self.first(x), use_reentrant=self.reentrant)
+        return self.head(inner)
+
+
+def snapshot(model: nn.Module, opt) -> tuple[list[torch.Tensor], dict]:
+    return [p.detach().clone() for p in model.parameters()], opt.state_dict()
+
+
+@pytest.mark.parametrize("preset", ["sam_sgd", "f3eo", "adagnoema", "fs_adarmsuon", "fog"])
+def test_reentrant_checkpointing_is_refused_at_the_first_step_with_nothing_changed(preset):
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant=True)
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", opcomp.OpcompWarning)
+        opt = opcomp.build(preset, model)
+    before, state = snapshot(model, opt)
+    with pytest.raises(opcomp.OpcompError, match="use_reentrant=False"):
+        opt.step(lambda: F.cross_entropy(model(x), y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt.state_dict() == state and opt.skipped_steps == 0
+    model.reentrant = False  # the fix the message names: the same optimizer steps on
+    opt.step(lambda: F.cross_entropy(model(x), y))
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def hessian(model: nn.Module, loss_of) -> torch.Tensor:
+    """The full Hessian of the loss over the flattened parameters, by torch.func."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def loss(vector):
+        pieces = torch.split(vector, [s.numel() for s in shapes])
+        params = {n: v.reshape(s) for n, v, s in zip(names, pieces, shapes)}
+        return loss_of(lambda x: torch.func.functional_call(model, params, (x,)))
+
+    return torch.func.hessian(loss)(flat)
+
+
+@pytest.mark.parametrize("expression", ["hvp", "gnvp"])
+def test_a_loss_linear_in_some_parameters_has_zero_curvature_there(expression):
+    """loss = mean(m(x)) with a scalar head: its bias (and, for Gauss–Newton, everything: the loss
+    is linear in the output, H_L = 0) has no second derivative. The step at lr 1 is H·g, against
+    the explicit Hessian (Gauss–Newton: 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    opt = opcomp.build(expression, model, lr=1.0)
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    loss = model(x).mean()
+    grad = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))])
+    expected = hessian(model, lambda m: m(x).mean()) @ grad if expression == "hvp" else torch.zeros_like(grad)
+    opt.step(lambda: model(x).mean())
+    moved = before - torch.cat([p.detach().flatten() for p in model.parameters()])
+    if expression == "hvp":  # the head's bias has a zero row; the rest does not
+        assert expected[-1] == 0 and expected.abs().max() > 1e-3
+    torch.testing.assert_close(moved, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("preset", ["f3eo", "adagnoema", "diag_hessian", "lgn"])
+@pytest.mark.parametrize("zero_size", [False, True])
+def test_second_order_presets_step_on_a_loss_linear_in_a_parameter(preset, zero_size):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 0) if zero_size else nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    x = torch.randn(16, 4)
+    opt = opcomp.build(preset, model)
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        opt.step(lambda: model(x).sum() if zero_size else model(x).mean())
+    assert opt.skipped_steps == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert zero_size or not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
