@@ -19,6 +19,7 @@ leaves nothing behind on the model.
 from __future__ import annotations
 
 import itertools
+import sys
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from opcomp.autograd import differentiate
-from opcomp.errors import OpcompError
+from opcomp.errors import OpcompError, OpcompNotice, warn
 from opcomp.prediction import Prediction
 
 Likelihood = Literal["categorical", "gaussian"]
@@ -67,6 +68,7 @@ class Capture:
     sample: bool = False  # also record Monte Carlo Fisher gradients
     entries: dict[nn.Module, list[Entry]] = field(default_factory=dict)
     handles: list = field(default_factory=list)
+    layer_handles: dict[nn.Module, object] = field(default_factory=dict)
     layout_error: str | None = None  # a sampling dimension the loss contradicts, found during backward
     _layout_checked: bool = False
     _forward_id: int | None = None  # the model forward running now
@@ -75,11 +77,32 @@ class Capture:
     def __post_init__(self) -> None:
         this = weakref.ref(self)
         for module in self.modules:
-            self.entries[module] = []
-            self.handles.append(module.register_forward_hook(_weakly(this, Capture._forward)))
+            self._hook(module)
         self.handles.append(self.model.register_forward_pre_hook(_weakly(this, Capture._model_starts)))
         self.handles.append(self.model.register_forward_hook(_weakly(this, Capture._model_ends)))
-        weakref.finalize(self, _remove, list(self.handles))
+        weakref.finalize(self, _remove, self.handles)  # the list itself: hooks added later go too
+        forget_compiled_code()
+
+    def _hook(self, module: nn.Module) -> None:
+        self.entries[module] = []
+        self.layer_handles[module] = module.register_forward_hook(_weakly(weakref.ref(self), Capture._forward))
+        self.handles.append(self.layer_handles[module])
+
+    def retarget(self, modules: list[nn.Module], records: dict[nn.Module, tuple[Tensor, Tensor]]) -> None:
+        """Capture ``modules`` from now on (the plan changed during the model's first forward, when
+        its output head was settled): a layer new here takes its (input, output) of that forward,
+        which is still running, as its hook would have."""
+        for module in [m for m in self.modules if m not in modules]:
+            handle = self.layer_handles.pop(module)
+            handle.remove()
+            self.handles.remove(handle)
+            del self.entries[module]
+        for module in [m for m in modules if m not in self.entries]:
+            self._hook(module)
+            if module in records:
+                layer_input, output = records[module]
+                self._forward(module, (layer_input,), output)
+        self.modules = list(modules)
 
     def _recording(self) -> bool:
         return self.armed and torch.is_grad_enabled() and not _inside_functorch()
@@ -160,8 +183,35 @@ class Capture:
 
     def close(self) -> None:
         _remove(self.handles)
-        self.handles = []
+        self.handles.clear()
+        self.layer_handles.clear()
         self.clear()
+
+
+def forget_compiled_code() -> bool:
+    """Drop the code torch.compile has traced so far, and say so; True when there was some.
+
+    Dynamo does not guard on a module's hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``),
+    so code traced before the capture's hooks existed — the model compiled and run before
+    ``opcomp.build``, or another instance of its class — would run on without them and the step
+    would find no statistics. Dropped, the next compiled call traces the hooks in.
+    """
+    frames = sys.modules.get("torch._dynamo.convert_frame")  # not imported: nothing was compiled
+    if frames is None:
+        return False
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    traced = [code for ref in frames.input_codes.seen if (code := ref()) is not None]
+    if not any(_debug_get_cache_entry_list(code) for code in traced):
+        return False
+    torch._dynamo.reset_code_caches()
+    warn(
+        "opcomp: torch.compile had traced code before opcomp.build added its hooks, and compiled code does "
+        "not see hooks added later: its cache is cleared, so the next compiled call traces again (a one-time "
+        "compile) with the hooks in place",
+        OpcompNotice,
+    )
+    return True
 
 
 def _weakly(capture: weakref.ref, method):

@@ -8,6 +8,8 @@ anything but an :class:`OpcompError`.
 from __future__ import annotations
 
 import difflib
+import sys
+import warnings
 from collections.abc import Iterable
 
 from opcomp.lang.source import Span
@@ -78,6 +80,15 @@ class OpcompWarning(UserWarning):
 class OpcompNotice(UserWarning):
     """A step about to take a while for a reason worth one line (compiling), not a departure from
     what was written; ``warnings.filterwarnings("ignore", category=opcomp.OpcompNotice)`` hides it."""
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` pointed at the user's line: the first caller outside opcomp and torch,
+    however deep inside them the warning was found."""
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("opcomp", "torch"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 class OpcompSyntaxError(OpcompError):

@@ -9,6 +9,8 @@ built with the groups, and the state's snapshot for steps that may give up (:mod
 from __future__ import annotations
 
 import math
+import warnings
+from collections import Counter
 from collections.abc import Mapping
 from contextlib import nullcontext
 from typing import Literal
@@ -30,17 +32,19 @@ from opcomp.closure import (
     together,
 )
 from opcomp.definitions import Namespace
-from opcomp.errors import OpcompError
+from opcomp.errors import OpcompError, OpcompWarning
 from opcomp.execute import Elementwise, apply, run_family, runs_in_place, step_adamw, torch_adamw
+from opcomp.head import HeadWatch, candidates
 from opcomp.kernels import COLLECTIVE
 from opcomp.kernels import load as load_kernels
 from opcomp.kernels.factors import Reduction, StepStatistics
 from opcomp.lang.ast import Expr
+from opcomp.ops import Applies
 from opcomp.plan import Plan
 from opcomp.prediction import Output, Prediction
 from opcomp.report import warn_at_build
 from opcomp.skips import Skips
-from opcomp.state import keep_where, load, snapshot, unchanged_layout
+from opcomp.state import keep_where, load, snapshot, unchanged_layout, warn_dropped
 
 
 def decides_on_device(params: list[Tensor]) -> bool:
@@ -110,6 +114,8 @@ class Optimizer(torch.optim.Optimizer):
             global_norm=any(COLLECTIVE.get(n.op) == "global" for n in nodes),
         )
         warn_at_build(self._plan, self.param_groups)
+        self._loaded: tuple[dict, Counter] | None = None  # a load before the head was settled
+        self._head_watch = self._watch_head()
 
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, dict):
@@ -134,10 +140,56 @@ class Optimizer(torch.optim.Optimizer):
             self._capture.close()
         self._capture = None
         if modules:
-            model = self._plan.model
-            self._capture = Capture(
-                model, modules, self._likelihood, self._class_dim, self._reduction, self._prediction
+            self._capture = self._capturing(modules)
+        self._arm()
+
+    def _capturing(self, modules: list[torch.nn.Module]) -> Capture:
+        return Capture(self._plan.model, modules, self._likelihood, self._class_dim, self._reduction, self._prediction)
+
+    # -- the output head, settled by the model's first forward (opcomp.head) -----------------------
+
+    def _watch_head(self) -> HeadWatch | None:
+        """Watch the first forward when some expression tells hidden layers from the head."""
+        model = self._plan.model
+        nodes = [n for group in self.param_groups for n in self._plan.graphs[group["expr"]].nodes]
+        layers = candidates(model, self._plan.hidden_from_hooks) if model is not None else []
+        if len(layers) < 2 or not any(n.applies is Applies.HIDDEN for n in nodes):
+            return None
+        return HeadWatch(model, layers, self._prediction, self._head_seen)
+
+    def _head_seen(self, head: torch.nn.Module, records: dict) -> None:
+        """The first forward named the head: plan again if it is not the guessed one."""
+        self._head_watch, loaded, self._loaded = None, self._loaded, None
+        if id(head) == self._plan.head:
+            if loaded is not None:
+                warn_dropped(loaded[1])
+            return
+        if any(self.state.values()) and loaded is None:
+            warnings.warn(
+                f"opcomp: the model's output head is '{type(head).__name__}' layer "
+                f"{self._plan.names.get(id(head.weight), '?')}, not the layer the build assumed, but the optimizer "
+                "has stepped already: its plan stays (build before the first step, or say which layer "
+                "runs what in a rule file)",
+                OpcompWarning,
+                stacklevel=2,
             )
+            return
+        old = self._plan
+        self._plan = Plan(old.namespace, old.model, old.names, old.owners, sampling=old.sampling, head=head)
+        self._plan.graphs = dict(old.graphs)
+        for group, planned in zip(self.param_groups, old.groups):
+            self._plan.add_group(old.graphs[group["expr"]], group["params"], planned.written)
+        modules = self._plan.plan_layers([g["expr"] for g in self.param_groups])
+        self._elementwise = Elementwise(self._elementwise.compile)
+        if self._capture is not None and not modules:
+            self._capture.close()
+        if modules:
+            self._capture = self._capture or self._capturing(modules)
+            self._capture.retarget(modules, records)
+        else:
+            self._capture = None
+        if loaded is not None:
+            self.load_state_dict(loaded[0])
         self._arm()
 
     def _arm(self) -> None:
@@ -368,10 +420,14 @@ class Optimizer(torch.optim.Optimizer):
                     f"this optimizer {len(group['params'])}"
                 )
             by_index.update(zip(saved["params"], group["params"]))
-        state = load(self._plan, state_dict["state"], by_index)
+        state, dropped = load(self._plan, state_dict["state"], by_index)
         for saved, group in zip(saved_groups, self.param_groups):
             group.update({k: v for k, v in saved.items() if k not in ("params", "expr")})
         self.state = state
+        if self._head_watch is not None:  # the plan may change at the first forward: load again then
+            self._loaded = (state_dict, dropped)
+        else:
+            warn_dropped(dropped)
         self._arm()
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from opcomp.errors import OpcompError
 from opcomp.explain import explain
 from opcomp.graph import Graph, Node, lower
+from opcomp.head import HEAD_KINDS, guess
 from opcomp.kernels.factors import Columns, Kind, check_supported, diagonal_sides, layer_kind, matrix_shape
 from opcomp.lang.ast import Expr
 from opcomp.ops import Applies
@@ -30,7 +31,6 @@ APPLIES_NEEDS = {
     Applies.HIDDEN: "the weight of a hidden Linear, Conv1D or Conv2d layer (not an embedding, the output head, "
     "a tied or a raw parameter)",
 }
-HIDDEN_KINDS = ("linear", "conv1d", "conv2d")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class ParamInfo:
     kind: Kind | None = None  # what that module computes, if it is a layer whose statistics opcomp captures
     tied: bool = False  # one tensor held by several modules (a tied embedding and output head)
     unhookable: bool = False  # its module computes where no hook reaches (inside a MultiheadAttention)
-    head: bool = False  # its module is the model's output head (the last Linear, Conv1D or Conv2d)
+    head: bool = False  # its module is the model's output head (the layer that produces the prediction)
 
     @property
     def layer(self) -> bool:
@@ -57,7 +57,7 @@ class ParamInfo:
         if applies is Applies.LAYER:
             return self.layer
         if applies is Applies.HIDDEN:  # without a model there is nothing to tell hidden layers by
-            hidden = self.kind in HIDDEN_KINDS and self.role == "weight" and not (self.tied or self.head)
+            hidden = self.kind in HEAD_KINDS and self.role == "weight" and not (self.tied or self.head)
             return len(self.shape) >= 2 and (self.module is None or hidden)
         return True
 
@@ -349,6 +349,7 @@ class Plan:
         names: Mapping[int, str] | None = None,
         owners: Mapping[int, tuple[nn.Module, str]] | None = None,
         sampling: bool = False,
+        head: nn.Module | None = None,
     ) -> None:
         self.namespace = namespace
         self.model = model
@@ -356,7 +357,9 @@ class Plan:
         self.owners = dict(owners or {})  # id(param) -> (owning module, attribute name)
         self.sampling = sampling  # a likelihood was given, so fisher=mc can sample labels
         self.tied, self.hidden_from_hooks = _tied_and_unhookable(model)
-        self.head = _output_head(model, self.hidden_from_hooks)
+        # the output head (id): a guess until the model's first forward settles it (opcomp.head)
+        head = head if head is not None else guess(model, self.hidden_from_hooks)
+        self.head = None if head is None else id(head)
         self.graphs: dict[str, Graph] = {}
         self.groups: list[GroupPlan] = []
         self.infos: dict[int, ParamInfo] = {}  # id(param) -> what its program was made from
@@ -502,14 +505,6 @@ def _tied_and_unhookable(model: nn.Module | None) -> tuple[set[int], set[int]]:
     attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     inside = {id(m) for module in attention for m in module.modules()}
     return {p for p, count in holders.items() if count > 1}, inside
-
-
-def _output_head(model: nn.Module | None, unhookable: set[int]) -> int | None:
-    """The id of the model's output head: its last Linear, Conv1D or Conv2d in registration order,
-    where models put their classifier or language-model head. None without a model."""
-    layers = [m for m in (model.modules() if model is not None else ()) if layer_kind(m) in HIDDEN_KINDS]
-    layers = [m for m in layers if id(m) not in unhookable]
-    return id(layers[-1]) if layers else None
 
 
 def _layer_name(info: ParamInfo) -> str:

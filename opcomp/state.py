@@ -12,7 +12,6 @@ shapes its buffers must have before anything is loaded.
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter, defaultdict
 from collections.abc import Collection
 from typing import TYPE_CHECKING
@@ -21,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from opcomp.errors import OpcompError, OpcompWarning
+from opcomp.errors import OpcompError, OpcompWarning, warn
 from opcomp.graph import current_state_key
 from opcomp.ops import Applies, StateBuffer
 from opcomp.precision import working_dtype
@@ -224,13 +223,14 @@ def _cloned(tensor: Tensor) -> Tensor:
     return clone
 
 
-def load(plan: Plan, saved_state: dict, by_index: dict) -> defaultdict:
+def load(plan: Plan, saved_state: dict, by_index: dict) -> tuple[defaultdict, Counter]:
     """The state to load from a state_dict's ``state``, checked whole before anything is kept.
 
     State is matched by node key, each saved key read again so that keys an earlier opcomp wrote
     match (:func:`opcomp.graph.current_state_key`). State of nodes this plan does not have, and
     layer statistics on a parameter that no longer holds its layer's, are dropped with one warning
-    naming them; every other buffer must have the shape its node keeps here.
+    naming them (:func:`warn_dropped`, the caller's to say); every other buffer must have the shape
+    its node keeps here. Returns the state and what was dropped.
     """
     layers = {(id(layer.owner), layer.node.state_key): layer for layer in plan.all_layers()}
     state: defaultdict = defaultdict(dict)
@@ -252,20 +252,19 @@ def load(plan: Plan, saved_state: dict, by_index: dict) -> defaultdict:
                 continue
             check_buffers(f"parameter '{plan.infos[id(param)].name}'", node, param, layer, buffers)
             state[param][key] = {name: t.detach().clone().to(device=param.device) for name, t in buffers.items()}
-    if dropped:
-        _warn_dropped(dropped)
-    return state
+    return state, dropped
 
 
-def _warn_dropped(dropped: Counter) -> None:
+def warn_dropped(dropped: Counter) -> None:
     """Saved state this optimizer has no node for is left behind, and the user hears which."""
+    if not dropped:
+        return
     listed = "; ".join(f"'{key}' ({count} parameter{'s' * (count != 1)})" for key, count in dropped.most_common(5))
     more = f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
-    warnings.warn(
+    warn(
         f"load_state_dict left behind saved state that no node of this optimizer keeps: {listed}{more}. "
         "Those operators start afresh; load into an optimizer built from the saved expression to keep it.",
         OpcompWarning,
-        stacklevel=4,  # the caller of Optimizer.load_state_dict
     )
 
 

@@ -203,3 +203,40 @@ def test_the_compiled_finiteness_check_sees_every_non_finite_value_the_eager_one
             tensors = [torch.randn(7, 33, dtype=dtype) for dtype in dtypes]
             tensors[where][3, 5] = torch.finfo(dtypes[where]).max if bad is None else bad
             assert bool(compiled(tensors)) == bool(finite_flag(tensors)) == (bad is None)
+
+
+class TwoLayers(nn.Module):
+    """A model class of the user's (compiled code is cached per class: forward's code object)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.head = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.hidden(x)))
+
+
+@pytest.mark.parametrize("first", ["this model", "another instance"])
+def test_a_model_compiled_and_run_before_the_build_feeds_fog_as_its_eager_twin(first):
+    """Dynamo does not guard on hooks: code traced before opcomp's capture existed would run without
+    it. The build clears that cache (and says so), and the compiled model then steps as its eager
+    twin, to the rounding of the compiled forward."""
+    torch.manual_seed(0)
+    model, eager, other = TwoLayers(), TwoLayers(), TwoLayers()
+    eager.load_state_dict(model.state_dict())
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    compiled = torch.compile(model)
+    ran_first = compiled if first == "this model" else torch.compile(other)
+    nn.functional.cross_entropy(ran_first(x), y).backward()
+    model.zero_grad()
+    with pytest.warns(opcomp.OpcompNotice, match="its cache is cleared, so the next compiled call traces again"):
+        opt = opcomp.build("fog", model)
+    reference = opcomp.build("fog", eager)
+    for _ in range(3):
+        for net, optimizer in ((compiled, opt), (eager, reference)):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+    assert opt.skipped_steps == 0
+    for a, b in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

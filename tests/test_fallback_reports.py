@@ -4,10 +4,15 @@ real (plain SGD is ``g``, an unsupported layer type is named as the cause)."""
 
 from __future__ import annotations
 
+import copy
+import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
+from torch.nn import functional as F
 
 import opcomp
 
@@ -75,3 +80,77 @@ def test_explain_lists_every_fallen_back_parameter_with_its_reason_and_names_uns
     assert "hidden layer's weight" not in rows["conv.weight"]
     assert "fell back: the output head's weight (muon needs a hidden layer's weight)" in rows["head.weight"]
     assert "fell back: 1-D parameters" in rows["hidden.bias"]
+
+
+class ClassifierFirst(nn.Module):
+    """The classifier is registered before the body: registration order names the wrong head."""
+
+    def __init__(self, classifier_first: bool = True) -> None:
+        super().__init__()
+        if classifier_first:
+            self.classifier = nn.Linear(32, 5)
+        self.body = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh())
+        if not classifier_first:
+            self.classifier = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+
+def twins():
+    torch.manual_seed(0)
+    model, reference = ClassifierFirst(), ClassifierFirst(classifier_first=False)
+    reference.load_state_dict(model.state_dict())
+    generator = torch.Generator().manual_seed(1)
+    return model, reference, torch.randn(64, 8, generator=generator), torch.randint(0, 5, (64,), generator=generator)
+
+
+def steps(model, opt, x, y, count: int) -> None:
+    for _ in range(count):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("preset", ["fog", "diagfog", "muon_adamw"])
+def test_the_output_head_is_the_layer_that_produces_the_prediction_not_the_last_registered(preset):
+    model, reference, x, y = twins()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", opcomp.OpcompWarning)
+        opt, expected = opcomp.build(preset, model), opcomp.build(preset, reference)
+    steps(model, opt, x, y, 3)
+    steps(reference, expected, x, y, 3)
+    runs = opt.assignments()
+    assert runs["classifier.weight"] == "0.1 × adamw"
+    assert runs["body.2.weight"] == runs["body.0.weight"] != "0.1 × adamw"
+    assert runs == expected.assignments()
+    assert "the output head's weight" in opt.explain().split("classifier.weight")[1].splitlines()[0]
+    for a, b in zip(model.state_dict().values(), [reference.state_dict()[k] for k in model.state_dict()]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_a_state_loaded_before_the_first_forward_follows_the_settled_head_without_a_false_warning():
+    model, reference, x, y = twins()
+    opt = opcomp.build("fog", model)
+    steps(model, opt, x, y, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    resumed_model = ClassifierFirst()
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = opcomp.build("fog", resumed_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", opcomp.OpcompWarning)
+        resumed.load_state_dict(saved)
+        steps(resumed_model, resumed, x, y, 2)
+    steps(model, opt, x, y, 2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
+
+
+def test_rules_still_say_what_the_head_runs():
+    model, _, x, y = twins()
+    path = Path(tempfile.mkdtemp()) / "rules.toml"
+    path.write_text(
+        '[[rule]]\nmatch = { name = "classifier.weight" }\nuse = "muon(g)"\n[default]\nuse = "fog"\n', encoding="utf-8"
+    )
+    opt = opcomp.build(str(path), model)
+    steps(model, opt, x, y, 1)
+    assert opt.assignments()["classifier.weight"] == "muon"

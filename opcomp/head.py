@@ -1,0 +1,111 @@
+"""Which layer is the model's output head, the one ``muon[hidden]`` (and fog) leave to the fallback.
+
+Before the model has run, the head is a guess: Hugging Face's ``get_output_embeddings()`` where a
+model names it, else the last Linear, Conv1D or Conv2d in registration order, where models usually
+put their classifier. The model's first forward settles it: the layer whose output is the
+prediction (the model's output, or what ``output=`` picks from it), else the last of those layers
+to run. :class:`HeadWatch` sees that forward and tells the optimizer, which plans again when the
+guess was wrong and nothing has stepped yet (and says so when something has). Compiled graphs
+skip the watch: a model compiled from its first forward keeps the guess until an eager forward.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from opcomp.kernels.factors import layer_kind
+from opcomp.prediction import Prediction
+
+HEAD_KINDS = ("linear", "conv1d", "conv2d")
+"""Layers that can be a hidden layer or the head (an Embedding is neither)."""
+
+
+def candidates(model: nn.Module, unhookable: set[int]) -> list[nn.Module]:
+    """The layers that may be the head, in registration order."""
+    return [m for m in model.modules() if layer_kind(m) in HEAD_KINDS and id(m) not in unhookable]
+
+
+def guess(model: nn.Module | None, unhookable: set[int]) -> nn.Module | None:
+    """The head before any forward: the one a Hugging Face model names, else the last candidate."""
+    if model is None:
+        return None
+    layers = candidates(model, unhookable)
+    named = getattr(model, "get_output_embeddings", None)
+    try:
+        output = named() if callable(named) else None
+    except Exception:  # a model whose method is not implemented: fall back to the order
+        output = None
+    if any(output is layer for layer in layers):
+        return output
+    return layers[-1] if layers else None
+
+
+@dataclass(eq=False)
+class HeadWatch:
+    """Hooks for one forward of ``model``: which candidate layer produced the prediction. On the
+    forward's end (before any other hook of the model's, so a capture can still take a layer's
+    record) ``decided(head, records)`` gets the head and each candidate's (input, output) of that
+    forward; the hooks are gone afterwards."""
+
+    model: nn.Module
+    layers: list[nn.Module]
+    prediction: Prediction
+    decided: Callable[[nn.Module | None, dict], None]
+    finished: list[nn.Module] = field(default_factory=list)
+    records: dict[nn.Module, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    handles: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        this = weakref.ref(self)
+        for layer in self.layers:
+            self.handles.append(layer.register_forward_hook(_weakly(this, HeadWatch._layer_ran)))
+        self.handles.append(self.model.register_forward_pre_hook(_weakly(this, HeadWatch._starts)))
+        self.handles.append(self.model.register_forward_hook(_weakly(this, HeadWatch._ends), prepend=True))
+        weakref.finalize(self, _remove, list(self.handles))
+
+    def _starts(self, model: nn.Module, args: tuple) -> None:
+        self.finished, self.records = [], {}
+
+    def _layer_ran(self, layer: nn.Module, args: tuple, output) -> None:
+        self.finished.append(layer)
+        if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
+            self.records[layer] = (args[0], output)
+
+    def _ends(self, model: nn.Module, args: tuple, output) -> None:
+        if not self.finished:
+            return  # a forward that ran none of the layers (a probe of something else): wait for one
+        self.close()
+        try:
+            predicted = self.prediction(output)
+        except Exception:  # where the prediction is, is reported where it is needed
+            predicted = None
+        producing = [m for m, (_, out) in self.records.items() if out is predicted]
+        self.decided(producing[-1] if producing else self.finished[-1], self.records)
+
+    def close(self) -> None:
+        _remove(self.handles)
+        self.handles = []
+
+
+def _weakly(watch: weakref.ref, method):
+    """A hook that calls ``method`` while the watch lives. Inside a compiled graph it does nothing
+    (it would break the graph, for one forward's sake): a model compiled from its first forward
+    keeps the guessed head until it runs eagerly."""
+
+    def hook(*args):
+        if torch.compiler.is_compiling():
+            return None
+        target = watch()
+        return None if target is None else method(target, *args)
+
+    return hook
+
+
+def _remove(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
