@@ -8,7 +8,6 @@ built with the groups, and the state's snapshot for steps that may give up (:mod
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -18,8 +17,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+import opcomp.checkpoint as checkpoint
 import opcomp.distributed as distributed
 from opcomp.capture import Capture, Likelihood
+from opcomp.checkpoint import check_lr, warn_dropped
 from opcomp.closure import (
     CLOSURE_SHAPE,
     NonFinite,
@@ -44,7 +45,7 @@ from opcomp.plan import Plan
 from opcomp.prediction import Output, Prediction
 from opcomp.report import warn_at_build
 from opcomp.skips import Skips
-from opcomp.state import keep_where, load, snapshot, unchanged_layout, warn_dropped
+from opcomp.state import keep_where, snapshot, unchanged_layout
 
 
 def decides_on_device(params: list[Tensor]) -> bool:
@@ -80,7 +81,7 @@ class Optimizer(torch.optim.Optimizer):
         compile: Literal["auto", "on", "off"] = "auto",  # noqa: A002 - the option's documented name
         data_parallel: distributed.Setting = "auto",
     ) -> None:
-        _check_lr(lr, "the optimizer")
+        check_lr(lr, "the optimizer")
         if compile not in ("auto", "on", "off"):
             raise OpcompError(f"compile must be 'auto', 'on' or 'off', got {compile!r}")
         if reduction not in ("mean", "sum"):
@@ -126,7 +127,7 @@ class Optimizer(torch.optim.Optimizer):
             raise OpcompError("param group 'params' is a set; pass a list so the order is fixed")
         group["params"] = [params] if isinstance(params, Tensor) else list(params)
         if "lr" in group:
-            _check_lr(group["lr"], f"param group {len(self.param_groups)}")
+            check_lr(group["lr"], f"param group {len(self.param_groups)}")
         if "expr" in group:
             graph = self._plan.lower(group["expr"])
             written = group["expr"] if isinstance(group["expr"], str) else graph.canonical
@@ -403,26 +404,15 @@ class Optimizer(torch.optim.Optimizer):
         expression takes over the state of every sub-expression the two share; state of nodes it
         does not have is dropped, with a warning that names them. Keys written by earlier versions
         of opcomp (before an option with a default was added) are read into today's spelling.
-        Every buffer is checked against the shape it must have first; nothing is loaded unless all
-        of it fits. The groups keep their current expressions; every other group setting (lr,
-        initial_lr, …) is restored.
+        The whole state_dict is checked first (:mod:`opcomp.checkpoint`: structure, learning rates,
+        every buffer's shape, dtype and values); nothing is loaded unless all of it fits, and a
+        refused load leaves the optimizer as it was. Floating state is cast to the parameters'
+        working precision and device. The groups keep their current expressions; every other group
+        setting (lr, initial_lr, …) is restored.
         """
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise OpcompError(
-                f"the saved state has {len(saved_groups)} param groups, this optimizer {len(self.param_groups)}"
-            )
-        by_index: dict[int, Tensor] = {}
-        for number, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise OpcompError(
-                    f"param group {number}: the saved state has {len(saved['params'])} parameters, "
-                    f"this optimizer {len(group['params'])}"
-                )
-            by_index.update(zip(saved["params"], group["params"]))
-        state, dropped = load(self._plan, state_dict["state"], by_index)
-        for saved, group in zip(saved_groups, self.param_groups):
-            group.update({k: v for k, v in saved.items() if k not in ("params", "expr")})
+        settings, state, dropped = checkpoint.read(self._plan, self.param_groups, state_dict)
+        for saved, group in zip(settings, self.param_groups):
+            group.update(saved)
         self.state = state
         if self._head_watch is not None:  # the plan may change at the first forward: load again then
             self._loaded = (state_dict, dropped)
@@ -451,9 +441,3 @@ class Optimizer(torch.optim.Optimizer):
     def explain(self) -> str:
         """Each group's graph and what every parameter runs."""
         return self._plan.describe(self.param_groups)
-
-
-def _check_lr(lr, where: str) -> None:
-    value = lr.item() if isinstance(lr, Tensor) and lr.numel() == 1 else lr
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise OpcompError(f"the learning rate of {where} must be a finite number >= 0, got {lr!r}")

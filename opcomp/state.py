@@ -6,28 +6,19 @@
 created on first use in the parameter's working precision, and every node counts its steps in one
 ``step`` counter. Before a step that can give up (layer statistics, probes) the optimizer takes a
 :func:`snapshot` and puts it back if the step does, or, deciding on the device, keeps each buffer
-where the step's flag says (:func:`keep_where`); :func:`load` checks a saved state against the
-shapes its buffers must have before anything is loaded.
+where the step's flag says (:func:`keep_where`). Loading a saved state is :mod:`opcomp.checkpoint`'s.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Collection
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from opcomp.errors import OpcompError, OpcompWarning, warn
-from opcomp.graph import current_state_key
-from opcomp.ops import Applies, StateBuffer
 from opcomp.precision import working_dtype
-
-if TYPE_CHECKING:  # the plan sits above the kernels that use this module; only its shape is read here
-    from opcomp.graph import Node
-    from opcomp.plan import LayerPlan, Plan
 
 STEP = "step"
 """The buffer in which a node counts its steps (others may count other things: estimates, floors)."""
@@ -221,85 +212,3 @@ def _cloned(tensor: Tensor) -> Tensor:
     if known is not None:
         HOST_COUNTS[clone] = known
     return clone
-
-
-def load(plan: Plan, saved_state: dict, by_index: dict) -> tuple[defaultdict, Counter]:
-    """The state to load from a state_dict's ``state``, checked whole before anything is kept.
-
-    State is matched by node key, each saved key read again so that keys an earlier opcomp wrote
-    match (:func:`opcomp.graph.current_state_key`). State of nodes this plan does not have, and
-    layer statistics on a parameter that no longer holds its layer's, are dropped with one warning
-    naming them (:func:`warn_dropped`, the caller's to say); every other buffer must have the shape
-    its node keeps here. Returns the state and what was dropped.
-    """
-    layers = {(id(layer.owner), layer.node.state_key): layer for layer in plan.all_layers()}
-    state: defaultdict = defaultdict(dict)
-    dropped: Counter = Counter()
-    for index, entries in saved_state.items():
-        param = by_index.get(index)
-        if param is None:
-            raise OpcompError(f"the saved state names parameter {index!r}, which no saved param group holds")
-        if any(isinstance(v, Tensor) for v in entries.values()):
-            raise OpcompError(
-                "this state_dict was not saved by an opcomp optimizer (its state is not keyed by expression)"
-            )
-        nodes = {s.node.state_key: s.node for s in plan.program_of(param).steps}
-        for saved_key, buffers in entries.items():
-            key = current_state_key(saved_key)
-            node, layer = nodes.get(key), layers.get((id(param), key))
-            if node is None or (node.applies is Applies.LAYER and layer is None):
-                dropped[saved_key] += 1  # no such node here, or its layer moved
-                continue
-            check_buffers(f"parameter '{plan.infos[id(param)].name}'", node, param, layer, buffers)
-            state[param][key] = {name: t.detach().clone().to(device=param.device) for name, t in buffers.items()}
-    return state, dropped
-
-
-def warn_dropped(dropped: Counter) -> None:
-    """Saved state this optimizer has no node for is left behind, and the user hears which."""
-    if not dropped:
-        return
-    listed = "; ".join(f"'{key}' ({count} parameter{'s' * (count != 1)})" for key, count in dropped.most_common(5))
-    more = f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
-    warn(
-        f"load_state_dict left behind saved state that no node of this optimizer keeps: {listed}{more}. "
-        "Those operators start afresh; load into an optimizer built from the saved expression to keep it.",
-        OpcompWarning,
-    )
-
-
-def expected_shape(buffer: StateBuffer, param: Tensor, layer: LayerPlan | None) -> tuple[int, ...]:
-    """The shape ``buffer`` has for ``param``; layer buffers take theirs from the layer's matrix X."""
-    if buffer.shape == "param":
-        return tuple(param.shape)
-    if buffer.shape == "scalar":
-        return ()
-    out, columns = layer.matrix_shape
-    diagonal_in, diagonal_out = layer.diagonal_sides
-    return {
-        "in_factor": (columns,) if diagonal_in else (columns, columns),
-        "out_factor": (out,) if diagonal_out else (out, out),
-        "in_diag": (columns,),
-        "out_diag": (out,),
-        "layer_matrix": (out, columns),
-    }[buffer.shape]
-
-
-def check_buffers(where: str, node: Node, param: Tensor, layer: LayerPlan | None, buffers: dict) -> None:
-    """Every saved buffer of ``node`` is one it declares, with the shape it keeps here."""
-    declared = {b.name: b for b in node.spec.state}
-    for name, tensor in buffers.items():
-        if name not in declared:
-            raise OpcompError(
-                f"the saved state of {where} has a buffer '{name}' for '{node.op}', which keeps "
-                f"{', '.join(sorted(declared)) or 'no state'}: it was not saved by this version of opcomp"
-            )
-        if not isinstance(tensor, Tensor):
-            raise OpcompError(f"the saved state of {where}: '{node.op}' buffer '{name}' is not a tensor")
-        expected = expected_shape(declared[name], param, layer)
-        if tuple(tensor.shape) != expected:
-            raise OpcompError(
-                f"the saved state of {where} does not fit this model: '{node.op}' buffer '{name}' has shape "
-                f"{tuple(tensor.shape)}, here it is {expected} — the state_dict belongs to parameters of "
-                "other shapes (or another order of parameters)"
-            )

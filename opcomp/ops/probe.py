@@ -52,7 +52,9 @@ register(
         reads_gradient=True,
         cost=Cost(forward=1, backward=1, memory="a copy of the parameters and the probed gradient"),
         state=(
-            StateBuffer("grad_sq", "param", "EMA of g², only for mode=fisher when the inner keeps none"),
+            StateBuffer(
+                "grad_sq", "param", "EMA of g², only for mode=fisher when the inner keeps none", nonnegative=True
+            ),
             StateBuffer("step", "scalar", "steps of that average"),
         ),
         summary="sharpness-aware minimisation around any inner optimizer",

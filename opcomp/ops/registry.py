@@ -111,6 +111,7 @@ class StateBuffer:
     name: str
     shape: StateShape
     doc: str
+    nonnegative: bool = False  # a mean of squares: a saved negative value is corrupt
 
 
 @dataclass(frozen=True)

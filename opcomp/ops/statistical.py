@@ -23,7 +23,7 @@ from opcomp.ops.registry import (
 _STEP = StateBuffer("step", "scalar", "steps taken")
 MOMENTS = (
     StateBuffer("exp_avg", "param", "first moment"),
-    StateBuffer("exp_avg_sq", "param", "second moment"),
+    StateBuffer("exp_avg_sq", "param", "second moment", nonnegative=True),
     _STEP,
 )
 ADAM_SECOND_MOMENT = SecondMoment("exp_avg_sq", "b2", debiased=True)
@@ -75,7 +75,7 @@ register(
         name="rms",
         kind=Kind.STATISTICAL,
         options=RmsOptions,
-        state=(StateBuffer("square_avg", "param", "running average of x²"),),
+        state=(StateBuffer("square_avg", "param", "running average of x²", nonnegative=True),),
         second_moment=SecondMoment("square_avg", "beta", debiased=False),
         summary="RMSprop scaling (torch.optim.RMSprop semantics)",
         formula="v ← beta·v + (1−beta)·x²; returns x/(√v + eps)",
@@ -94,7 +94,7 @@ register(
         kind=Kind.STATISTICAL,
         options=DiagFisherOptions,
         reads_gradient=True,
-        state=(StateBuffer("fisher_diag", "param", "running average of g²"),),
+        state=(StateBuffer("fisher_diag", "param", "running average of g²", nonnegative=True),),
         summary="element-wise empirical Fisher diagonal (the DiagFOG seed formula)",
         formula="f ← beta·f + (1−beta)·g²; returns x/(f + eps)",
     )
@@ -188,8 +188,8 @@ register(
         needs=Needs(model=True),
         reads_gradient=True,
         state=(
-            StateBuffer("A_diag", "in_diag", "diagonal of A"),
-            StateBuffer("G_diag", "out_diag", "diagonal of G"),
+            StateBuffer("A_diag", "in_diag", "diagonal of A", nonnegative=True),
+            StateBuffer("G_diag", "out_diag", "diagonal of G", nonnegative=True),
             _STEP,
         ),
         summary="KFAC with only the factors' diagonals (the DiagFOG code)",
@@ -211,7 +211,12 @@ register(
         state=(
             *_FACTORS,
             *_EIGENBASES,
-            StateBuffer("scale", "layer_matrix", "corrected eigenvalues E[(Q_Gᵀ ∇W_n Q_A)²] (bias column included)"),
+            StateBuffer(
+                "scale",
+                "layer_matrix",
+                "corrected eigenvalues E[(Q_Gᵀ ∇W_n Q_A)²] (bias column included)",
+                nonnegative=True,
+            ),
             _STEP,
         ),
         summary="KFAC eigenbases with eigenvalues re-fitted to per-example gradients",
@@ -236,7 +241,7 @@ register(
         reads_gradient=True,
         cost=Cost(backward=1, memory="the first backward's graph (create_graph)"),
         state=(
-            StateBuffer("hess_sq", "param", "running average of the squared estimate D²"),
+            StateBuffer("hess_sq", "param", "running average of the squared estimate D²", nonnegative=True),
             StateBuffer("estimates", "scalar", "estimates taken"),
             _STEP,
         ),
