@@ -214,24 +214,48 @@ class Flat:
         return {i: [out[self.position[id(p)]] for p in self.buckets[i].params] for i, _ in self.running}
 
 
-def apply(update: Update, ok: Tensor | None = None) -> None:
+def apply(update: Update) -> None:
     """p ← p·(1 − lr·decay) − lr·u, in the working precision: rounded once for half-precision
-    parameters, in place for fp32 and fp64 ones; with ``ok`` (a device flag), only where it holds.
+    parameters, in place for fp32 and fp64 ones.
 
     ``lr`` is a float when eager and a 0-d tensor when compiled (so schedules never recompile).
     """
-    params, lr, decay = update.bucket.params, update.lr, update.program.decay
+    params = update.bucket.params
     low = params[0].dtype != working_dtype(params[0].dtype)
-    target = torch._foreach_mul(update.bucket.working_params, 1.0) if low or ok is not None else params
+    target = landing(update) if low else _moved(update, params)
+    if target is not params:
+        land(update, target)
+
+
+def landing(update: Update) -> list[Tensor]:
+    """The parameters after the update, out of place in the working precision: what a step that
+    may yet be undone checks before anything lands."""
+    return _moved(update, torch._foreach_mul(update.bucket.working_params, 1.0))
+
+
+def _moved(update: Update, target: list[Tensor]) -> list[Tensor]:
+    lr, decay = update.lr, update.program.decay
     if decay:
         torch._foreach_mul_(target, 1.0 - lr * decay)
     if isinstance(lr, Tensor):
         torch._foreach_sub_(target, torch._foreach_mul(update.direction, lr))
     else:
         torch._foreach_add_(target, update.direction, alpha=-lr)
-    if target is not params:
-        for param, value in zip(params, target):
-            param.copy_(value if ok is None else torch.where(ok, value, param))
+    return target
+
+
+def land(update: Update, values: list[Tensor], ok: Tensor | None = None) -> None:
+    """The parameters set to ``values`` (from :func:`landing`); with ``ok`` (a device flag), only
+    where it holds."""
+    for param, value in zip(update.bucket.params, values):
+        param.copy_(value if ok is None else torch.where(ok, value, param))
+
+
+def written(items: list, state: Mapping) -> list[Tensor]:
+    """What an in-place step of ``items`` wrote: their parameters and their nodes' state buffers."""
+    return [
+        t for (_, bucket, _), step in zip(items, bucket_steps(items, state)) for t in _changing(bucket.program, step)
+    ]
 
 
 def bucket_steps(items: list, state: Mapping) -> list[BucketStep]:
@@ -288,6 +312,13 @@ class Elementwise:
         fused, nodes, rest = torch_adamw(items)
         if fused:
             step_adamw(fused, state, nodes, None)
+        self.run_in_place(expression, graph, rest, state, parallel)
+
+    def run_in_place(
+        self, expression: str, graph: Graph, rest: list, state: Mapping, parallel: DataParallel | None = None
+    ) -> None:
+        """A family's buckets other than torch's fused AdamW (the last part of :func:`torch_adamw`),
+        stepped eagerly in place."""
         if not rest:
             return
         lrs = [float(g["lr"]) for g, _, _ in rest]
@@ -338,7 +369,7 @@ class Elementwise:
         try:
             if ok is None:
                 return runner(buckets, lrs, check, skips.counter(check[0]))
-            return runner(buckets, lrs, [], None, ok)
+            return runner(buckets, lrs, [], skips.counter(ok), ok)
         except Exception as error:  # a compiler that cannot run here (no C compiler, an unsupported op)
             if self.compile == "on":
                 raise
@@ -418,16 +449,18 @@ def guarded(graph: Graph, programs: list[Program]) -> Callable:
     select inside each update's own kernel (the values before are the inputs it reads anyway).
 
     ``check`` (the first family of a step): the gradients whose finiteness decides, with ``ok``
-    then computed here and a skip added to ``skips``; else ``ok`` is given.
+    then computed here; else ``ok`` is the families' before. Either way the step is kept only if
+    also everything it wrote (parameters, state) is finite, and a refusal adds a skip to ``skips``.
     """
 
-    def step(buckets: list[BucketStep], lrs: list[Tensor], check: list[Tensor], skips: Tensor | None, ok=None):
-        if ok is None:
-            ok = finite_flag(check)
-            skips.add_((~ok).to(skips.dtype))
+    def step(buckets: list[BucketStep], lrs: list[Tensor], check: list[Tensor], skips: Tensor, ok=None):
+        given = finite_flag(check) if ok is None else ok
         changing = [t for program, bucket in zip(programs, buckets) for t in _changing(program, bucket)]
         before = [t.clone() for t in changing]
         step_in_place(graph, programs, buckets, lrs)
+        ok = given & finite_flag(changing)  # the update and all it wrote: finite, or nothing lands
+        skipped = ~ok if check else given & ~ok  # a family after the first counts only its own refusal
+        skips.add_(skipped.to(skips.dtype))
         for tensor, old in zip(changing, before):
             tensor.copy_(torch.where(ok, tensor, old))
         return ok

@@ -34,7 +34,7 @@ from opcomp.closure import (
 )
 from opcomp.definitions import Namespace
 from opcomp.errors import OpcompError, OpcompWarning
-from opcomp.execute import Elementwise, apply, run_family, runs_in_place, step_adamw, torch_adamw
+from opcomp.execute import Elementwise, land, landing, run_family, runs_in_place, step_adamw, torch_adamw, written
 from opcomp.head import HeadWatch, candidates
 from opcomp.kernels import COLLECTIVE
 from opcomp.kernels import load as load_kernels
@@ -263,13 +263,17 @@ class Optimizer(torch.optim.Optimizer):
         deferring = bool(fallible) and not self._probes()
         if grads and not deferring and not all_finite(grads):
             return self._skip(loss)
-        # the others (layer statistics, probes) can meet inf or NaN mid-step: they need a way back,
-        # and they run first, so nothing has been applied when one gives up
-        # their AdamW buckets run torch's fused kernel once the step is decided: nothing to snapshot
-        split = {e: torch_adamw(items) for e, items in fallible.items()}
-        touched = [p for _, _, rest in split.values() for _, _, params in rest for p in params]
-        replaced = {n.state_key for e in fallible for n in graphs[e].nodes if n.spec.replaces_state}
-        saved = snapshot(self.state, touched, replaced) if fallible else None
+        # Every family computes its update before anything is decided: layer statistics and probes
+        # hand theirs back, element-wise families step in place from a copy to go back to, and the
+        # step is kept only when the gradients, the updates and what they wrote are all finite.
+        # AdamW buckets run torch's fused kernel once the step is decided: nothing to copy.
+        split = {e: torch_adamw(items) for e, items in families.items()}
+        touched = [p for e in fallible for _, _, params in split[e][2] for p in params]
+        stepped = [item for e in plain for item in split[e][2]]
+        in_place = [p for _, _, params in stepped for p in params]
+        replaced = {n.state_key for e in families for n in graphs[e].nodes if n.spec.replaces_state}
+        saved = snapshot(self.state, touched + in_place, replaced) if touched or in_place else None
+        values = [p.detach().clone() for p in in_place]
         capture = self._capture
         statistics = StepStatistics(capture, self._reduction, self._parallel) if capture is not None else None
         try:
@@ -278,26 +282,34 @@ class Optimizer(torch.optim.Optimizer):
                     finite(grads)
                 updates = [
                     update
-                    for expression, (_, _, rest) in split.items()
-                    if rest
+                    for expression in fallible
+                    if split[expression][2]
                     for update in run_family(
-                        self._plan, expression, rest, self.state, statistics, probe, self._parallel
+                        self._plan, expression, split[expression][2], self.state, statistics, probe, self._parallel
                     )
                 ]
-                finite([value for update in updates for value in update.direction])  # nothing non-finite lands
+                landings = [landing(update) for update in updates]
+                finite([v for update, new in zip(updates, landings) for v in (*update.direction, *new)])
+                for expression in plain:
+                    self._elementwise.run_in_place(
+                        expression, graphs[expression], split[expression][2], self.state, self._parallel
+                    )
+                finite(written(stepped, self.state))
             ok = self._device_decision(pending, saved, touched) if deferring and not plain else None
             if ok is None and not all_true(pending):
                 raise NonFinite
-        except NonFinite:
-            self.state = saved
-            return self._skip(loss)
-        except BaseException:  # a closure or kernel that raised: nothing of this step is kept
-            self.state = saved
+        except BaseException as error:  # inf or NaN, or a closure or kernel that raised: nothing is kept
+            if saved is not None:
+                self.state = saved
+            for param, value in zip(in_place, values):
+                param.copy_(value)
+            if isinstance(error, NonFinite):
+                return self._skip(loss)
             if self._capture is not None:
                 self._capture.clear()
             raise
-        for update in updates:
-            apply(update, ok)
+        for update, new in zip(updates, landings):
+            land(update, new, ok)
         for items, nodes, _ in split.values():
             if items:
                 step_adamw(items, self.state, nodes, None if ok is None else (~ok).to(torch.float32))
@@ -305,8 +317,6 @@ class Optimizer(torch.optim.Optimizer):
             keep_where(ok, self.state, saved, touched, replaced)
             self._skips.counter(ok).add_((~ok).to(torch.int32))
             self._skips.after_device_step(stacklevel=4)
-        for expression, items in plain.items():
-            self._elementwise.run(expression, graphs[expression], items, self.state, self._parallel)
         if self._capture is not None:
             self._capture.clear()
             self._arm()

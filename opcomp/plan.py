@@ -22,6 +22,7 @@ from opcomp.head import HEAD_KINDS, guess
 from opcomp.kernels.factors import Columns, Kind, check_supported, diagonal_sides, layer_kind, matrix_shape
 from opcomp.lang.ast import Expr
 from opcomp.ops import Applies
+from opcomp.precision import working_dtype
 from opcomp.state import peek, possibly_taken
 
 APPLIES_NEEDS = {
@@ -326,6 +327,37 @@ def check_parameter(param: Tensor, name: str) -> None:
         raise OpcompError(f"parameter {name} has dtype {param.dtype}; opcomp optimizes floating-point tensors")
 
 
+def representable(graph: Graph, dtypes: set[torch.dtype]) -> None:
+    """Every number option of ``graph`` as a number of the working precision ``dtypes``: an option
+    that passes its bounds but is inf there (``1e39 * g`` in fp32) or rounds to 0 (``adamw[eps=1e-50]``,
+    whose 0/0 writes NaN) would run something other than what was written, so it is refused."""
+    for node in graph.nodes:
+        for name, value in node.options:
+            if isinstance(value, bool) or not isinstance(value, float) or value == 0:
+                continue
+            for dtype in dtypes:
+                problem = unrepresentable(value, dtype)
+                if problem is not None:
+                    what = f"the factor {value:g}" if node.op == "scale" else f"'{node.op}' option {name}={value:g}"
+                    effect = "overflow" if problem == "overflows to inf" else "divide by zero"
+                    precision = str(dtype).removeprefix("torch.")
+                    info = torch.finfo(dtype)
+                    raise OpcompError(
+                        f"{what} {problem} in {precision}, the working precision of these parameters, so the step "
+                        f"would {effect}: give a magnitude between {info.tiny:g} and {info.max:g}",
+                        node.span,
+                    )
+
+
+def unrepresentable(value: float, dtype: torch.dtype) -> str | None:
+    """How a nonzero number fails to be one of ``dtype``'s: 'overflows to inf', 'rounds to 0', or None."""
+    if abs(value) > torch.finfo(dtype).max:
+        return "overflows to inf"
+    if float(torch.tensor(value, dtype=dtype)) == 0:
+        return "rounds to 0"
+    return None
+
+
 @dataclass
 class GroupPlan:
     """A param group as built: the expression the user wrote, and its buckets."""
@@ -401,6 +433,7 @@ class Plan:
             bucket = buckets.setdefault(bucket_key(program, param), Bucket(program))
             bucket.params.append(param)
             bucket.names.append(name)
+        representable(graph, {working_dtype(p.dtype) for p in params})
         self.groups.append(GroupPlan(written, list(buckets.values())))
 
     def plan_layers(self, expressions: list[str]) -> list[nn.Module]:

@@ -233,6 +233,9 @@ class _Resolver:
             model = spec.options(**values)
         except ValidationError as error:
             raise _option_error(spec, error, options, span) from None
+        refused = spec.refuses(model) if spec.refuses is not None else None
+        if refused is not None:
+            raise OptionValueError(f"options of '{spec.name}': {refused}", span)
         if not args and spec.arity == 1:
             args = (Name("g", span),)
         if len(args) != spec.arity:

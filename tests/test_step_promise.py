@@ -4,6 +4,7 @@ a step whose update or new parameters would be inf or NaN is skipped like a non-
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -95,3 +96,81 @@ def test_second_order_presets_step_on_a_loss_linear_in_a_parameter(preset, zero_
     assert opt.skipped_steps == 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert zero_size or not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize(
+    ("expression", "problem"),
+    [
+        ("adamw[eps=1e-50]", "rounds to 0 in float32"),
+        ("adam[eps=1e-50]", "rounds to 0 in float32"),
+        ("rms[eps=1e-50]", "rounds to 0 in float32"),
+        ("diag_fisher[eps=1e-50]", "rounds to 0 in float32"),
+        ("adarmsuon[eps=1e-50] | adamw", "rounds to 0 in float32"),
+        ("1e39 * g", r"the factor 1e\+39 overflows to inf in float32"),
+        ("sam[rho=1e39](momentum)", "overflows to inf in float32"),
+        ("adamw(grad_at[rho=1e39](g))", "overflows to inf in float32"),
+        ("zo[eps=1e39]", "overflows to inf in float32"),
+        ("lion[wd=1e39]", "overflows to inf in float32"),
+        ("zo[newton, eps=1e-170]", "eps² = 0, which underflows"),
+    ],
+)
+def test_options_the_working_precision_cannot_hold_are_refused_at_build(expression, problem):
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    with pytest.raises(opcomp.OpcompError, match=problem):
+        opcomp.build(expression, model)
+
+
+def test_an_option_that_float64_holds_builds_for_float64_parameters():
+    model = nn.Linear(4, 3).double()
+    opt = opcomp.build("adamw[eps=1e-50]", model)
+    model(torch.randn(2, 4, dtype=torch.float64)).sum().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def overflowing(expression: str, compile: str = "off") -> None:
+    """One step with gradients ~1e24: its update (or the second moment it writes) is inf in fp32
+    though every option and gradient is finite. It is skipped: parameters and state as before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = opcomp.build(expression, model, lr=1e-21 if "1e20" in expression else 0.1, compile=compile)
+        for _ in range(2):  # state exists; the second step is compiled where compile="on"
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    before, state = [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    for p in model.parameters():
+        p.grad.mul_(1e25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        opt.step()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    after = opt.state_dict()["state"]
+    for index, entries in state["state"].items():
+        for key, buffers in entries.items():
+            assert all(torch.equal(t, after[index][key][n]) for n, t in buffers.items()), key
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "1e20 * momentum(g)",  # the update overflows
+        "rms(g)",  # the update is finite (g/√inf = 0), the second moment it writes is inf
+        "lion(g) + 1e20 * g",
+        "kfac(g) | 1e20 * momentum(g)",  # layer statistics (the norm falls back): updates handed back
+        "muon(g) | 1e20 * g",
+    ],
+)
+def test_a_step_whose_update_or_state_is_not_finite_is_skipped_with_nothing_changed(expression):
+    overflowing(expression)
+
+
+@pytest.mark.compile
+def test_a_compiled_step_whose_update_is_not_finite_is_skipped_with_nothing_changed():
+    overflowing("rms(g)", compile="on")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Literal
 
 from pydantic import Field
@@ -89,6 +90,13 @@ register(
 )
 
 
+def _newton_underflow(options) -> str | None:
+    """newton divides by eps²: an eps whose square is below the smallest normal double divides by 0."""
+    if options.newton and options.eps**2 < sys.float_info.min:
+        return f"newton divides the curvature by eps² = {options.eps**2:g}, which underflows: use eps >= 1e-150"
+    return None
+
+
 class ZoOptions(Options):
     eps: Positive = Field(1e-3, description="perturbation size")
     dist: Literal["rademacher", "gaussian"] = Field("rademacher", description="distribution of z")
@@ -108,6 +116,7 @@ register(
         ),
         needs=Needs(closure=True, forward_only=True),
         cost_when=lambda o: Cost(forward=3 if o.newton else 2, memory="a copy of the parameters"),
+        refuses=_newton_underflow,
         summary="zeroth-order gradient estimate from loss values (SPSA)",
         formula=(
             "(L(p + eps·z) − L(p − eps·z))/(2·eps)·z, z seeded; relative: z ← z⊙p; newton: ÷ |L⁺ + L⁻ − 2L₀|/eps²"

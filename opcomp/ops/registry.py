@@ -147,6 +147,7 @@ class OpSpec:
     replaces_state: bool = False  # its kernel stores new tensors, never writes into its buffers: a snapshot shares them
     cost: Cost = Cost()
     cost_when: Callable[[Any], Cost] | None = None  # the cost, when it depends on the options
+    refuses: Callable[[Any], str | None] | None = None  # options valid alone that fail together: why, or None
     symbol: str | None = None  # combinators: written with a symbol, not called by name
     variadic: bool = False  # combinators taking two or more inputs
 
