@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 from torch import Tensor, nn
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 import opcomp.distributed as distributed
 from opcomp.capture import Likelihood
 from opcomp.definitions import Namespace, presets
-from opcomp.errors import OpcompError, OpcompNotice
+from opcomp.errors import OpcompError, OpcompNotice, OpcompTypeError
 from opcomp.graph import build_graph
 from opcomp.kernels.factors import Reduction
 from opcomp.lang.ast import Call, Expr, Name, Option
@@ -74,6 +75,19 @@ def build(
     Pass the group when the model is wrapped elsewhere (Lightning, Trainer), or "local".
     """
     namespace = presets() if namespace is None else namespace
+    if not isinstance(namespace, Namespace):
+        raise OpcompTypeError(
+            f"namespace is an opcomp Namespace, such as opcomp.parse_definitions(text); got {type(namespace).__name__}"
+        )
+    if (
+        model_or_params is None
+        or isinstance(model_or_params, (str, bytes, Mapping))
+        or not (isinstance(model_or_params, (nn.Module, Tensor, Iterable)))
+    ):
+        raise OpcompTypeError(
+            "opcomp.build takes a model (nn.Module), a tensor, or an iterable of tensors, of (name, tensor) pairs "
+            f"or of param-group dicts; got {type(model_or_params).__name__}"
+        )
     if isinstance(model_or_params, nn.Module):
         model = model_or_params
     model, parallel = distributed.resolve(model, data_parallel)  # names are the module's, not DDP's
@@ -143,7 +157,13 @@ def build(
 def rule_groups(rules: Rules, params, names, owners, lr, namespace: Namespace) -> list[dict]:
     """One param group per rule that matched, in rule order; each ``use`` is checked up front."""
     choices = [(f"rule {i}", rule) for i, rule in enumerate(rules.file.rule, 1)] + [("default", rules.file.default)]
-    expressions = {label: _checked(rules, label, choice, namespace) for label, choice in choices}
+    checked: dict[tuple, Expr] = {}  # rules that say the same are read once: thousands of rules stay cheap
+    expressions = {}
+    for label, choice in choices:
+        said = (choice.use, tuple(sorted(choice.options.items())))
+        if said not in checked:
+            checked[said] = _checked(rules, label, choice, namespace)
+        expressions[label] = checked[said]
     groups: dict[str, dict] = {}
     for param in params:
         module = owners.get(id(param), (None, None))[0]

@@ -18,6 +18,7 @@ a checkpoint stays linear in its size.
 from __future__ import annotations
 
 import math
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from opcomp.distributed import is_shard
-from opcomp.errors import OpcompError, OpcompWarning, warn
+from opcomp.errors import OpcompError, OpcompTypeError, OpcompValueError, OpcompWarning, warn
 from opcomp.graph import Node, current_state_key
 from opcomp.ops import Applies, StateBuffer
 from opcomp.plan import LayerPlan, Plan
@@ -41,8 +42,12 @@ SHOWN = 80
 def check_lr(lr, where: str) -> None:
     """A learning rate: a finite number >= 0 (or a one-element tensor of one)."""
     value = lr.item() if isinstance(lr, Tensor) and lr.numel() == 1 and not lr.is_meta else lr
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise OpcompError(f"the learning rate of {where} must be a finite number >= 0, got {_short(repr(lr))}")
+    problem = f"the learning rate of {where} must be a finite number >= 0, got {_short(repr(lr))}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OpcompTypeError(problem)
+    finite = math.isfinite(value) if isinstance(value, float) else abs(value) <= sys.float_info.max  # 10**400
+    if not finite or value < 0:
+        raise OpcompValueError(problem)
 
 
 def read(plan: Plan, param_groups: list[dict], state_dict) -> tuple[list[dict], defaultdict, Counter]:

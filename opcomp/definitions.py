@@ -7,6 +7,7 @@ Definitions never shadow an operator or each other, so a name means one thing ev
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -99,10 +100,29 @@ class Namespace:
         """This namespace plus the definitions in the .opc ``text`` (``name`` labels errors)."""
         definitions = parse_file(text, name)
         notes = {d.name: note_above(text, d.span.line) for d in definitions if d.span is not None}
+        for definition in definitions:
+            _check_note(definition, notes.get(definition.name, Note()))
         return self.extend(definitions, notes)
 
 
 EMPTY = Namespace(MappingProxyType({}))
+
+
+def _check_note(definition: Definition, note: Note) -> None:
+    """A ``# lr:`` line is the recommended learning rate: a positive number, said where it is written."""
+    value = note.fields.get("lr")
+    if value is None:
+        return
+    try:
+        lr = float(value)
+    except ValueError:
+        lr = math.nan
+    if not (math.isfinite(lr) and lr > 0):
+        raise DefinitionError(
+            f"'# lr: {value}' above '{definition.name}' is not a learning rate: write one positive number, "
+            "e.g. '# lr: 0.03' (a comment of its own goes on another line)",
+            definition.span,
+        )
 
 
 def _check(definition: Definition, table: Mapping[str, Definition]) -> None:

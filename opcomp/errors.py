@@ -91,6 +91,14 @@ def warn(message: str, category: type[Warning]) -> None:
     warnings.warn(message, category, stacklevel=level)
 
 
+class OpcompTypeError(OpcompError, TypeError):
+    """An argument of the wrong type (what Python code catches as TypeError)."""
+
+
+class OpcompValueError(OpcompError, ValueError):
+    """An argument of the right type and a wrong value (what Python code catches as ValueError)."""
+
+
 class OpcompSyntaxError(OpcompError):
     """The text is not a well-formed expression or definition file."""
 

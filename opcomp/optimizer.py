@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from typing import Literal
 
@@ -33,7 +33,7 @@ from opcomp.closure import (
     together,
 )
 from opcomp.definitions import Namespace
-from opcomp.errors import OpcompError, OpcompWarning
+from opcomp.errors import OpcompError, OpcompTypeError, OpcompValueError, OpcompWarning
 from opcomp.execute import Elementwise, land, landing, run_family, runs_in_place, step_adamw, torch_adamw, written
 from opcomp.head import HeadWatch, candidates
 from opcomp.kernels import COLLECTIVE
@@ -41,7 +41,7 @@ from opcomp.kernels import load as load_kernels
 from opcomp.kernels.factors import Reduction, StepStatistics
 from opcomp.lang.ast import Expr
 from opcomp.ops import Applies
-from opcomp.plan import Plan
+from opcomp.plan import Plan, check_parameter
 from opcomp.prediction import Output, Prediction
 from opcomp.report import warn_at_build
 from opcomp.skips import Skips
@@ -119,13 +119,12 @@ class Optimizer(torch.optim.Optimizer):
         self._head_watch = self._watch_head()
 
     def add_param_group(self, param_group: dict) -> None:
-        if not isinstance(param_group, dict):
-            raise OpcompError(f"a param group is a dict with 'params', got {type(param_group).__name__}")
+        if not isinstance(param_group, Mapping):
+            raise OpcompTypeError(f"a param group is a dict with 'params', got {type(param_group).__name__}")
         group = dict(param_group)
-        params = group.get("params", ())
-        if isinstance(params, set):
-            raise OpcompError("param group 'params' is a set; pass a list so the order is fixed")
-        group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        if "params" not in group:
+            raise OpcompValueError(f"param group {len(self.param_groups)} has no 'params': {{'params': [...], ...}}")
+        group["params"] = self._new_params(group["params"])
         if "lr" in group:
             check_lr(group["lr"], f"param group {len(self.param_groups)}")
         if "expr" in group:
@@ -143,6 +142,36 @@ class Optimizer(torch.optim.Optimizer):
         if modules:
             self._capture = self._capturing(modules)
         self._arm()
+
+    def _new_params(self, params) -> list[Tensor]:
+        """A group's parameters, checked as torch.optim checks them (before anything is planned)."""
+        number = len(self.param_groups)
+        if isinstance(params, Tensor):
+            params = [params]
+        elif isinstance(params, (set, frozenset)):
+            raise OpcompTypeError(f"param group {number}'s 'params' is a set; pass a list so the order is fixed")
+        elif isinstance(params, (str, bytes, Mapping)) or not isinstance(params, Iterable):
+            raise OpcompTypeError(
+                f"param group {number}'s 'params' is a {type(params).__name__}: give a list of tensors "
+                "(model.parameters())"
+            )
+        params = list(params)
+        seen = {id(p) for group in self.param_groups for p in group["params"]}
+        for position, param in enumerate(params):
+            name = self._plan.names.get(id(param), f"#{position} of param group {number}")
+            check_parameter(param, name)
+            if not param.is_leaf:
+                raise OpcompValueError(
+                    f"parameter {name} is not a leaf tensor (it was computed from others, and a step could not "
+                    "change it): optimize the tensor it came from, or wrap it in nn.Parameter"
+                )
+            if id(param) in seen:
+                raise OpcompValueError(
+                    f"parameter {name} is given twice (in two param groups, or twice in one): each parameter "
+                    "belongs to one group"
+                )
+            seen.add(id(param))
+        return params
 
     def _capturing(self, modules: list[torch.nn.Module]) -> Capture:
         return Capture(self._plan.model, modules, self._likelihood, self._class_dim, self._reduction, self._prediction)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from opcomp.errors import OpcompError
+from opcomp.errors import OpcompError, OpcompTypeError, OpcompValueError
 from opcomp.explain import explain
 from opcomp.graph import Graph, Node, lower
 from opcomp.head import HEAD_KINDS, guess
@@ -322,9 +322,9 @@ def bucket_key(program: Program, param: Tensor) -> tuple:
 
 def check_parameter(param: Tensor, name: str) -> None:
     if not isinstance(param, Tensor):
-        raise OpcompError(f"parameter {name} is a {type(param).__name__}, not a torch.Tensor")
+        raise OpcompTypeError(f"parameter {name} is a {type(param).__name__}, not a torch.Tensor")
     if not torch.is_floating_point(param):
-        raise OpcompError(f"parameter {name} has dtype {param.dtype}; opcomp optimizes floating-point tensors")
+        raise OpcompValueError(f"parameter {name} has dtype {param.dtype}; opcomp optimizes floating-point tensors")
 
 
 def representable(graph: Graph, dtypes: set[torch.dtype]) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import tomllib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 
@@ -107,10 +108,34 @@ class Rules:
     file: RuleFile
 
     def assign(self, name: str, param: Tensor, module: nn.Module | None) -> Assigned:
-        for number, rule in enumerate(self.file.rule, 1):
-            if rule.match.holds(name, param, module):
-                return Assigned(f"rule {number}", rule)
+        """The first rule that holds, among those whose name glob can match (:meth:`by_prefix`)."""
+        rules = self.file.rule
+        for index in self.candidates(name):
+            if rules[index].match.holds(name, param, module):
+                return Assigned(f"rule {index + 1}", rules[index])
         return Assigned("default", self.file.default)
+
+    def candidates(self, name: str) -> list[int]:
+        """Indices, in order, of the rules whose glob's literal start is a start of ``name`` (or that
+        match no name): a name is checked against a few rules, not every one of thousands."""
+        index = self.by_prefix
+        found = [i for length in range(len(name) + 1) for i in index.get(name[:length], ())]
+        return sorted(found)
+
+    @cached_property
+    def by_prefix(self) -> dict[str, list[int]]:
+        """Rule indices by the literal start of their name glob (before its first * ? or [); ''
+        for rules that match any name."""
+        index: dict[str, list[int]] = {}
+        for number, rule in enumerate(self.file.rule):
+            pattern = rule.match.name or ""
+            literal = (
+                len(pattern)
+                if not any(c in pattern for c in "*?[")
+                else min(pattern.index(c) for c in "*?[" if c in pattern)
+            )
+            index.setdefault(pattern[:literal] if rule.match.name else "", []).append(number)
+        return index
 
     def where(self, label: str, field: str) -> str:
         section = "[default]" if label == "default" else label
@@ -122,8 +147,10 @@ def is_rule_file(expr) -> bool:
 
 
 def locate(path: str | Path) -> str:
-    """The file itself, or else the rule file of that name shipped with opcomp (``adaptive.toml``)."""
-    if Path(path).exists():
+    """The file itself, or else, for a bare file name, the rule file of that name shipped with
+    opcomp (``adaptive.toml``). A path with a folder is that file or nothing: a mistyped folder
+    never falls through to a shipped file of the same name."""
+    if Path(path).exists() or Path(path).name != str(path):
         return str(path)
     shipped = data_dir("presets") / Path(path).name
     return str(shipped) if shipped.exists() else str(path)
@@ -145,10 +172,14 @@ def load(path: str | Path) -> Rules:
         raise OpcompError(f"{path} is not UTF-8 text (byte {error.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as error:
         raise OpcompError(f"{path} is not valid TOML: {error}") from None
+    except RecursionError:
+        raise OpcompError(f"{path} nests arrays or tables too deeply to read; a rule file is two levels deep") from None
     try:
         return Rules(path, RuleFile.model_validate(raw))
     except ValidationError as error:
         raise _rule_error(path, error) from None
+    except RecursionError:
+        raise OpcompError(f"{path} nests values too deeply; a rule file is two levels deep") from None
 
 
 def _rule_error(path: str, error: ValidationError) -> OpcompError:

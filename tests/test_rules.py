@@ -259,7 +259,7 @@ def test_a_rule_that_sends_only_biases_to_kfac_preconditions_each_bias_alone(tmp
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
     x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
     opt = opcomp.build(rules, model, lr=1.0)
-    assert opt.assignments() == {"0.weight": "", "0.bias": "kfac", "2.weight": "", "2.bias": "kfac"}
+    assert opt.assignments() == {"0.weight": "g", "0.bias": "kfac", "2.weight": "g", "2.bias": "kfac"}
     hidden = torch.tanh(model[0](x)).detach()
     # the last layer's per-example bias gradients, written out: softmax − onehot
     examples = torch.softmax(model[2](hidden), 1).detach() - F.one_hot(y, 3)
