@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from opcomp.definitions import Namespace, presets
 from opcomp.errors import OpcompError
+from opcomp.files import call, load_callable, read_text
 
 
 def _namespace(paths: list[str]) -> Namespace:
@@ -15,16 +15,6 @@ def _namespace(paths: list[str]) -> Namespace:
     for path in paths:
         namespace = namespace.load(read_text(path, "--defs"), path)
     return namespace
-
-
-def read_text(path: str, option: str) -> str:
-    """The UTF-8 text of a file the user named, or an OpcompError that says why not."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise OpcompError(f"cannot read {option} {path}: it is not UTF-8 text (byte {error.start})") from None
-    except OSError as error:
-        raise OpcompError(f"cannot read {option} {path}: {error.strerror}") from None
 
 
 def _explain(args: argparse.Namespace) -> str:
@@ -43,37 +33,10 @@ def _model(spec: str):
     """MODULE:FACTORY -> the model the factory returns (e.g. opcomp.bench.models:cnn)."""
     import torch
 
-    model = load_callable(spec, "--model")()
+    model = call(f"{spec}()", "--model", load_callable(spec, "--model"))
     if not isinstance(model, torch.nn.Module):
         raise OpcompError(f"--model: {spec}() returned a {type(model).__name__}, not a torch.nn.Module")
     return model
-
-
-def load_callable(spec: str, option: str):
-    """MODULE:FUNCTION -> the function, checked to take no arguments; an OpcompError naming ``option``
-    and the fix otherwise."""
-    import importlib
-    import inspect
-
-    module_name, colon, name = spec.partition(":")
-    if not colon or not module_name or not name:
-        raise OpcompError(f"{option} takes MODULE:FUNCTION, e.g. opcomp.bench.models:cnn; got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise OpcompError(f"{option}: cannot import {module_name!r}: {error}") from None
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise OpcompError(f"{option}: {module_name!r} has no {name!r} to call")
-    try:
-        inspect.signature(function).bind()
-    except TypeError:
-        raise OpcompError(
-            f"{option}: {spec}{inspect.signature(function)} needs arguments; give a function that takes none"
-        ) from None
-    except ValueError:  # a builtin without a signature: let the call decide
-        pass
-    return function
 
 
 def _format(args: argparse.Namespace) -> str:

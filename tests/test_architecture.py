@@ -12,7 +12,7 @@ import opcomp
 PACKAGE = Path(opcomp.__file__).parent
 
 ROOMS = [
-    ("text", ["opcomp._resources", "opcomp.errors", "opcomp.lang"]),
+    ("text", ["opcomp._resources", "opcomp.errors", "opcomp.files", "opcomp.lang"]),
     ("catalogue", ["opcomp.ops"]),
     (
         "language",

@@ -15,9 +15,11 @@ From Python: ``opcomp.compare(["fog", "adamw"], task=my_task, steps=500, seeds=(
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -232,8 +234,9 @@ def compare(
         raise OpcompError(f"steps must be at least 1, got {steps}")
     if warmup is not None and not 0 <= warmup <= steps:
         raise OpcompError(f"warmup must be between 0 and the {steps} steps, got {warmup}")
-    if not seeds:
-        raise OpcompError("give at least one seed")
+    seeds = checked_seeds(seeds, "seeds")
+    if steps > MAX_STEPS:
+        raise OpcompError(f"steps must be at most {MAX_STEPS:,}, got {steps:,}")
     check_device(device)
     task = resolve(task, model) if isinstance(task, str) else task
     if target is not None:
@@ -282,20 +285,58 @@ def check_device(name: str) -> torch.device:
     return device
 
 
+MAX_SEEDS = 1000
+"""Seeds one comparison runs at most (each is a full training run per optimizer)."""
+MAX_STEPS = 10_000_000
+"""Steps one run takes at most: ``--epochs 1e300`` is a mistake, not a plan."""
+SEED_LIMIT = 2**63
+"""torch.manual_seed takes seeds below this."""
+
+
 def seeds_from(text: str) -> list[int]:
-    """``--seeds 0,1,2`` (or ``0-2``) as a list of ints."""
+    """``--seeds 0,1,2`` (or ``0-2``) as a list of ints: at most ``MAX_SEEDS``, each one torch can seed."""
     try:
         if "-" in text.strip("-") and "," not in text:
             first, last = (int(part) for part in text.split("-"))
-            return list(range(first, last + 1))
-        return [int(part) for part in text.split(",") if part.strip()]
+            if last - first + 1 > MAX_SEEDS:
+                raise OpcompError(
+                    f"--seeds {text} asks for {last - first + 1:,} seeds; a comparison runs at most {MAX_SEEDS}"
+                )
+            seeds = list(range(first, last + 1))
+        else:
+            seeds = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise OpcompError(f"--seeds takes integers separated by commas, e.g. 0,1,2; got {text!r}") from None
+    return checked_seeds(seeds, "--seeds")
+
+
+def checked_seeds(seeds: Sequence[int], where: str) -> list[int]:
+    if not seeds:
+        raise OpcompError(f"{where}: give at least one seed")
+    if len(seeds) > MAX_SEEDS:
+        raise OpcompError(f"{where}: {len(seeds):,} seeds; a comparison runs at most {MAX_SEEDS}")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+            raise OpcompError(f"{where}: seed {seed!r} is not an integer from 0 to 2**63 - 1")
+    return list(seeds)
+
+
+def steps_of(epochs: float, steps_per_epoch: int) -> int:
+    """``--epochs`` as steps: a positive, finite number of passes that gives at most ``MAX_STEPS``."""
+    if not (math.isfinite(epochs) and epochs > 0):
+        raise OpcompError(f"--epochs must be positive and finite, got {epochs:g}")
+    if epochs * steps_per_epoch > MAX_STEPS:
+        raise OpcompError(
+            f"--epochs {epochs:g} is {epochs * steps_per_epoch:.3g} steps of this task; a run takes at most "
+            f"{MAX_STEPS:,}"
+        )
+    return max(1, round(epochs * steps_per_epoch))
 
 
 def main(argv: list[str] | None = None) -> str:
     import argparse
 
+    from opcomp.bench.compare_report import NO_PLOTS, plots_available
     from opcomp.bench.tasks import MODELS, TASKS
 
     parser = argparse.ArgumentParser(prog="opcomp compare", description=__doc__.splitlines()[0])
@@ -322,18 +363,31 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     from opcomp.bench.tasks import resolve
 
-    if args.steps is not None and args.steps < 1:
-        raise OpcompError(f"--steps must be at least 1, got {args.steps}")
-    if args.epochs is not None and not args.epochs > 0:
-        raise OpcompError(f"--epochs must be positive, got {args.epochs:g}")
+    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
+        raise OpcompError(f"--steps must be at least 1 and at most {MAX_STEPS:,}, got {args.steps}")
+    if args.epochs is not None and not (math.isfinite(args.epochs) and args.epochs > 0):
+        raise OpcompError(f"--epochs must be positive and finite, got {args.epochs:g}")
+    seeds = checked_seeds([args.seed], "--seed") if args.seed is not None else seeds_from(args.seeds)
     check_device(args.device)
+    writable(args.out)
+    if not plots_available():
+        print(f"opcomp compare: {NO_PLOTS}", file=sys.stderr)
     task = resolve(args.task, args.model)
-    steps = args.steps if args.steps is not None else 300
-    if args.epochs is not None:
-        steps = max(1, round(args.epochs * task.steps_per_epoch))
-    seeds = [args.seed] if args.seed is not None else seeds_from(args.seeds)
+    steps = steps_of(args.epochs, task.steps_per_epoch) if args.epochs is not None else args.steps or 300
     comparison = compare(
         args.optimizers, task, steps, seeds, args.lr, args.tune, args.schedule, args.warmup, args.target, args.device
     )
     written = comparison.write(args.out)
     return f"{comparison.table()}\n\nwrote " + ", ".join(str(p) for p in written)
+
+
+def writable(out: str) -> None:
+    """``--out`` can take the report: checked before anything trains, not after."""
+    folder = Path(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".opcomp-write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise OpcompError(f"--out {out}: cannot write there ({error.strerror}); give a folder you can write") from None

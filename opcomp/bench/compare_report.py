@@ -4,6 +4,7 @@ with every run, and the plots as PNG files."""
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import math
 import statistics
@@ -110,6 +111,15 @@ def mean_curve(runs: list[Run], series: str, x: int, y: int) -> tuple[list[float
     )
 
 
+NO_PLOTS = "matplotlib is not installed, so the report has no plots: pip install 'opcomp[bench]' adds them"
+
+
+def plots_available() -> bool:
+    """Whether matplotlib can draw the report's plots (the bench extra); without it the report is
+    written with its tables alone and says so."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def plot(comparison: Comparison, out: Path) -> list[Path]:
     import matplotlib
 
@@ -168,6 +178,8 @@ def markdown(comparison: Comparison, pictures: list[Path]) -> str:
     ]
     if comparison.tuning:
         lines += ["## Learning rates tried", "", tuning_table(comparison), ""]
+    if not plots_available():
+        lines += [f"{NO_PLOTS}.", ""]
     for picture in pictures:
         encoded = base64.b64encode(picture.read_bytes()).decode("ascii")
         lines += [f"![{picture.stem}](data:image/png;base64,{encoded})", ""]
@@ -188,6 +200,6 @@ def write(comparison: Comparison, out) -> list[Path]:
         "runs": [asdict(r) for r in comparison.runs],
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    pictures = plot(comparison, out)
+    pictures = plot(comparison, out) if plots_available() else []
     (out / "report.md").write_text(markdown(comparison, pictures))
     return [out / "report.md", out / "results.json", *pictures]

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 import opcomp
+from opcomp.bench.compare import check_device
 from opcomp.bench.footprint import state_bytes
+from opcomp.errors import OpcompError
 
 ADAMW_BYTES_PER_PARAMETER = 28
 
@@ -220,7 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
-    print(table(args.shapes, args.device, args.expr, args.steps))
+    if args.steps < 1:
+        raise OpcompError(f"--steps must be at least 1, got {args.steps}")
+    print(table(args.shapes, str(check_device(args.device)), args.expr, args.steps))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from opcomp.bench import data, models
-from opcomp.errors import OpcompError
+from opcomp.errors import OpcompError, OpcompValueError
+from opcomp.files import call, load_callable, read_text
 
 Batch = tuple[Tensor, Tensor]
 METRICS = ("accuracy", "perplexity", "loss")
@@ -65,7 +66,9 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
-            raise ValueError(f"Task {self.name!r}: metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+            raise OpcompValueError(
+                f"Task {self.name!r}: metric must be one of {', '.join(METRICS)}, got {self.metric!r}"
+            )
 
     def build(self, expression: str, model: nn.Module, **options):
         """An optimizer for this task's model, with the task's build options."""
@@ -107,6 +110,27 @@ class Task:
         if self.target is None or not math.isfinite(value):
             return False
         return value >= self.target if self.metric == "accuracy" else value <= self.target
+
+
+def checked(task: Task, where: str) -> Task:
+    """A task from user code, tried once before anything trains: its model factory makes a module,
+    a batch is (x, y) tensors, and its validation (and test) sets are (x, y) tensors with examples."""
+    model = call(f"{where}: the task's model()", "--task", task.model)
+    if not isinstance(model, nn.Module):
+        raise OpcompError(f"{where}: the task's model() returned a {type(model).__name__}, not a torch.nn.Module")
+    drawn = call(f"{where}: the task's batch(generator)", "--task", task.batch, torch.Generator().manual_seed(0))
+    _pair(drawn, f"{where}: the task's batch(generator)", "returned")
+    _pair(task.validation, f"{where}: the task's validation", "is")
+    if task.test is not None:
+        _pair(task.test, f"{where}: the task's test", "is")
+    return task
+
+
+def _pair(value, where: str, verb: str) -> None:
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(t, Tensor) for t in value)):
+        raise OpcompError(f"{where} {verb} {type(value).__name__}, not an (x, y) pair of tensors")
+    if len(value[0]) == 0 or len(value[0]) != len(value[1]):
+        raise OpcompError(f"{where} has {len(value[0])} inputs and {len(value[1])} targets: give at least one of each")
 
 
 def known(model: str, choices: dict, task: str) -> str:
@@ -217,8 +241,6 @@ def kjv(model: str = "transformer-large") -> Task:
 
 def text_file(path: str, model: str = "transformer") -> Task:
     """Any UTF-8 text file as a next-character task (``--task text:PATH``)."""
-    from opcomp.cli import read_text
-
     return characters(f"text:{path}", data.text(read_text(path, "--task text:")), model)
 
 
@@ -237,8 +259,6 @@ MODELS = sorted(IMAGE_MODELS) + sorted(TEXT_MODELS)
 
 def resolve(spec: str, model: str | None = None) -> Task:
     """The task ``--task`` names: a built-in name, ``text:PATH`` or ``module:function``."""
-    from opcomp.cli import load_callable
-
     if spec.startswith("text:"):
         return text_file(spec[len("text:") :], model or "transformer")
     if spec in TASKS:
@@ -250,7 +270,7 @@ def resolve(spec: str, model: str | None = None) -> Task:
         )
     if model is not None:
         raise OpcompError(f"--model picks a built-in model; the task {spec} builds its own")
-    task = load_callable(spec, "--task")()
+    task = call(f"{spec}()", "--task", load_callable(spec, "--task"))
     if not isinstance(task, Task):
         raise OpcompError(f"--task: {spec}() returned a {type(task).__name__}, not an opcomp.bench.tasks.Task")
-    return task
+    return checked(task, f"--task {spec}")
