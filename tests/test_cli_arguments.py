@@ -1,5 +1,6 @@
 """The command line answers every bad argument with one line on stderr (and, for a mistake inside a
-source text, the caret lines under it) and exit status 2, never a traceback, before anything trains. docs/cli.md's table lists these cases and their lines."""
+source text, the caret lines under it) and exit status 2, never a traceback, before anything
+trains. docs/cli.md's table lists these cases and their lines."""
 
 from __future__ import annotations
 
@@ -119,3 +120,19 @@ def test_without_matplotlib_the_report_is_written_without_plots_and_says_how_to_
     report = (here / "out" / "report.md").read_text(encoding="utf-8")
     assert "pip install 'opcomp[bench]' adds them" in report and "data:image/png" not in report
     assert not list((here / "out").glob("*.png"))
+
+
+def test_the_table_in_docs_cli_is_what_the_command_says(here, capsys):
+    """docs/cli.md lists each case above with its line: the page and the command agree."""
+    from pathlib import Path
+
+    page = (Path(__file__).parents[1] / "docs" / "cli.md").read_text(encoding="utf-8")
+    rows = {}
+    for line in page.splitlines():
+        if line.startswith("| `opcomp "):
+            command, said = line.split("` | ", 1)
+            rows[command.removeprefix("| `opcomp ")] = said.removesuffix(" |").replace("\\|", "|")
+    for argv, _ in CASES:
+        assert main(argv) == 2
+        first = capsys.readouterr().err.splitlines()[0]
+        assert rows.get(" ".join(argv)) == first, " ".join(argv)

@@ -82,9 +82,7 @@ def test_a_missing_rule_file_in_a_folder_is_an_error_and_shipped_files_are_found
     assert opcomp.build("adaptive.toml", model()).rules()  # the shipped file, by its name
 
 
-def test_ten_thousand_rules_read_each_distinct_use_once_and_check_a_parameter_against_few_rules(
-    tmp_path, monkeypatch
-):
+def test_ten_thousand_rules_read_each_distinct_use_once_and_check_a_parameter_against_few_rules(tmp_path, monkeypatch):
     """Reading is linear: an expression said by many rules is checked once, and a parameter's name
     is matched only against the rules whose glob can match it."""
     lines = [f'[[rule]]\nmatch = {{ name = "{i}.*" }}\nuse = "adamw[wd={i % 7}e-2]"\n' for i in range(10_000)]

@@ -46,3 +46,34 @@ def test_wheel_works_outside_the_repository(tmp_path):
     canonical = "muon[beta=0.95, coefficients=jordan, gram=false, hidden=false, nesterov=true, steps=5](kfac["
     assert run.stdout.splitlines()[0].startswith(canonical)
     assert " | 0.1 * adamw[" in run.stdout.splitlines()[1]
+
+
+def test_the_package_runs_no_code_from_data_it_reads():
+    """opcomp unpickles nothing and evaluates no text: no import of pickle-like modules, no call of
+    eval, exec or torch.load anywhere in the package (DCP's metadata is torch's own pickle,
+    documented in opcomp.integrations.dcp and docs/distributed.md as a checkpoint to trust)."""
+    import ast
+    from pathlib import Path
+
+    import opcomp
+
+    unpicklers = {"pickle", "marshal", "shelve", "dill", "cloudpickle", "joblib"}
+    found = []
+    for path in Path(opcomp.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [(node.module or "").split(".")[0]]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                names = [node.func.id] if node.func.id in ("eval", "exec") else []
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                names = [ast.unparse(node.func)] if ast.unparse(node.func) == "torch.load" else []
+            else:
+                names = []
+            found += [
+                f"{path.name}:{node.lineno}: {name}"
+                for name in names
+                if name in unpicklers | {"eval", "exec", "torch.load"}
+            ]
+    assert found == [], found

@@ -128,7 +128,7 @@ def test_an_option_that_float64_holds_builds_for_float64_parameters():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def overflowing(expression: str, compile: str = "off") -> None:
+def overflowing(expression: str, compiled: str = "off") -> None:
     """One step with gradients ~1e24: its update (or the second moment it writes) is inf in fp32
     though every option and gradient is finite. It is skipped: parameters and state as before."""
     torch.manual_seed(0)
@@ -136,7 +136,7 @@ def overflowing(expression: str, compile: str = "off") -> None:
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = opcomp.build(expression, model, lr=1e-21 if "1e20" in expression else 0.1, compile=compile)
+        opt = opcomp.build(expression, model, lr=1e-21 if "1e20" in expression else 0.1, compile=compiled)
         for _ in range(2):  # state exists; the second step is compiled where compile="on"
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
@@ -173,4 +173,4 @@ def test_a_step_whose_update_or_state_is_not_finite_is_skipped_with_nothing_chan
 
 @pytest.mark.compile
 def test_a_compiled_step_whose_update_is_not_finite_is_skipped_with_nothing_changed():
-    overflowing("rms(g)", compile="on")
+    overflowing("rms(g)", compiled="on")

@@ -117,12 +117,14 @@ def checked(task: Task, where: str) -> Task:
     a batch is (x, y) tensors, and its validation (and test) sets are (x, y) tensors with examples."""
     model = call(f"{where}: the task's model()", "--task", task.model)
     if not isinstance(model, nn.Module):
-        raise OpcompError(f"{where}: the task's model() returned a {type(model).__name__}, not a torch.nn.Module")
+        raise OpcompError(
+            f"--task {where}: the task's model() returned a {type(model).__name__}, not a torch.nn.Module"
+        )
     drawn = call(f"{where}: the task's batch(generator)", "--task", task.batch, torch.Generator().manual_seed(0))
-    _pair(drawn, f"{where}: the task's batch(generator)", "returned")
-    _pair(task.validation, f"{where}: the task's validation", "is")
+    _pair(drawn, f"--task {where}: the task's batch(generator)", "returned")
+    _pair(task.validation, f"--task {where}: the task's validation", "is")
     if task.test is not None:
-        _pair(task.test, f"{where}: the task's test", "is")
+        _pair(task.test, f"--task {where}: the task's test", "is")
     return task
 
 
@@ -273,4 +275,4 @@ def resolve(spec: str, model: str | None = None) -> Task:
     task = call(f"{spec}()", "--task", load_callable(spec, "--task"))
     if not isinstance(task, Task):
         raise OpcompError(f"--task: {spec}() returned a {type(task).__name__}, not an opcomp.bench.tasks.Task")
-    return checked(task, f"--task {spec}")
+    return checked(task, spec)

@@ -6,6 +6,10 @@ buffer (KFAC's factors) once. Loading needs a state dict of the saved structure 
 a fresh opcomp optimizer has none: its node state is created by the first step. :func:`load_optimizer`
 builds that structure from the checkpoint's own metadata — a shard like its parameter where the
 buffer is one, a whole tensor elsewhere — lets DCP fill it, and loads it into the optimizer.
+
+Trust: DCP's ``FileSystemReader`` reads a checkpoint's ``.metadata`` file with ``pickle``, so
+loading a crafted checkpoint runs its author's code, as ``torch.load(weights_only=False)`` would.
+Load only checkpoints you or someone you trust wrote. (opcomp itself unpickles nothing else.)
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from opcomp.distributed import is_shard
 
 def load_optimizer(checkpoint_id, optimizer: opcomp.Optimizer, key: str = "optim") -> None:
     """Load the optimizer state saved under ``key`` by ``dcp.save`` into ``optimizer`` (built over
-    the same, equally sharded parameters); every rank calls it, as every rank called save."""
+    the same, equally sharded parameters); every rank calls it, as every rank called save.
+
+    The checkpoint must be trusted: its metadata is read with pickle (torch's FileSystemReader), so a
+    crafted one runs code, as ``torch.load(weights_only=False)`` would."""
     metadata = dcp.FileSystemReader(checkpoint_id).read_metadata()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     template: dict[str, Any] = {}
