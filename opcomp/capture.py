@@ -108,14 +108,16 @@ class Capture:
         return self.armed and torch.is_grad_enabled() and not _inside_functorch()
 
     def _model_starts(self, model: nn.Module, args: tuple) -> None:
-        self._forward_id = next(self._forwards)
+        if model is self.model:  # not a copy of it (copy.deepcopy copies hooks too)
+            self._forward_id = next(self._forwards)
 
     def _forward(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if not self._recording() or not isinstance(output, Tensor) or not output.requires_grad:
+        entries = self.entries.get(module)  # None: a deep copy of a captured layer, which is not ours
+        if entries is None or not self._recording() or not isinstance(output, Tensor) or not output.requires_grad:
             return
         forward = self._forward_id if self._forward_id is not None else next(self._forwards)
         entry = Entry(args[0].detach(), forward, output if self.sample else None)
-        self.entries[module].append(entry)
+        entries.append(entry)
 
         def keep(grad: Tensor) -> None:
             entry.grad = grad.detach()
@@ -123,6 +125,8 @@ class Capture:
         output.register_hook(keep)
 
     def _model_ends(self, model: nn.Module, args: tuple, output) -> None:
+        if model is not self.model:
+            return
         self._forward_id = None
         if not (self._recording() and self.sample):
             return

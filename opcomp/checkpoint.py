@@ -200,15 +200,7 @@ def expected_shape(buffer: StateBuffer, param: Tensor, layer: LayerPlan | None) 
         return tuple(param.shape)
     if buffer.shape == "scalar":
         return ()
-    out, columns = layer.matrix_shape
-    diagonal_in, diagonal_out = layer.diagonal_sides
-    return {
-        "in_factor": (columns,) if diagonal_in else (columns, columns),
-        "out_factor": (out,) if diagonal_out else (out, out),
-        "in_diag": (columns,),
-        "out_diag": (out,),
-        "layer_matrix": (out, columns),
-    }[buffer.shape]
+    return layer.buffer_shapes()[buffer.shape]
 
 
 def warn_dropped(dropped: Counter) -> None:

@@ -69,15 +69,18 @@ class HeadWatch:
         weakref.finalize(self, _remove, list(self.handles))
 
     def _starts(self, model: nn.Module, args: tuple) -> None:
-        self.finished, self.records = [], {}
+        if model is self.model:  # not a deep copy of it, whose modules carry these hooks too
+            self.finished, self.records = [], {}
 
     def _layer_ran(self, layer: nn.Module, args: tuple, output) -> None:
+        if not any(layer is known for known in self.layers):
+            return
         self.finished.append(layer)
         if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
             self.records[layer] = (args[0], output)
 
     def _ends(self, model: nn.Module, args: tuple, output) -> None:
-        if not self.finished:
+        if model is not self.model or not self.finished:
             return  # a forward that ran none of the layers (a probe of something else): wait for one
         self.close()
         try:

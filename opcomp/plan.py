@@ -19,7 +19,15 @@ from opcomp.errors import OpcompError, OpcompTypeError, OpcompValueError
 from opcomp.explain import explain
 from opcomp.graph import Graph, Node, lower
 from opcomp.head import HEAD_KINDS, guess
-from opcomp.kernels.factors import Columns, Kind, check_supported, diagonal_sides, layer_kind, matrix_shape
+from opcomp.kernels.factors import (
+    Columns,
+    Kind,
+    block_shape,
+    diagonal_sides,
+    factor_shapes,
+    layer_kind,
+    unsupported,
+)
 from opcomp.lang.ast import Expr
 from opcomp.ops import Applies
 from opcomp.precision import working_dtype
@@ -46,6 +54,7 @@ class ParamInfo:
     tied: bool = False  # one tensor held by several modules (a tied embedding and output head)
     unhookable: bool = False  # its module computes where no hook reaches (inside a MultiheadAttention)
     head: bool = False  # its module is the model's output head (the layer that produces the prediction)
+    refused: str | None = None  # why a layer of a known type has no statistics (an unsupported configuration)
 
     @property
     def layer(self) -> bool:
@@ -239,6 +248,8 @@ def why_not(culprit: Node, info: ParamInfo) -> str:
         return f"parameters outside any module ({needs})"
     if info.unhookable:
         return f"parameters inside a MultiheadAttention, which projects where no hook reaches ({needs})"
+    if info.refused is not None:
+        return f"{info.refused} ({needs})"
     if info.kind is None:
         takes = LAYER_TYPES[applies]
         return f"{owner} parameters ({owner} is a layer type opcomp has no statistics for; {op} takes {takes})"
@@ -258,8 +269,9 @@ def blame(graph: Graph, node: Node, applies: dict[int, bool], info: ParamInfo) -
 
 def _refusal(info: ParamInfo, culprit: Node, written: str) -> OpcompError:
     example = f"{written} | adamw(g)" if len(written) <= 60 else "… | adamw(g)"
+    refused = f" ({info.refused})" if info.refused is not None else ""
     return OpcompError(
-        f"'{culprit.op}' cannot apply to parameter {info.describe()}: it needs "
+        f"'{culprit.op}' cannot apply to parameter {info.describe()}{refused}: it needs "
         f"{APPLIES_NEEDS[culprit.applies]} — add a fallback for the other parameters, e.g. "
         f"'{example}', or give this parameter its own param group or rule",
         culprit.span,
@@ -286,14 +298,20 @@ class LayerPlan:
         return "weight+bias" if self.bias is not None and self.kind != "embedding" else "weight"
 
     @property
-    def matrix_shape(self) -> tuple[int, int]:
-        """(out, in) of the layer's X: (dim, vocabulary) for an Embedding, a bias column counted."""
-        return matrix_shape(self.module, self.kind, self.columns)
+    def block_shape(self) -> tuple[int, int, int]:
+        """(groups, out, in) of the layer's X: (dim, vocabulary) for an Embedding, a bias column
+        counted; a grouped Conv2d's X is groups independent blocks, each with its own A and G."""
+        return block_shape(self.module, self.kind, self.columns)
 
     @property
     def diagonal_sides(self) -> tuple[bool, bool]:
         """Whether A and G are kept as their diagonals (an Embedding's A; factors above max_dim)."""
-        return diagonal_sides(self.kind, self.matrix_shape, getattr(self.node.options, "max_dim", None))
+        _, out, inputs = self.block_shape
+        return diagonal_sides(self.kind, (out, inputs), getattr(self.node.options, "max_dim", None))
+
+    def buffer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each kind of layer buffer (``StateBuffer.shape``) for this layer."""
+        return factor_shapes(self.block_shape, *self.diagonal_sides)
 
     @property
     def owner(self) -> Tensor:
@@ -424,10 +442,10 @@ class Plan:
             name = self.names.get(id(param), f"#{position} of param group {index}")
             check_parameter(param, name)
             module, role = self.owners.get(id(param), (None, None))
-            unhookable = id(module) in self.hidden_from_hooks
-            kind = None if unhookable else layer_kind(module)
+            unhookable, refused = id(module) in self.hidden_from_hooks, unsupported(module)
+            kind = None if unhookable or refused else layer_kind(module)
             tied, head = id(param) in self.tied, module is not None and id(module) == self.head
-            info = ParamInfo(name, tuple(param.shape), module, role, kind, tied, unhookable, head)
+            info = ParamInfo(name, tuple(param.shape), module, role, kind, tied, unhookable, head, refused)
             self.infos[id(param)] = info
             program = select(graph, info, written)
             bucket = buckets.setdefault(bucket_key(program, param), Bucket(program))
@@ -452,8 +470,6 @@ class Plan:
                         plan = layers.setdefault(info.module, layer)
                         setattr(plan, info.role, param)
         self.layers = {key: list(layers.values()) for key, layers in plans.items()}
-        for layer in self.all_layers():
-            check_supported(layer.module, layer.name)
         return list(dict.fromkeys(layer.module for layer in self.all_layers()))
 
     # -- reading --------------------------------------------------------------------------------------

@@ -83,11 +83,12 @@ def budget(plan: Plan) -> list[str]:
             continue
         over, dense_bytes = [], 0
         for layer in layers:
-            out, inputs = layer.matrix_shape
+            groups, out, inputs = layer.block_shape
             sides = [(side, size) for side, size in (("A", inputs), ("G", out)) if size > limit]
             sides = [(side, size) for side, size in sides if not (side == "A" and layer.kind == "embedding")]
-            over += [f"{layer.name} {side} ({size})" for side, size in sides]
-            dense_bytes += sum(4 * size * size for _, size in sides)
+            each = f" per group of {groups}" if groups > 1 else ""
+            over += [f"{layer.name} {side} ({size}{each})" for side, size in sides]
+            dense_bytes += sum(4 * groups * size * size for _, size in sides)
         if over:
             factors = "factor" if len(over) == 1 else "factors"
             lines.append(

@@ -154,3 +154,16 @@ def test_rules_still_say_what_the_head_runs():
     opt = opcomp.build(str(path), model)
     steps(model, opt, x, y, 1)
     assert opt.assignments()["classifier.weight"] == "muon"
+
+
+def test_a_deep_copy_of_the_model_runs_without_touching_the_optimizer():
+    """copy.deepcopy copies a module's hooks: an EMA copy of a model under fog carries the capture's
+    and the head watch's hooks, which must leave the optimizer's records alone."""
+    model, _, x, y = twins()
+    opt = opcomp.build("fog", model)
+    copied = copy.deepcopy(model)
+    F.cross_entropy(copied(x), y).backward()  # before the model's own first forward
+    steps(model, opt, x, y, 2)
+    F.cross_entropy(copied(x), y).backward()
+    steps(model, opt, x, y, 1)
+    assert opt.assignments()["classifier.weight"] == "0.1 × adamw" and opt.skipped_steps == 0

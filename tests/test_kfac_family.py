@@ -258,13 +258,18 @@ def test_parameters_of_unsupported_modules_fall_back_or_are_named(expression, me
     assert message in str(caught.value) and "| adamw(g)" in str(caught.value)
 
 
-def test_layer_configurations_the_statistics_do_not_cover_are_refused_at_build():
-    with pytest.raises(opcomp.OpcompError, match="grouped Conv2d"):
-        opcomp.build("kfac(g)", nn.Conv2d(4, 4, 3, groups=2))
+def test_layer_configurations_the_statistics_do_not_cover_are_refused_at_build_or_fall_back():
+    """Padding the statistics do not model: refused without a fallback, with the reason; with one,
+    the layer falls back and explain() says why. (Grouped convolutions are covered:
+    tests/test_grouped_conv.py.)"""
     with pytest.raises(opcomp.OpcompError, match="padding_mode='zeros'"):
         opcomp.build("kfac(g)", nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
     with pytest.raises(opcomp.OpcompError, match="even kernel"):
         opcomp.build("kfac(g)", nn.Conv2d(2, 2, 2, padding="same"))
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), nn.Conv2d(2, 2, 3))
+    opt = opcomp.build("kfac(g) | adamw", model)
+    assert opt.assignments()["0.weight"] == "adamw" and opt.assignments()["1.weight"] == "kfac"
+    assert "padded with 'reflect'" in opt.explain()
 
 
 def test_a_step_without_statistics_says_how_to_get_them():

@@ -35,7 +35,6 @@ from torch.nn.modules.utils import _pair
 
 from opcomp.capture import Capture, Entry
 from opcomp.distributed import DataParallel
-from opcomp.errors import OpcompError
 from opcomp.precision import working_dtype
 
 Reduction = Literal["mean", "sum"]
@@ -69,8 +68,14 @@ class Sample:
         return self.d.shape[0] if reduce else self.d.shape[0] * self.d.shape[1]
 
     def rotated_a(self, q: Tensor | None) -> Tensor:
-        """a Q, (N, S, in); a missing Q is the identity."""
-        return self.a if q is None else self.a @ q
+        """a Q, (N, S, in) (a grouped layer's (N, S, groups, in), each group by its Q); a missing Q
+        is the identity."""
+        return self.a if q is None else rotated(self.a, q)
+
+
+def rotated(rows: Tensor, q: Tensor) -> Tensor:
+    """rows @ q: (…, in) by (in, in), or grouped (…, groups, in) by each group's (groups, in, in)."""
+    return rows @ q if q.ndim == 2 else torch.einsum("...ki,kij->...kj", rows, q)
 
 
 class ConvSample(Sample):
@@ -87,28 +92,36 @@ class ConvSample(Sample):
         self.inputs = (inputs if inputs.ndim == 4 else inputs.unsqueeze(0)).to(dtype)
         self.grad = (grad if grad.ndim == 4 else grad.unsqueeze(0)).to(dtype)
 
+    @property
+    def groups(self) -> int:
+        return self.module.groups
+
+    def _by_group(self, values: Tensor) -> Tensor:
+        """(…, groups·n) as (…, groups, n) for a grouped conv (channels are group-major); as is otherwise."""
+        return values if self.groups == 1 else values.unflatten(-1, (self.groups, -1))
+
     @cached_property
     def a(self) -> Tensor:
         module = self.module
         patches = F.unfold(
             self.inputs, module.kernel_size, dilation=module.dilation, padding=_padding(module), stride=module.stride
         )
-        return _with_bias_column(patches.transpose(1, 2), self.columns)  # (N, positions, C·kh·kw)
+        # (N, positions, C·kh·kw), grouped (N, positions, groups, C/groups·kh·kw)
+        return _with_bias_column(self._by_group(patches.transpose(1, 2)), self.columns)
 
     @cached_property
     def d(self) -> Tensor:
-        return self.grad.flatten(2).transpose(1, 2)  # (N, positions, out)
+        return self._by_group(self.grad.flatten(2).transpose(1, 2))  # (N, positions, [groups,] out)
 
     def rows(self, side: str, reduce: bool) -> Tensor:
         if not reduce:
             return super().rows(side, reduce)
         if side == "d":
-            return self.grad.sum((2, 3))
-        ones = self.inputs.new_ones(self.inputs.shape[0], 1)
+            return self._by_group(self.grad.sum((2, 3)))
         if self.columns == "bias":
-            return ones
-        means = patch_means(self.inputs, self.module)
-        return torch.cat([means, ones], dim=1) if self.columns == "weight+bias" else means
+            return self.inputs.new_ones(self.inputs.shape[0], *((self.groups,) if self.groups > 1 else ()), 1)
+        means = self._by_group(patch_means(self.inputs, self.module))
+        return _with_bias_column(means, self.columns)
 
     def count(self, reduce: bool) -> int:
         examples, _, height, width = self.grad.shape
@@ -120,11 +133,12 @@ class ConvSample(Sample):
         if q is None or self.columns == "bias":
             return super().rotated_a(q)
         module, folded = self.module, self.columns == "weight+bias"
-        kernels = q[: q.shape[0] - folded].T.reshape(q.shape[1], *module.weight.shape[1:])
-        out = F.conv2d(
-            self.inputs, kernels, q[-1] if folded else None, module.stride, _padding(module), module.dilation
-        )
-        return out.flatten(2).transpose(1, 2)
+        blocks = q if q.ndim == 3 else q.unsqueeze(0)  # (groups, in, in), a group's columns its kernels
+        inputs = blocks.shape[1] - folded
+        kernels = blocks[:, :inputs].mT.reshape(-1, *module.weight.shape[1:])
+        bias = blocks[:, -1].reshape(-1) if folded else None
+        out = F.conv2d(self.inputs, kernels, bias, module.stride, _padding(module), module.dilation, module.groups)
+        return self._by_group(out.flatten(2).transpose(1, 2))
 
 
 def _squares(values: Tensor) -> Tensor:
@@ -167,11 +181,11 @@ def tap_selector(
 
 
 def _with_bias_column(a: Tensor, columns: Columns) -> Tensor:
-    """(N, S, in) inputs as A's columns: with the bias's 1 appended, or that 1 alone."""
-    ones = torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device)
+    """Inputs (…, in) as A's columns: with the bias's 1 appended, or that 1 alone."""
+    ones = torch.ones(*a.shape[:-1], 1, dtype=a.dtype, device=a.device)
     if columns == "bias":
         return ones
-    return torch.cat([a, ones], dim=2) if columns == "weight+bias" else a
+    return torch.cat([a, ones], dim=-1) if columns == "weight+bias" else a
 
 
 @dataclass
@@ -224,9 +238,15 @@ class Statistics:
             return self._embedding_scale(q_g)
         total = None
         for sample in self.samples:
-            d = sample.d if q_g is None else sample.d @ q_g
+            d = sample.d if q_g is None else rotated(sample.d, q_g)
             a = sample.rotated_a(q_a)
-            if d.shape[1] == 1:  # no sharing: Σ_n (d_n²)(a_n²)ᵀ in one product
+            if d.ndim == 4:  # a grouped conv: (N, S, groups, ·), one block per group
+                chunk = max(1, CHUNK // max(1, d.shape[2] * d.shape[3] * a.shape[3]))
+                part = sum(
+                    _squares(torch.einsum("nsko,nski->nkoi", d[i : i + chunk], a[i : i + chunk])).sum(0)
+                    for i in range(0, len(d), chunk)
+                )
+            elif d.shape[1] == 1:  # no sharing: Σ_n (d_n²)(a_n²)ᵀ in one product
                 part = (d[:, 0] * d[:, 0]).T @ (a[:, 0] * a[:, 0])
             else:
                 chunk = max(1, CHUNK // max(1, d.shape[2] * a.shape[2]))
@@ -261,29 +281,33 @@ def mean_square(blocks: list[Tensor], count: float) -> Tensor:
 
 
 def mean_gram(blocks: list[Tensor], count: float, bf16: bool, onto: Average | None = None) -> Tensor:
-    """Σ rᵀr / count over blocks of rows, in the rows' precision. With ``bf16`` each block is
-    rounded to bfloat16 once and its product comes back rounded to bfloat16; otherwise 1/count
-    lands on whichever is smaller, a block or its product.
+    """Σ rᵀr / count over blocks of rows, in the rows' precision (a grouped layer's rows (N, groups,
+    n) give one gram per group, (groups, n, n)). With ``bf16`` each block is rounded to bfloat16
+    once and its product comes back rounded to bfloat16; otherwise 1/count lands on whichever is
+    smaller, a block or its product.
 
     ``onto`` = (S, decay), without ``bf16``: decay·S + (1 − decay)·Σ rᵀr / count instead, a new
     tensor made by ``addmm``'s beta and alpha: the step's factor is never formed, divided or mixed
     in a pass of its own (fog's ``opt.step`` on the bench MLP: 30.6 → 28.0 ms, docs/performance.md)."""
+    if blocks[0].ndim == 3:  # a grouped layer's rows (N, groups, n): one gram per group
+        blocks = [rows.transpose(0, 1) for rows in blocks]
     if onto is not None and not bf16:
         average, decay = onto
         weight = (1 - decay) / count
-        total = torch.addmm(average, blocks[0].T, blocks[0], beta=decay, alpha=weight)
+        batched = blocks[0].ndim == 3
+        total = (torch.baddbmm if batched else torch.addmm)(average, blocks[0].mT, blocks[0], beta=decay, alpha=weight)
         for rows in blocks[1:]:
-            total.addmm_(rows.T, rows, alpha=weight)
+            (total.baddbmm_ if batched else total.addmm_)(rows.mT, rows, alpha=weight)
         return total
     total = None
     for rows in blocks:
         if bf16:
             low = rows.bfloat16()
-            part = (low.T @ low).to(rows.dtype).div_(count)
-        elif rows.numel() < rows.shape[1] ** 2:
-            part = rows.T @ (rows / count)
+            part = (low.mT @ low).to(rows.dtype).div_(count)
+        elif rows.shape[-2] < rows.shape[-1]:  # fewer rows than columns: divide the rows
+            part = rows.mT @ (rows / count)
         else:
-            part = (rows.T @ rows).div_(count)
+            part = (rows.mT @ rows).div_(count)
         total = part if total is None else total.add_(part)
     return total
 
@@ -322,6 +346,34 @@ def matrix_shape(module: nn.Module, kind: Kind, columns: Columns) -> tuple[int, 
     return out, {"weight": inputs, "weight+bias": inputs + 1, "bias": 1}[columns]
 
 
+def groups_of(module: nn.Module) -> int:
+    """A grouped Conv2d's groups (depthwise: one per input channel), 1 for every other layer."""
+    return module.groups if isinstance(module, nn.Conv2d) else 1
+
+
+def block_shape(module: nn.Module, kind: Kind, columns: Columns) -> tuple[int, int, int]:
+    """(groups, out, in) of a layer's X as independent blocks: a Conv2d with groups = k computes k
+    convolutions side by side, each from its k-th of the input channels to its k-th of the outputs,
+    so its X is k blocks of (out/k, in), each with its own A and G. One block for other layers."""
+    out, inputs = matrix_shape(module, kind, columns)
+    groups = groups_of(module)
+    return groups, out // groups, inputs
+
+
+def factor_shapes(block: tuple[int, int, int], diagonal_in: bool, diagonal_out: bool) -> dict[str, tuple[int, ...]]:
+    """The shape of each kind of layer buffer for a layer of ``block`` shape (groups, out, in): a
+    grouped layer's carry the groups first; an ungrouped layer's are the plain matrices and vectors."""
+    groups, out, inputs = block
+    lead = (groups,) if groups > 1 else ()
+    return {
+        "in_factor": lead + ((inputs,) if diagonal_in else (inputs, inputs)),
+        "out_factor": lead + ((out,) if diagonal_out else (out, out)),
+        "in_diag": lead + (inputs,),
+        "out_diag": lead + (out,),
+        "layer_matrix": lead + (out, inputs),
+    }
+
+
 def diagonal_sides(kind: Kind, shape: tuple[int, int], max_dim: int | None) -> tuple[bool, bool]:
     """(A kept as its diagonal, G kept as its diagonal) for a layer's (out, in) matrix: an
     Embedding's A always (its input is one-hot), and any factor above ``max_dim``, the size budget."""
@@ -355,18 +407,18 @@ class StepStatistics:
         return self.parallel.pooled(values, counts)
 
 
-def check_supported(module: nn.Module, name: str) -> None:
-    """Refuse, at build time, layer configurations the statistics do not cover."""
+def unsupported(module: nn.Module | None) -> str | None:
+    """Why the statistics do not cover this layer's configuration (its parameters then fall
+    through ``|`` like any other's, with this reason), or None."""
     if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            raise OpcompError(f"layer '{name}' is a grouped Conv2d (groups={module.groups}); KFAC supports groups=1")
         if module.padding_mode != "zeros":
-            raise OpcompError(f"layer '{name}' pads with '{module.padding_mode}'; KFAC supports padding_mode='zeros'")
+            return f"Conv2d parameters padded with '{module.padding_mode}' (layer statistics take padding_mode='zeros')"
         if module.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)):
-            raise OpcompError(
-                f"layer '{name}' uses padding='same' with an even kernel, which pads unevenly; "
-                "KFAC supports symmetric padding — give the padding as numbers"
+            return (
+                "Conv2d parameters with padding='same' and an even kernel, which pads unevenly "
+                "(give the padding as numbers)"
             )
+    return None
 
 
 def statistics(
@@ -404,7 +456,7 @@ def inputs_key(module: nn.Module, entries: list[Entry]) -> tuple | None:
     when an input cannot be told apart so (a tensor subclass, an inference tensor: no version)."""
     geometry = None
     if isinstance(module, nn.Conv2d):
-        geometry = (module.kernel_size, module.dilation, _padding(module), module.stride)
+        geometry = (module.kernel_size, module.dilation, _padding(module), module.stride, module.groups)
     read = []
     for entry in entries:
         values = entry.input

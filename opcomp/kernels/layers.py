@@ -31,9 +31,10 @@ from opcomp.kernels.factors import (
     Kind,
     Statistics,
     StepStatistics,
+    block_shape,
     diagonal_sides,
+    factor_shapes,
     layer_shape,
-    matrix_shape,
 )
 from opcomp.ops import Options
 from opcomp.precision import working_dtype
@@ -57,8 +58,22 @@ class LayerSlot:
         return self.kind == "embedding"
 
     @property
-    def matrix_shape(self) -> tuple[int, int]:
-        return matrix_shape(self.module, self.kind, self.columns)
+    def block_shape(self) -> tuple[int, int, int]:
+        """(groups, out, in): a grouped Conv2d's X is that many independent blocks."""
+        return block_shape(self.module, self.kind, self.columns)
+
+    @property
+    def grouped(self) -> bool:
+        return self.block_shape[0] > 1
+
+    def dense(self, factor: Tensor) -> bool:
+        """Whether a factor of this layer is kept as a matrix (per group), not as its diagonal."""
+        return factor.ndim == 2 + self.grouped
+
+    def sides(self, max_dim: int | None) -> tuple[bool, bool]:
+        """(A kept diagonal, G kept diagonal), each group's sizes against the budget."""
+        _, out, inputs = self.block_shape
+        return diagonal_sides(self.kind, (out, inputs), max_dim)
 
 
 @dataclass
@@ -129,10 +144,9 @@ def fold_statistics(
     for layer, statistics in zip(due, found):
         diagonal_a, diagonal_g = diagonal(layer)
         if statistics is None:  # none here: zeros that count for nothing, so every rank reduces alike
-            out, inputs = layer.matrix_shape
+            shapes = factor_shapes(layer.block_shape, diagonal_a, diagonal_g)
             like = dict(dtype=working_dtype(layer.module.weight.dtype), device=layer.module.weight.device)
-            values += [torch.zeros((inputs,) if diagonal_a else (inputs, inputs), **like)]
-            values += [torch.zeros((out,) if diagonal_g else (out, out), **like)]
+            values += [torch.zeros(shapes["in_factor"], **like), torch.zeros(shapes["out_factor"], **like)]
             rows += [0, 0]
             continue
         values.append(factor(layer, 0, statistics.A, statistics.A_diagonal, diagonal_a, statistics.source))
@@ -174,7 +188,8 @@ def matrix_of(layer: LayerSlot, x: list[Tensor]) -> Tensor:
         parts.append(like.new_zeros(rows, inputs) if layer.weight is None else weight_matrix(layer, x[layer.weight]))
     if layer.columns != "weight":
         parts.append(like.new_zeros(rows, 1) if layer.bias is None else x[layer.bias].reshape(rows, 1))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    matrix = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return matrix.unflatten(0, layer.block_shape[:2]) if layer.grouped else matrix  # (groups, out, in)
 
 
 def weight_matrix(layer: LayerSlot, weight: Tensor) -> Tensor:
@@ -192,6 +207,7 @@ def as_weight(layer: LayerSlot, matrix: Tensor, like: Tensor) -> Tensor:
 
 def scatter(layer: LayerSlot, direction: Tensor, like: list[Tensor], out: list) -> None:
     """The layer's direction back onto the parameters that have a gradient this step."""
+    direction = direction.flatten(0, 1) if layer.grouped else direction  # the groups' blocks, stacked
     if layer.weight is not None:
         columns = direction[:, :-1] if layer.columns == "weight+bias" else direction
         out[layer.weight] = as_weight(layer, columns, like[layer.weight])
@@ -236,11 +252,12 @@ def decomposed(
             return [tuple(matrices[i].new_full(shape, math.nan) for shape in shapes(matrices[i])) for i in indices]
 
     layout = [shapes(matrix) for matrix in matrices]
-    return parallel.by_owner([m.shape[0] ** 3 for m in matrices], owned, layout, matrices[0])
+    costs = [m.shape[-1] ** 3 * (m.numel() // max(1, m.shape[-1] ** 2)) for m in matrices]  # d³ per block
+    return parallel.by_owner(costs, owned, layout, matrices[0])
 
 
 def eigen_shapes(matrix: Tensor) -> list[tuple]:
-    return [matrix.shape[:1], matrix.shape]
+    return [matrix.shape[:-1], matrix.shape]
 
 
 def inverse_shapes(matrix: Tensor) -> list[tuple]:
@@ -296,7 +313,8 @@ def damped_inverse(batch: Tensor) -> tuple[Tensor, Tensor]:
     ``cholesky_inverse`` on CPU (docs/performance.md)."""
     factor, info = torch.linalg.cholesky_ex(batch)
     identity = torch.eye(batch.shape[-1], dtype=batch.dtype, device=batch.device).expand_as(batch)
-    return torch.cholesky_solve(identity, factor), info != 0
+    failed = info != 0
+    return torch.cholesky_solve(identity, factor), failed.flatten(1).any(1) if failed.ndim > 1 else failed
 
 
 def eigen_inverse(batch: Tensor) -> tuple[Tensor]:
@@ -305,23 +323,24 @@ def eigen_inverse(batch: Tensor) -> tuple[Tensor]:
     return (vectors @ torch.diag_embed(1.0 / values.clamp_min(torch.finfo(values.dtype).tiny)) @ vectors.mT,)
 
 
-def pi_split(a: Tensor, g: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+def pi_split(a: Tensor, g: Tensor, damping: float, dense_a: bool, dense_g: bool) -> tuple[Tensor, Tensor]:
     """Martens & Grosse's factored damping: λ_A = π√λ, λ_G = √λ/π, π² = (tr A/dim A)/(tr G/dim G).
 
-    0-d float64 tensors on the factors' device, so a refresh reads no value back from it; π = 1
-    (the damping split evenly) when a factor is degenerate: a trace of 0, inf or NaN.
+    0-d float64 tensors on the factors' device (one per group for a grouped layer: each group is
+    its own block), so a refresh reads no value back from it; π = 1 (the damping split evenly)
+    when a factor is degenerate: a trace of 0, inf or NaN.
     """
-    mean_a = trace(a).double() / max(1, a.shape[0])
-    mean_g = trace(g).double() / max(1, g.shape[0])
+    mean_a = trace(a, dense_a).double() / max(1, a.shape[-1])
+    mean_g = trace(g, dense_g).double() / max(1, g.shape[-1])
     ratio = mean_a / mean_g
     pi = torch.where((mean_g > 0) & (ratio > 0) & (ratio < math.inf), ratio.sqrt(), 1.0)
     root = math.sqrt(damping)
     return pi * root, root / pi
 
 
-def trace(factor: Tensor) -> Tensor:
-    """The trace of a factor kept dense (a matrix) or as its diagonal (a vector)."""
-    return factor.sum() if factor.ndim == 1 else factor.diagonal().sum()
+def trace(factor: Tensor, dense: bool) -> Tensor:
+    """The trace of a factor kept dense (a matrix) or as its diagonal (a vector), per group."""
+    return factor.diagonal(dim1=-2, dim2=-1).sum(-1) if dense else factor.sum(-1)
 
 
 def product(left: Tensor, right: Tensor, bf16: bool) -> Tensor:
@@ -334,8 +353,8 @@ def preconditioned(g_inverse: Tensor, matrix: Tensor, a_inverse: Tensor, bf16: b
     """G⁻¹ X A⁻¹ in X's precision, each inverse kept dense (a matrix, or a batch of them beside a
     batch of X) or as a diagonal."""
     dense = matrix.ndim
-    x = product(g_inverse, matrix, bf16) if g_inverse.ndim == dense else g_inverse.unsqueeze(1) * matrix
-    x = product(x, a_inverse, bf16) if a_inverse.ndim == dense else x * a_inverse
+    x = product(g_inverse, matrix, bf16) if g_inverse.ndim == dense else g_inverse.unsqueeze(-1) * matrix
+    x = product(x, a_inverse, bf16) if a_inverse.ndim == dense else x * a_inverse.unsqueeze(-2)
     return x.to(matrix.dtype)
 
 
@@ -355,7 +374,7 @@ def preconditioned_layers(layers: list[LayerSlot], matrices: list[Tensor], bf16:
     groups: dict[tuple, list[int]] = defaultdict(list)
     for index, (layer, matrix) in enumerate(zip(layers, matrices)):
         g_inverse, a_inverse = layer.state["G_inv"], layer.state["A_inv"]
-        if g_inverse.ndim == a_inverse.ndim == 2 and max(matrix.shape) <= BATCHED:
+        if g_inverse.ndim == a_inverse.ndim == matrix.ndim == 2 and max(matrix.shape) <= BATCHED:
             groups[matrix.shape, matrix.dtype, matrix.device, g_inverse.dtype].append(index)
         else:
             out[index] = preconditioned(g_inverse, matrix, a_inverse, bf16)
@@ -385,14 +404,14 @@ class Refresh:
         """Eigenvalues and, for a dense factor, eigenvectors of A and G per layer, every dense
         factor in one decomposition (one split across ranks); a factor kept diagonal is its own
         eigenvalues, with the identity as basis (no Q stored)."""
-        dense = [(layer, name) for name in ("A", "G") for layer in self.layers if layer.state[name].ndim == 2]
+        dense = [(layer, name) for name in ("A", "G") for layer in self.layers if layer.dense(layer.state[name])]
         factors = [layer.state[name] for layer, name in dense]
         decompositions = decomposed(factors, eigens, eigen_shapes, self.parallel, finite_first=True)
         for (layer, name), (values, vectors) in zip(dense, decompositions):
             layer.state[f"{name}_eigenvalues"], layer.state[f"Q_{name}"] = values, vectors
         for name in ("A", "G"):
             for layer in self.layers:
-                if layer.state[name].ndim == 1:
+                if not layer.dense(layer.state[name]):
                     layer.state[f"{name}_eigenvalues"] = layer.state[name].clamp_min(0.0)
                     layer.state.pop(f"Q_{name}", None)
 
@@ -400,22 +419,20 @@ class Refresh:
 def in_eigenbasis(layer: LayerSlot, matrix: Tensor, scale: Tensor, damping: float, bf16: bool = False) -> Tensor:
     """Q_G ((Q_Gᵀ X Q_A) ⊘ (scale + λ)) Q_Aᵀ, a missing Q being the identity."""
     q_g, q_a = layer.state.get("Q_G"), layer.state.get("Q_A")
-    rotated = matrix if q_g is None else product(q_g.T, matrix, bf16)
+    rotated = matrix if q_g is None else product(q_g.mT, matrix, bf16)
     rotated = rotated if q_a is None else product(rotated, q_a, bf16)
     rotated = rotated / (scale + damping)
     rotated = rotated if q_g is None else product(q_g, rotated, bf16)
-    return (rotated if q_a is None else product(rotated, q_a.T, bf16)).to(matrix.dtype)
+    return (rotated if q_a is None else product(rotated, q_a.mT, bf16)).to(matrix.dtype)
 
 
 def kronecker_eigenvalues(layer: LayerSlot) -> Tensor:
-    return layer.state["G_eigenvalues"].unsqueeze(1) * layer.state["A_eigenvalues"].unsqueeze(0)
+    return layer.state["G_eigenvalues"].unsqueeze(-1) * layer.state["A_eigenvalues"].unsqueeze(-2)
 
 
 def update_factors(ctx: LayerCtx, counts: list[int]) -> dict[int, Statistics | None]:
     """KFAC's A and G, each dense or kept diagonal by the size budget."""
-    return fold_statistics(
-        ctx, counts, ("A", "G"), lambda layer: diagonal_sides(layer.kind, layer.matrix_shape, ctx.options.max_dim)
-    )
+    return fold_statistics(ctx, counts, ("A", "G"), lambda layer: layer.sides(ctx.options.max_dim))
 
 
 @kernel("kfac", collective="layers")
@@ -448,16 +465,22 @@ def invert_factored(
     """A_inv = (A + λ_A I)⁻¹, G_inv = (G + λ_G I)⁻¹ with π-split damping, batched by size; a factor
     kept diagonal inverts element-wise. With ``bf16`` a dense inverse is kept as the bfloat16
     rounding every product takes of it (computed in the working precision, stored once)."""
-    splits = [pi_split(layer.state["A"], layer.state["G"], damping) for layer in layers]
+    splits = [
+        pi_split(
+            layer.state["A"], layer.state["G"], damping, layer.dense(layer.state["A"]), layer.dense(layer.state["G"])
+        )
+        for layer in layers
+    ]
     dense, damped = [], []
     for name, side in (("A", 0), ("G", 1)):
         for layer, split in zip(layers, splits):
-            factor, lam = layer.state[name], split[side]
-            if factor.ndim == 1:
-                layer.state[f"{name}_inv"] = 1.0 / (factor + lam)
+            factor, lam = layer.state[name], split[side].to(layer.state[name].dtype)
+            if not layer.dense(factor):
+                layer.state[f"{name}_inv"] = 1.0 / (factor + lam.unsqueeze(-1))
             else:
                 dense.append((layer, name))
-                damped.append(factor + lam * torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device))
+                identity = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
+                damped.append(factor + lam.unsqueeze(-1).unsqueeze(-1) * identity)
     for (layer, name), (inverse,) in zip(dense, decomposed(damped, damped_inverses, inverse_shapes, parallel)):
         layer.state[f"{name}_inv"] = inverse.bfloat16() if bf16 else inverse
 
@@ -472,6 +495,9 @@ def diag_kfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
     fold_statistics(ctx, step_counts(ctx), ("A_diag", "G_diag"), lambda layer: (True, True))
     for layer in ctx.layers:
         g, a = layer.state["G_diag"] + o.damping, layer.state["A_diag"] + o.damping
+        if layer.grouped:  # each group's block by its own diagonals
+            scatter(layer, matrix_of(layer, x) / (g.unsqueeze(-1) * a.unsqueeze(-2)), x, out)
+            continue
         if layer.weight is not None and layer.columns != "bias":
             weight = x[layer.weight]
             columns = a[:-1] if layer.columns == "weight+bias" else a
