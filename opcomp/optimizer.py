@@ -45,7 +45,7 @@ from opcomp.plan import Plan, check_parameter
 from opcomp.prediction import Output, Prediction
 from opcomp.report import warn_at_build
 from opcomp.skips import Skips
-from opcomp.state import keep_where, snapshot, unchanged_layout
+from opcomp.state import Undo, keep_where, snapshot, unchanged_layout
 
 
 def decides_on_device(params: list[Tensor]) -> bool:
@@ -102,6 +102,7 @@ class Optimizer(torch.optim.Optimizer):
         self._class_dim = class_dim if class_dim is not None else (1 if likelihood == "categorical" else -1)
         self._capture: Capture | None = None
         self._skips = Skips()
+        self._undo = Undo()  # what element-wise families write in place, kept to put back
         default = self._plan.lower(expr)
         self._default = (expr if isinstance(expr, str) else default.canonical, default)
         super().__init__(params, {"lr": lr, "expr": default.canonical})
@@ -301,8 +302,8 @@ class Optimizer(torch.optim.Optimizer):
         stepped = [item for e in plain for item in split[e][2]]
         in_place = [p for _, _, params in stepped for p in params]
         replaced = {n.state_key for e in families for n in graphs[e].nodes if n.spec.replaces_state}
-        saved = snapshot(self.state, touched + in_place, replaced) if touched or in_place else None
-        values = [p.detach().clone() for p in in_place]
+        saved = snapshot(self.state, touched, replaced, in_place) if touched or in_place else None
+        kept = self._undo.keep(written(stepped, self.state))
         capture = self._capture
         statistics = StepStatistics(capture, self._reduction, self._parallel) if capture is not None else None
         try:
@@ -330,8 +331,7 @@ class Optimizer(torch.optim.Optimizer):
         except BaseException as error:  # inf or NaN, or a closure or kernel that raised: nothing is kept
             if saved is not None:
                 self.state = saved
-            for param, value in zip(in_place, values):
-                param.copy_(value)
+            self._undo.restore(kept)
             if isinstance(error, NonFinite):
                 return self._skip(loss)
             if self._capture is not None:

@@ -156,11 +156,13 @@ class NodeState:
         return max(advance(entry, param, name) for entry, param in zip(self.entries, self.params))
 
 
-def snapshot(state, params: list[Tensor], shared: Collection[str] = ()) -> defaultdict:
+def snapshot(state, params: list[Tensor], shared: Collection[str] = (), kept: Collection[Tensor] = ()) -> defaultdict:
     """A copy of the optimizer state to go back to: the buffers of ``params`` cloned, except those
     under the keys in ``shared``, whose nodes replace their tensors instead of writing into them
-    (``OpSpec.replaces_state``); those, and every other parameter's state, are shared."""
-    touched = {id(p) for p in params}
+    (``OpSpec.replaces_state``), and those of ``kept`` parameters, whose values an :class:`Undo`
+    keeps; their entries are copied (a step that creates state leaves none behind), their
+    tensors shared, as is every other parameter's state."""
+    touched, values_kept = {id(p) for p in params}, {id(p) for p in kept}
     copy: defaultdict = defaultdict(dict)
     for param, entries in state.items():
         if id(param) in touched:
@@ -168,9 +170,36 @@ def snapshot(state, params: list[Tensor], shared: Collection[str] = ()) -> defau
                 key: dict(buffers) if key in shared else {n: _cloned(t) for n, t in buffers.items()}
                 for key, buffers in entries.items()
             }
+        elif id(param) in values_kept:
+            copy[param] = {key: dict(buffers) for key, buffers in entries.items()}
         else:
             copy[param] = entries
     return copy
+
+
+class Undo:
+    """Copies of tensors a step writes in place, to put back if it must: one buffer per tensor,
+    made on first use and written again each step, so keeping costs one copy and no allocation
+    (an element-wise family's eager step; ``python -m opcomp.bench.update_check``)."""
+
+    def __init__(self) -> None:
+        self.copies = WeakIdKeyDictionary()
+
+    def keep(self, tensors: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        kept = []
+        for tensor in tensors:
+            copy = self.copies.get(tensor)
+            if copy is None or copy.shape != tensor.shape or copy.dtype != tensor.dtype:
+                copy = self.copies[tensor] = torch.empty_like(tensor)
+            kept.append((tensor, copy))
+        if kept:
+            torch._foreach_copy_([c for _, c in kept], [t for t, _ in kept])
+        return kept
+
+    @staticmethod
+    def restore(kept: list[tuple[Tensor, Tensor]]) -> None:
+        if kept:
+            torch._foreach_copy_([t for t, _ in kept], [c for _, c in kept])
 
 
 def unchanged_layout(state, saved, params: list[Tensor]) -> bool:
