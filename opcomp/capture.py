@@ -78,14 +78,14 @@ class Capture:
         this = weakref.ref(self)
         for module in self.modules:
             self._hook(module)
-        self.handles.append(self.model.register_forward_pre_hook(_weakly(this, Capture._model_starts)))
-        self.handles.append(self.model.register_forward_hook(_weakly(this, Capture._model_ends)))
-        weakref.finalize(self, _remove, self.handles)  # the list itself: hooks added later go too
+        self.handles.append(self.model.register_forward_pre_hook(weakly(this, Capture._model_starts)))
+        self.handles.append(self.model.register_forward_hook(weakly(this, Capture._model_ends)))
+        weakref.finalize(self, remove_hooks, self.handles)  # the list itself: hooks added later go too
         forget_compiled_code()
 
     def _hook(self, module: nn.Module) -> None:
         self.entries[module] = []
-        self.layer_handles[module] = module.register_forward_hook(_weakly(weakref.ref(self), Capture._forward))
+        self.layer_handles[module] = module.register_forward_hook(weakly(weakref.ref(self), Capture._forward))
         self.handles.append(self.layer_handles[module])
 
     def retarget(self, modules: list[nn.Module], records: dict[nn.Module, tuple[Tensor, Tensor]]) -> None:
@@ -148,7 +148,7 @@ class Capture:
             entry.sampled = None if grad is None else grad.detach()
             entry.output = None
         if self.likelihood == "categorical" and not self._layout_checked and output.requires_grad:
-            output.register_hook(_weakly(weakref.ref(self), Capture._check_layout))
+            output.register_hook(weakly(weakref.ref(self), Capture._check_layout))
 
     def _check_layout(self, grad: Tensor) -> None:
         """Once: does the user's loss treat ``class_dim`` as the classes? Recorded, raised at the step."""
@@ -186,7 +186,7 @@ class Capture:
             self.armed, self.sample = armed, sample
 
     def close(self) -> None:
-        _remove(self.handles)
+        remove_hooks(self.handles)
         self.handles.clear()
         self.layer_handles.clear()
         self.clear()
@@ -218,17 +218,20 @@ def forget_compiled_code() -> bool:
     return True
 
 
-def _weakly(capture: weakref.ref, method):
-    """A hook that calls ``method`` on the capture while it lives, and does nothing after."""
+def weakly(target: weakref.ref, method, compiled: bool = True):
+    """A hook that calls ``method`` on ``target`` while it lives, and does nothing after. With
+    ``compiled=False`` it also does nothing inside a graph torch.compile traces."""
 
     def hook(*args):
-        target = capture()
-        return None if target is None else method(target, *args)
+        if not compiled and torch.compiler.is_compiling():
+            return None
+        live = target()
+        return None if live is None else method(live, *args)
 
     return hook
 
 
-def _remove(handles: list) -> None:
+def remove_hooks(handles: list) -> None:
     for handle in handles:
         handle.remove()
 

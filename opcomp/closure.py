@@ -65,7 +65,11 @@ def finite_flag(tensors: Sequence[Tensor]) -> Tensor:
     device = present[0].device
     if torch.compiler.is_compiling():
         return torch.stack([t.isfinite().all().to(device) for t in present]).all()
-    return torch.cat([torch.stack(torch.aminmax(t)).to(device) for t in present]).isfinite().all()
+    ends = [torch.stack(torch.aminmax(t)) for t in present]
+    shards = [is_shard(end) for end in ends]
+    if any(shards) and not all(shards):  # FSDP2 shards beside plain tensors (counters): make them whole
+        ends = [end.full_tensor() if shard else end for end, shard in zip(ends, shards)]
+    return torch.cat([end.to(device) for end in ends]).isfinite().all()
 
 
 _PENDING: ContextVar[list[Tensor] | None] = ContextVar("opcomp_pending_checks", default=None)

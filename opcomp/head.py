@@ -15,9 +15,9 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
+from opcomp.capture import remove_hooks, weakly
 from opcomp.kernels.factors import layer_kind
 from opcomp.prediction import Prediction
 
@@ -63,10 +63,12 @@ class HeadWatch:
     def __post_init__(self) -> None:
         this = weakref.ref(self)
         for layer in self.layers:
-            self.handles.append(layer.register_forward_hook(_weakly(this, HeadWatch._layer_ran)))
-        self.handles.append(self.model.register_forward_pre_hook(_weakly(this, HeadWatch._starts)))
-        self.handles.append(self.model.register_forward_hook(_weakly(this, HeadWatch._ends), prepend=True))
-        weakref.finalize(self, _remove, list(self.handles))
+            self.handles.append(layer.register_forward_hook(weakly(this, HeadWatch._layer_ran, compiled=False)))
+        self.handles.append(self.model.register_forward_pre_hook(weakly(this, HeadWatch._starts, compiled=False)))
+        self.handles.append(
+            self.model.register_forward_hook(weakly(this, HeadWatch._ends, compiled=False), prepend=True)
+        )
+        weakref.finalize(self, remove_hooks, list(self.handles))
 
     def _starts(self, model: nn.Module, args: tuple) -> None:
         if model is self.model:  # not a deep copy of it, whose modules carry these hooks too
@@ -91,24 +93,5 @@ class HeadWatch:
         self.decided(producing[-1] if producing else self.finished[-1], self.records)
 
     def close(self) -> None:
-        _remove(self.handles)
+        remove_hooks(self.handles)
         self.handles = []
-
-
-def _weakly(watch: weakref.ref, method):
-    """A hook that calls ``method`` while the watch lives. Inside a compiled graph it does nothing
-    (it would break the graph, for one forward's sake): a model compiled from its first forward
-    keeps the guessed head until it runs eagerly."""
-
-    def hook(*args):
-        if torch.compiler.is_compiling():
-            return None
-        target = watch()
-        return None if target is None else method(target, *args)
-
-    return hook
-
-
-def _remove(handles: list) -> None:
-    for handle in handles:
-        handle.remove()

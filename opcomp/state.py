@@ -192,14 +192,14 @@ class Undo:
             if copy is None or copy.shape != tensor.shape or copy.dtype != tensor.dtype:
                 copy = self.copies[tensor] = torch.empty_like(tensor)
             kept.append((tensor, copy))
-        if kept:
-            torch._foreach_copy_([c for _, c in kept], [t for t, _ in kept])
+        for tensor, copy in kept:  # one copy_ each: DTensor shards (FSDP2) have no foreach copy
+            copy.copy_(tensor)
         return kept
 
     @staticmethod
     def restore(kept: list[tuple[Tensor, Tensor]]) -> None:
-        if kept:
-            torch._foreach_copy_([t for t, _ in kept], [c for _, c in kept])
+        for tensor, copy in kept:
+            tensor.copy_(copy)
 
 
 def unchanged_layout(state, saved, params: list[Tensor]) -> bool:

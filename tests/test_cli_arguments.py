@@ -45,7 +45,7 @@ MODULES = {
             return Task("t", broken, lambda g: data(), data())
         """
     ),
-    "deep_rules.toml": "x = " + "[" * 496 + "]" * 496 + "\n",
+    "deep_rules.toml": "x = " + "[" * 5000 + "]" * 5000 + "\n",  # deeper than any stack: always refused alike
     "bad_lr.opc": "# lr: abc\nmine = adamw\n",
 }
 
@@ -86,7 +86,7 @@ def here(tmp_path, monkeypatch):
     yield tmp_path
     import sys
 
-    for name in [n for n in MODULES if "." not in n]:
+    for name in [*(n for n in MODULES if "." not in n), "my_tasks"]:
         sys.modules.pop(name, None)
 
 

@@ -28,30 +28,37 @@ def test_ddp_steps_as_one_process_on_the_whole_batch(ranks, case):
     apart in one process, and which order shows it differs between CPUs, so each of three counts."""
     first, second = (rank["results"][case] for rank in ranks)
     assert all(torch.equal(a, b) for a, b in zip(first, second)), "the ranks' parameters differ"
+    assert_as_one_process(first, case)
+
+
+def assert_as_one_process(got: list[torch.Tensor], case: tuple) -> None:
+    """``got`` equals one process on the whole batch within float tolerance, or within what summing
+    the batch in another order changes in one process (three orders: each counts)."""
     reference = ddp_cases.train(*case)
     start = [p.detach() for p in ddp_cases.fresh(case[1]).parameters()]
     moved = max(float((p - s).abs().max()) for p, s in zip(reference, start))
     assert moved > 1e-3, "the reference did not train"
+    error = max(float((a - b).abs().max()) for a, b in zip(got, reference))
+    if error <= 1e-5 * moved:
+        return
     rounding = max(
         float((a - b).abs().max())
         for shift in (ddp_cases.BATCH // 4, ddp_cases.BATCH // 2, 3 * ddp_cases.BATCH // 4)
         for a, b in zip(reference, ddp_cases.train(*case, shift=shift))
     )
-    error = max(float((a - b).abs().max()) for a, b in zip(first, reference))
     assert error <= max(1e-4 * moved, 2 * rounding), f"{error:.1e} off one process (its own rounding: {rounding:.1e})"
 
 
 @pytest.mark.parametrize("case", ddp_cases.sharded_cases(), ids="-".join)
 def test_fsdp2_steps_as_one_process_on_the_whole_batch(ranks, case):
     """FSDP2 shards every layer; Newton–Schulz and KFAC see whole matrices, so the step is one
-    process's to float precision (bf16 Newton–Schulz included)."""
+    process's up to the order of its sums: to float precision, or — where bf16 Newton–Schulz
+    amplifies a rounding-level change, as fog on the conv net does on some CPUs (an AMD EPYC:
+    1.6e-4 off, exactly what reordering the batch moves one process) — within that process's own
+    rounding, as under DDP."""
     first, second = (rank["sharded"][case] for rank in ranks)
     assert all(torch.equal(a, b) for a, b in zip(first, second)), "the ranks' gathered parameters differ"
-    reference = ddp_cases.train(*case)
-    start = [p.detach() for p in ddp_cases.fresh(case[1]).parameters()]
-    assert max(float((p - s).abs().max()) for p, s in zip(reference, start)) > 1e-3, "the reference did not train"
-    for got, want in zip(first, reference):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_as_one_process(first, case)
 
 
 @pytest.mark.parametrize("preset", ["adamw", "muon_adamw", "fog", "diagfog"])
