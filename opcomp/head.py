@@ -11,6 +11,7 @@ skip the watch: a model compiled from its first forward keeps the guess until an
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ class HeadWatch:
     decided: Callable[[nn.Module | None, dict], None]
     finished: list[nn.Module] = field(default_factory=list)
     records: dict[nn.Module, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    compiled: bool = False  # this forward runs through torch.compile: its layers' hooks may not all run
     handles: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -73,16 +75,17 @@ class HeadWatch:
     def _starts(self, model: nn.Module, args: tuple) -> None:
         if model is self.model:  # not a deep copy of it, whose modules carry these hooks too
             self.finished, self.records = [], {}
+            self.compiled = compiled_call(model)
 
     def _layer_ran(self, layer: nn.Module, args: tuple, output) -> None:
-        if not any(layer is known for known in self.layers):
+        if self.compiled or not any(layer is known for known in self.layers):
             return
         self.finished.append(layer)
         if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
             self.records[layer] = (args[0], output)
 
     def _ends(self, model: nn.Module, args: tuple, output) -> None:
-        if model is not self.model or not self.finished:
+        if model is not self.model or self.compiled or not self.finished:
             return  # a forward that ran none of the layers (a probe of something else): wait for one
         self.close()
         try:
@@ -95,3 +98,12 @@ class HeadWatch:
     def close(self) -> None:
         remove_hooks(self.handles)
         self.handles = []
+
+
+def compiled_call(model: nn.Module) -> bool:
+    """Whether this forward of ``model`` runs through torch.compile, whose graph skips the watch's
+    layer hooks (and, broken in places, may run some of them): ``torch.compile(model)``'s wrapper
+    calling it, or a model compiled in place (``model.compile()``)."""
+    frames = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing is compiled
+    inside = getattr(frames, "_is_in_optimized_module", None)
+    return bool(inside is not None and inside()) or getattr(model, "_compiled_call_impl", None) is not None
