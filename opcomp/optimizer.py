@@ -8,7 +8,6 @@ built with the groups, and the state's snapshot for steps that may give up (:mod
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
@@ -33,7 +32,7 @@ from opcomp.closure import (
     together,
 )
 from opcomp.definitions import Namespace
-from opcomp.errors import OpcompError, OpcompTypeError, OpcompValueError, OpcompWarning
+from opcomp.errors import OpcompError, OpcompTypeError, OpcompValueError, OpcompWarning, warn
 from opcomp.execute import Elementwise, land, landing, run_family, runs_in_place, step_adamw, torch_adamw, written
 from opcomp.head import HeadWatch, candidates
 from opcomp.kernels import COLLECTIVE
@@ -196,13 +195,12 @@ class Optimizer(torch.optim.Optimizer):
                 warn_dropped(loaded[1])
             return
         if any(self.state.values()) and loaded is None:
-            warnings.warn(
+            warn(
                 f"opcomp: the model's output head is '{type(head).__name__}' layer "
                 f"{self._plan.names.get(id(head.weight), '?')}, not the layer the build assumed, but the optimizer "
                 "has stepped already: its plan stays (build before the first step, or say which layer "
                 "runs what in a rule file)",
                 OpcompWarning,
-                stacklevel=2,
             )
             return
         old = self._plan

@@ -240,3 +240,36 @@ def test_a_model_compiled_and_run_before_the_build_feeds_fog_as_its_eager_twin(f
     assert opt.skipped_steps == 0
     for a, b in zip(model.parameters(), eager.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+class ClassifierFirst(nn.Module):
+    """The classifier registered before the body: registration order guesses the wrong head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(16, 4)
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+
+def test_a_model_compiled_from_its_first_forward_keeps_the_guessed_head_and_a_late_eager_forward_says_so():
+    """Compiled forwards do not settle the head (graph breaks would show some layers, not all); an
+    eager forward after the optimizer has stepped says the plan stays, with the fix."""
+    torch.manual_seed(0)
+    model = ClassifierFirst()
+    compiled = torch.compile(model)
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", opcomp.OpcompWarning)
+        opt = opcomp.build("muon_adamw", model)
+    guessed = opt.assignments()
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(compiled(x), y).backward()
+        opt.step()
+    assert opt.assignments() == guessed and guessed["body.2.weight"] == "0.1 × adamw"
+    with pytest.warns(opcomp.OpcompWarning, match="has stepped already: its plan stays"):
+        model(x)
+    assert opt.assignments() == guessed
