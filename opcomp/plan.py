@@ -306,8 +306,7 @@ class LayerPlan:
     @property
     def diagonal_sides(self) -> tuple[bool, bool]:
         """Whether A and G are kept as their diagonals (an Embedding's A; factors above max_dim)."""
-        _, out, inputs = self.block_shape
-        return diagonal_sides(self.kind, (out, inputs), getattr(self.node.options, "max_dim", None))
+        return diagonal_sides(self.kind, self.block_shape, getattr(self.node.options, "max_dim", None))
 
     def buffer_shapes(self) -> dict[str, tuple[int, ...]]:
         """The shape of each kind of layer buffer (``StateBuffer.shape``) for this layer."""

@@ -374,11 +374,12 @@ def factor_shapes(block: tuple[int, int, int], diagonal_in: bool, diagonal_out: 
     }
 
 
-def diagonal_sides(kind: Kind, shape: tuple[int, int], max_dim: int | None) -> tuple[bool, bool]:
-    """(A kept as its diagonal, G kept as its diagonal) for a layer's (out, in) matrix: an
-    Embedding's A always (its input is one-hot), and any factor above ``max_dim``, the size budget."""
-    out, inputs = shape
-    limit = max_dim if max_dim is not None else max(shape)
+def diagonal_sides(kind: Kind, block: tuple[int, int, int], max_dim: int | None) -> tuple[bool, bool]:
+    """(A kept as its diagonal, G kept as its diagonal) for a layer of ``block`` shape (groups, out,
+    in): an Embedding's A always (its input is one-hot), and any factor above ``max_dim``, the size
+    budget, each group's sizes counted."""
+    _, out, inputs = block
+    limit = max_dim if max_dim is not None else max(out, inputs)
     return kind == "embedding" or inputs > limit, out > limit
 
 

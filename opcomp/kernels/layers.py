@@ -34,6 +34,7 @@ from opcomp.kernels.factors import (
     block_shape,
     diagonal_sides,
     factor_shapes,
+    groups_of,
     layer_shape,
 )
 from opcomp.ops import Options
@@ -64,7 +65,7 @@ class LayerSlot:
 
     @property
     def grouped(self) -> bool:
-        return self.block_shape[0] > 1
+        return groups_of(self.module) > 1
 
     def dense(self, factor: Tensor) -> bool:
         """Whether a factor of this layer is kept as a matrix (per group), not as its diagonal."""
@@ -72,8 +73,7 @@ class LayerSlot:
 
     def sides(self, max_dim: int | None) -> tuple[bool, bool]:
         """(A kept diagonal, G kept diagonal), each group's sizes against the budget."""
-        _, out, inputs = self.block_shape
-        return diagonal_sides(self.kind, (out, inputs), max_dim)
+        return diagonal_sides(self.kind, self.block_shape, max_dim)
 
 
 @dataclass
