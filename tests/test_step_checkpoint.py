@@ -1,0 +1,70 @@
+"""A checkpoint saved before the step's redesign loads and continues bit for bit.
+
+tests/data/step_checkpoint_d633f00.pt was written by tests/data/make_step_checkpoint.py with opcomp at
+d633f00: for fog (layer statistics), adamw (torch's fused kernel) and sam_sgd (a probe with a closure),
+the model and optimizer after 6 steps, and the parameters and optimizer state that version reached
+after 6 more.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import opcomp
+
+PRESETS = ["fog", "adamw", "sam_sgd"]
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 3 * 3, 16), nn.Tanh(), nn.Linear(16, 3)
+    )
+
+
+def batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(3)
+    return [
+        (torch.randn(8, 1, 8, 8, generator=generator), torch.randint(0, 3, (8,), generator=generator))
+        for _ in range(count)
+    ]
+
+
+def run(net: nn.Module, opt: torch.optim.Optimizer, data) -> None:
+    for x, y in data:
+
+        def closure(x=x, y=y):
+            return nn.functional.cross_entropy(net(x), y)
+
+        opt.zero_grad()
+        opt.step(closure)
+
+
+SAVED = Path(__file__).parent / "data" / "step_checkpoint_d633f00.pt"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_checkpoint_saved_before_the_redesign_continues_bitwise(preset):
+    saved = torch.load(SAVED, weights_only=True)[preset]
+    net = model()
+    net.load_state_dict(saved["model"])
+    opt = opcomp.build(preset, net, lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing may be left behind
+        opt.load_state_dict(saved["opt"])
+    run(net, opt, batches(12)[6:])
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, saved["after"][name]), name
+    after, expected = opt.state_dict()["state"], saved["opt_after"]["state"]
+    assert after.keys() == expected.keys()
+    for index, entries in expected.items():
+        assert after[index].keys() == entries.keys()
+        for key, buffers in entries.items():
+            for name, value in buffers.items():
+                got = after[index][key][name]
+                assert torch.equal(torch.as_tensor(got), torch.as_tensor(value)), (index, key, name)
