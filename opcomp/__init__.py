@@ -79,11 +79,11 @@ def __getattr__(name: str):
     """``build``, ``Optimizer``, ``compare`` and ``Task`` import torch, so they load on first use: the
     language alone stays light."""
     if name == "compare":
-        from opcomp.bench.compare import compare
+        from opcomp.comparison.runs import compare
 
         return compare
     if name == "Task":
-        from opcomp.bench.tasks import Task
+        from opcomp.comparison.tasks import Task
 
         return Task
     if name == "build":

@@ -30,7 +30,7 @@ def _explain(args: argparse.Namespace) -> str:
 
 
 def _model(spec: str):
-    """MODULE:FACTORY -> the model the factory returns (e.g. opcomp.bench.models:cnn)."""
+    """MODULE:FACTORY -> the model the factory returns (e.g. opcomp.comparison.models:cnn)."""
     import torch
 
     model = call(f"{spec}()", "--model", load_callable(spec, "--model"))
@@ -55,13 +55,13 @@ def _operators(args: argparse.Namespace) -> str:
 
 
 def _presets(args: argparse.Namespace) -> str:
-    from opcomp.bench.footprint import preset_table
+    from opcomp.comparison.footprint import preset_table
 
     return preset_table()
 
 
 def _compare(rest: list[str]) -> str:
-    from opcomp.bench import compare
+    from opcomp.comparison import runs as compare
 
     return compare.main(rest)
 

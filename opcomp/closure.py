@@ -20,7 +20,6 @@ import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -30,89 +29,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from opcomp.autograd import differentiate
 from opcomp.distributed import DataParallel, is_shard
 from opcomp.errors import OpcompError
+from opcomp.finite import NonFinite, require
 from opcomp.precision import working, working_dtype
 from opcomp.prediction import Prediction
 from opcomp.quiet import quiet
 
 CLOSURE_SHAPE = "def closure(): return loss_fn(model(x), y)"
-
-
-class NonFinite(Exception):
-    """A probe met inf or NaN: the step is abandoned and nothing it changed is kept."""
-
-
-def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether every element is finite, exactly: :func:`finite_flag`, read once."""
-    return not tensors or bool(finite_flag(tensors))
-
-
-def finite_flag(tensors: Sequence[Tensor]) -> Tensor:
-    """Whether every element is finite, as a 0-d bool tensor that nothing waits for.
-
-    Eagerly a tensor's minimum and maximum (one pass, no temporary) decide it: NaN propagates
-    through both and an infinity is one of them. They are joined with ``cat``'s type promotion,
-    never narrowed, since a float64 gradient of 1e300 is finite. (Joining the tensors themselves
-    first, to reduce once, measured twice as slow.) Inside a compiled step ``isfinite().all()``
-    decides, which inductor fuses into one single-accumulator reduction per tensor (no slower
-    than ``aminmax`` there: 1.13 against 1.15 × fused AdamW on GPT-2's shapes,
-    docs/performance.md); eagerly it would materialise a boolean tensor and cost eight times as
-    much. (``(t * 0).sum()``, cheaper in appearance, is folded to 0 by inductor and checks
-    nothing.)
-    """
-    present = [t for t in tensors if t.numel()]
-    if not present:
-        return torch.ones((), dtype=torch.bool, device=tensors[0].device)
-    device = present[0].device
-    if torch.compiler.is_compiling():
-        return torch.stack([t.isfinite().all().to(device) for t in present]).all()
-    ends = [torch.stack(torch.aminmax(t)) for t in present]
-    shards = [is_shard(end) for end in ends]
-    if any(shards) and not all(shards):  # FSDP2 shards beside plain tensors (counters): make them whole
-        ends = [end.full_tensor() if shard else end for end, shard in zip(ends, shards)]
-    return torch.cat([end.to(device) for end in ends]).isfinite().all()
-
-
-_PENDING: ContextVar[list[Tensor] | None] = ContextVar("opcomp_pending_checks", default=None)
-
-
-def finite(values: Sequence[Tensor], *, now: bool = False) -> list[Tensor]:
-    """``values``, or NonFinite when any holds inf or NaN.
-
-    Inside :func:`deferred_checks` the check is only recorded (:func:`finite_flag`) and decided
-    with the step's others at its end, one read of the device per step; ``now`` decides at once,
-    for work that cannot take inf or NaN (an eigendecomposition) or that ranks must decide alike.
-    """
-    pending = _PENDING.get()
-    if pending is not None and not now:
-        if values:
-            pending.append(finite_flag(values))
-        return list(values)
-    if not all_finite(values):
-        raise NonFinite
-    return list(values)
-
-
-@contextmanager
-def deferred_checks() -> Iterator[list[Tensor]]:
-    """Collect the :func:`finite` checks made inside; the caller decides them (:func:`all_true`)."""
-    pending: list[Tensor] = []
-    token = _PENDING.set(pending)
-    try:
-        yield pending
-    finally:
-        _PENDING.reset(token)
-
-
-def all_true(flags: list[Tensor]) -> bool:
-    """The recorded checks, decided: one read of the device."""
-    return not flags or bool(together(flags, flags[0]))
-
-
-def together(flags: list[Tensor], like: Tensor) -> Tensor:
-    """The recorded checks as one flag on ``like``'s device, which nothing reads."""
-    if not flags:
-        return torch.ones((), dtype=torch.bool, device=like.device)
-    return torch.stack([f.to(like.device) for f in flags]).all()
 
 
 def check_loss(loss, *, probing: bool) -> Tensor:
@@ -306,7 +228,7 @@ class Probe:
                 grads = self.reduced([None if g is None else g.detach() for g in grads], params)
                 if self.parallel is not None:
                     self.pooled(float(loss))
-        return finite([zeros_like_working(p) if g is None else working(g.detach()) for p, g in zip(params, grads)])
+        return require([zeros_like_working(p) if g is None else working(g.detach()) for p, g in zip(params, grads)])
 
     def check_model_call(self) -> None:
         """Gauss–Newton products differentiate at the model's outputs: the closure must have called it."""
@@ -389,27 +311,38 @@ def first_evaluation(
         return loss.detach(), None
     graph_grads = {}
     if loss.requires_grad and any(n.spec.reads_gradient for n in nodes):
-        trainable = [p for p in params if p.requires_grad]
-        with torch.enable_grad(), second_derivatives(twice):
-            grads = differentiate(
-                loss,
-                trainable,
-                create_graph=double,
-                retain_graph=probing,
-                allow_unused=True,
-                needed_by="opt.step(closure)'s backward",
-            )
-        means = averaged([None if g is None else g.detach() for g in grads], trainable, parallel)
-        for param, grad, mean in zip(trainable, grads, means):
-            param.grad = mean
-            if double and grad is not None:
-                graph_grads[id(param)] = grad  # this rank's, with its graph: products are averaged after
+        graph_grads = own_backward(loss, params, double, twice, probing, parallel)
     if not probing:
         return loss.detach(), None
     calls = recorder.calls
     return loss.detach(), Probe(
         closure, model, disarm, loss, graph_grads, calls, prediction=prediction, params=params, parallel=parallel
     )
+
+
+def own_backward(
+    loss: Tensor, params: list[Tensor], double: bool, twice: bool, probing: bool, parallel: DataParallel | None
+) -> dict[int, Tensor]:
+    """opcomp's backward of the first evaluation: each trainable parameter's ``.grad`` set to the
+    gradient averaged over the ranks; returns, when ``double`` (Hessian products follow), this
+    rank's gradients with their graph by parameter id (products are averaged after)."""
+    trainable = [p for p in params if p.requires_grad]
+    with torch.enable_grad(), second_derivatives(twice):
+        grads = differentiate(
+            loss,
+            trainable,
+            create_graph=double,
+            retain_graph=probing,
+            allow_unused=True,
+            needed_by="opt.step(closure)'s backward",
+        )
+    means = averaged([None if g is None else g.detach() for g in grads], trainable, parallel)
+    graph_grads = {}
+    for param, grad, mean in zip(trainable, grads, means):
+        param.grad = mean
+        if double and grad is not None:
+            graph_grads[id(param)] = grad
+    return graph_grads
 
 
 def second_derivatives(needed: bool = True):

@@ -35,7 +35,7 @@ def load_callable(spec: str, option: str) -> Callable:
     and the fix otherwise."""
     module_name, colon, name = spec.partition(":")
     if not colon or not module_name or not name:
-        raise OpcompError(f"{option} takes MODULE:FUNCTION, e.g. opcomp.bench.models:cnn; got {spec!r}")
+        raise OpcompError(f"{option} takes MODULE:FUNCTION, e.g. opcomp.comparison.models:cnn; got {spec!r}")
     if module_name.startswith("."):
         raise OpcompError(f"{option}: {module_name!r} is a relative module name; give it whole, e.g. my_tasks")
     here = os.getcwd()

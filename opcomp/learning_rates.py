@@ -1,9 +1,9 @@
 """The learning rate an expression gets when the caller gives none.
 
-A preset carries its own (``# lr:`` above its definition). An operator carries one too
-(:data:`OPERATOR_LR`), and an expression takes the one of the operator that sets its update's
-scale: the outermost, looking through operators that only reshape or guard their argument
-(``sam``, ``clip``, ``reject``…), through constant factors, and into the first branch of ``|``.
+A preset carries its own (``# lr:`` above its definition). An operator carries one too (its
+spec's ``lr``), and an expression takes the one of the operator that sets its update's scale: the
+outermost, looking through operators whose spec ``keeps_scale`` (``sam``, ``clip``, ``reject``…),
+through constant factors, and into the first branch of ``|``.
 A sum of updates has no single scale and gets :data:`DEFAULT_LR`. Every value is measured: full
 300-step runs on three tasks, chosen by validation loss (``python -m opcomp.bench.sweep``;
 docs/presets.md has the table).
@@ -18,21 +18,6 @@ from opcomp.lang.parser import parse
 from opcomp.ops import REGISTRY
 
 DEFAULT_LR = 1e-3
-
-OPERATOR_LR = {
-    "g": 0.3,  # the sgd preset
-    "adam": 0.03,  # adamw's: the same update scale
-    "adamw": 0.03,
-    "momentum": 0.1,
-    "muon": 0.03,  # the muon_adamw preset
-    "orth": 0.03,  # muon's
-    "lion": 0.001,
-}
-"""Measured recommended learning rates of operators that set an update's scale; the others get
-:data:`DEFAULT_LR`."""
-
-TRANSPARENT = {"sam", "clip", "clip_global", "ema", "reject", "project"}
-"""Operators whose output keeps the scale of their first argument."""
 
 
 def recommended_lr(expr: str | Expr, namespace: Namespace | None = None) -> float:
@@ -53,10 +38,11 @@ def _scale_setter(tree: Expr, namespace: Namespace) -> float | None:
         if tree.name in namespace and not arguments:
             return namespace.note(tree.name).lr
         spec = REGISTRY.get(tree.name)
-        name = spec.name if spec is not None else tree.name
-        if name in TRANSPARENT:
-            return _scale_setter(arguments[0], namespace) if arguments else OPERATOR_LR["g"]
-        return OPERATOR_LR.get(name)
+        if spec is None:
+            return None
+        if spec.keeps_scale:
+            return _scale_setter(arguments[0], namespace) if arguments else REGISTRY["g"].lr
+        return spec.lr
     if isinstance(tree, Fallback):
         return _scale_setter(tree.branches[0], namespace)
     if isinstance(tree, Neg):

@@ -9,7 +9,7 @@ and device form a :class:`Bucket`, and each operator runs once per bucket per st
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -453,6 +453,14 @@ class Plan:
         representable(graph, {working_dtype(p.dtype) for p in params})
         self.groups.append(GroupPlan(written, list(buckets.values())))
 
+    def with_head(self, head: nn.Module, param_groups: list[dict]) -> Plan:
+        """This plan made again for another output head (the model's first forward named it)."""
+        plan = Plan(self.namespace, self.model, self.names, self.owners, sampling=self.sampling, head=head)
+        plan.graphs = dict(self.graphs)
+        for group, planned in zip(param_groups, self.groups):
+            plan.add_group(self.graphs[group["expr"]], group["params"], planned.written)
+        return plan
+
     def plan_layers(self, expressions: list[str]) -> list[nn.Module]:
         """Which layers run each layer node, per expression (one per group, in order); returns the
         modules whose statistics must be captured."""
@@ -559,3 +567,33 @@ def _layer_name(info: ParamInfo) -> str:
     """The layer's name: its parameter's name without the attribute."""
     suffix = f".{info.role}"
     return info.name[: -len(suffix)] if info.name.endswith(suffix) else info.name
+
+
+def new_params(params, param_groups: list[dict], names: Mapping[int, str]) -> list[Tensor]:
+    """A new group's parameters, checked as torch.optim checks them (before anything is planned)."""
+    number = len(param_groups)
+    if isinstance(params, Tensor):
+        params = [params]
+    elif isinstance(params, (set, frozenset)):
+        raise OpcompTypeError(f"param group {number}'s 'params' is a set; pass a list so the order is fixed")
+    elif isinstance(params, (str, bytes, Mapping)) or not isinstance(params, Iterable):
+        raise OpcompTypeError(
+            f"param group {number}'s 'params' is a {type(params).__name__}: give a list of tensors (model.parameters())"
+        )
+    params = list(params)
+    seen = {id(p) for group in param_groups for p in group["params"]}
+    for position, param in enumerate(params):
+        name = names.get(id(param), f"#{position} of param group {number}")
+        check_parameter(param, name)
+        if not param.is_leaf:
+            raise OpcompValueError(
+                f"parameter {name} is not a leaf tensor (it was computed from others, and a step could not "
+                "change it): optimize the tensor it came from, or wrap it in nn.Parameter"
+            )
+        if id(param) in seen:
+            raise OpcompValueError(
+                f"parameter {name} is given twice (in two param groups, or twice in one): each parameter "
+                "belongs to one group"
+            )
+        seen.add(id(param))
+    return params

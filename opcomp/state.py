@@ -136,24 +136,44 @@ class NodeState:
 
     def buffers(self, name: str) -> list[Tensor]:
         """Buffer ``name`` per parameter, shaped like it, in its working precision, zero on first use."""
-        out = []
-        for entry, param in zip(self.entries, self.params):
-            if name not in entry:
-                dtype = working_dtype(param.dtype)
-                entry[name] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-            out.append(entry[name])
-        return out
+        return [self.buffer(index, name) for index in range(len(self.params))]
+
+    def buffer(self, index: int, name: str) -> Tensor:
+        """Buffer ``name`` of parameter ``index`` (:meth:`buffers`)."""
+        entry, param = self.entries[index], self.params[index]
+        if name not in entry:
+            dtype = working_dtype(param.dtype)
+            entry[name] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+        return entry[name]
+
+    def started(self, name: str, first: list[Tensor]) -> tuple[list[Tensor], list[bool]]:
+        """Buffer ``name`` per parameter, started as a copy of ``first`` where it is new; with
+        which ones were new (their value is ``first``'s, not yet updated)."""
+        fresh = [name not in entry for entry in self.entries]
+        for entry, value, new in zip(self.entries, first, fresh):
+            if new:
+                entry[name] = value.detach().clone()
+        return [entry[name] for entry in self.entries], fresh
+
+    def counters(self, name: str = STEP) -> list[Tensor]:
+        """Each parameter's counter ``name`` as a 0-d tensor on its device (created at 0)."""
+        return [counter(entry, param, name) for entry, param in zip(self.entries, self.params)]
 
     def tick(self) -> list[Tensor]:
-        """Advance each parameter's step counter; returns them as 0-d tensors on the parameters'
-        devices, so a compiled step neither synchronises nor recompiles as they grow."""
-        steps = [counter(entry, param) for entry, param in zip(self.entries, self.params)]
+        """Advance each parameter's step counter on the device; returns them as 0-d tensors, so a
+        compiled step neither synchronises nor recompiles as they grow. (:meth:`advance` counts
+        on the host instead; a node uses one or the other.)"""
+        steps = self.counters()
         torch._foreach_add_(steps, 1.0)
         return steps
 
     def advance(self, name: str = STEP) -> int:
         """Steps taken before this one, on the host (all parameters step together); then advance."""
         return max(advance(entry, param, name) for entry, param in zip(self.entries, self.params))
+
+    def advance_one(self, index: int, name: str = STEP) -> int:
+        """:meth:`advance` for parameter ``index`` alone (a node that counts per parameter)."""
+        return advance(self.entries[index], self.params[index], name)
 
 
 def snapshot(state, params: list[Tensor], shared: Collection[str] = (), kept: Collection[Tensor] = ()) -> defaultdict:

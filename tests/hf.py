@@ -14,7 +14,7 @@ def transformers():
 def gpt2(layers: int = 2, width: int = 32, vocabulary: int = 97):
     """A tiny GPT-2 language model, random init, no dropout (steps are reproducible)."""
     transformers()  # quiet
-    from opcomp.bench.models import gpt2_lm
+    from opcomp.comparison.models import gpt2_lm
 
     return gpt2_lm(vocabulary, 64, layers=layers, width=width, heads=2)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from opcomp.bench import data
+from opcomp.comparison import data
 
 PRESENT = {
     "dataset-fashion-mnist": lambda: (Path(data.FASHION) / "train-images-idx3-ubyte.gz").exists(),

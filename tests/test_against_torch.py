@@ -149,12 +149,15 @@ def test_the_adamw_branch_of_muon_or_adamw_steps_bit_for_bit_as_torch_fused_adam
 def test_an_adam_option_the_fused_kernel_cannot_express_keeps_opcomps_kernels(monkeypatch):
     """Should ``adam`` gain an option torch's kernel has no argument for, its buckets step through
     opcomp's own kernels instead of dropping it."""
-    from opcomp.kernels import fused
+    from dataclasses import replace
+
+    from opcomp.ops import REGISTRY
 
     params = [nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(5))]
+    spec = REGISTRY.specs["adamw"]
+    monkeypatch.setitem(REGISTRY.specs, "adamw", replace(spec, fused_adamw=frozenset({"b1", "b2", "eps"})))
     opt = opcomp.build("adamw", params, lr=0.01)
     calls = []
-    monkeypatch.setattr(fused, "OPTIONS", {"adam": {"b1", "b2", "eps"}, "adamw": {"b1", "b2", "eps"}})
     monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: calls.append(1))
     for p in params:
         p.grad = torch.ones_like(p)
@@ -168,11 +171,11 @@ def test_fogs_fallback_runs_torchs_fused_kernel_after_the_step_is_decided(model_
     """In a family with layer statistics the AdamW buckets step once every check has passed: the
     parameters follow what opcomp's own kernels gave, within float rounding, and a step given up
     changes nothing (tests/test_robustness.py)."""
-    from opcomp import execute, optimizer
-    from opcomp.kernels import fused
+    from opcomp.step import fused
 
     calls = []
-    monkeypatch.setattr(execute, "fused_adamw", lambda *a, **k: calls.append(1) or fused.fused_adamw(*a, **k))
+    original = fused.fused_adamw
+    monkeypatch.setattr(fused, "fused_adamw", lambda *a, **k: calls.append(1) or original(*a, **k))
     models = [shapes.make(model_name, dtype=torch.float32) for _ in range(2)]
     x, y = shapes.batch(model_name, dtype=torch.float32)
     with warnings.catch_warnings():
@@ -184,8 +187,8 @@ def test_fogs_fallback_runs_torchs_fused_kernel_after_the_step_is_decided(model_
             opt.zero_grad()
             shapes.loss(model, x, y).backward()
             with monkeypatch.context() as patched:
-                if opt is generic:
-                    patched.setattr(optimizer, "torch_adamw", lambda items: ([], [], items))
+                if opt is generic:  # every bucket through opcomp's own kernels
+                    patched.setattr(opt._stepper.routes, "fused", {})
                 opt.step()
     assert calls  # the fallback did run the fused kernel
     for a, b in zip(*(m.parameters() for m in models)):

@@ -9,7 +9,7 @@ from importlib.metadata import entry_points
 import torch
 
 from opcomp.cli import main
-from opcomp.learning_rates import OPERATOR_LR
+from opcomp.ops import REGISTRY
 
 
 def test_explain_shows_nodes_options_sharing_and_needs(capsys):
@@ -73,11 +73,11 @@ def test_presets_listing_measures_cost_and_state(capsys):
 def test_explain_on_a_model_shows_each_parameters_rule(capsys, tmp_path):
     rules = tmp_path / "rules.toml"
     rules.write_text('[[rule]]\nmatch = { type = "Conv2d" }\nuse = "fog"\n[default]\nuse = "adamw"\n')
-    assert main(["explain", str(rules), "--model", "opcomp.bench.models:cnn"]) == 0
+    assert main(["explain", str(rules), "--model", "opcomp.comparison.models:cnn"]) == 0
     out = capsys.readouterr().out
-    adamw = OPERATOR_LR["adamw"]  # a bare operator's recommended lr
+    adamw = REGISTRY["adamw"].lr  # a bare operator's recommended lr
     assert "param group 0  lr=0.03  (rule 1)" in out and f"param group 1  lr={adamw:g}  (default)" in out
-    assert main(["explain", "fog", "--model", "opcomp.bench.models:nothing"]) == 2
+    assert main(["explain", "fog", "--model", "opcomp.comparison.models:nothing"]) == 2
     assert "has no 'nothing'" in capsys.readouterr().err
 
 
@@ -97,9 +97,9 @@ def test_unreadable_definition_files_and_model_factories_are_errors_not_tracebac
     assert "not UTF-8 text" in capsys.readouterr().err
     assert main(["format", "mine", "--defs", str(tmp_path)]) == 2  # a directory
     assert "cannot read --defs" in capsys.readouterr().err
-    assert main(["explain", "fog", "--model", "opcomp.bench.models:CharTransformer"]) == 2
+    assert main(["explain", "fog", "--model", "opcomp.comparison.models:CharTransformer"]) == 2
     assert "needs arguments; give a function that takes none" in capsys.readouterr().err
-    assert main(["explain", "fog", "--model", "opcomp.bench.data:pydoc_text"]) == 2
+    assert main(["explain", "fog", "--model", "opcomp.comparison.data:pydoc_text"]) == 2
     assert "not a torch.nn.Module" in capsys.readouterr().err
 
 
@@ -109,7 +109,7 @@ def test_rule_files_that_are_not_text_or_not_files_are_errors(tmp_path, capsys):
     folder = tmp_path / "folder.toml"
     folder.mkdir()
     for path, words in ((binary, "is not UTF-8 text"), (folder, "is a directory")):
-        assert main(["explain", str(path), "--model", "opcomp.bench.models:cnn"]) == 2
+        assert main(["explain", str(path), "--model", "opcomp.comparison.models:cnn"]) == 2
         assert words in capsys.readouterr().err
 
 

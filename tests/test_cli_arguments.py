@@ -16,7 +16,7 @@ MODULES = {
         """
         import torch
         from torch import nn
-        from opcomp.bench.tasks import Task
+        from opcomp.comparison.tasks import Task
 
         def data():
             return torch.randn(8, 3), torch.randint(0, 2, (8,))
@@ -69,7 +69,7 @@ CASES = [
     (["compare", "adamw", "--seeds", "99999999999999999999999"], "not an integer from 0 to 2**63 - 1"),
     (["compare", "adamw", "--seeds", "0-3000000000"], "a comparison runs at most 1000"),
     (["compare", "adamw", "--seed", "-1"], "not an integer from 0 to 2**63 - 1"),
-    (["explain", "deep_rules.toml", "--model", "opcomp.bench.models:cnn"], "too deeply"),
+    (["explain", "deep_rules.toml", "--model", "opcomp.comparison.models:cnn"], "too deeply"),
     (["explain", "fog", "--defs", "bad_lr.opc"], "'# lr: abc' above 'mine' is not a learning rate"),
     (["compare", "adamw", "--out", "/proc/opcomp-cannot-write-here"], "--out /proc/opcomp-cannot-write-here"),
 ]
@@ -102,7 +102,7 @@ def test_a_bad_argument_gets_one_line_and_exit_2(here, capsys, argv, words):
 
 def test_a_task_module_in_the_current_directory_is_found(here, capsys):
     (here / "my_tasks.py").write_text(
-        "import torch\nfrom torch import nn\nfrom opcomp.bench.tasks import Task\n\n"
+        "import torch\nfrom torch import nn\nfrom opcomp.comparison.tasks import Task\n\n"
         "def data():\n    return torch.randn(16, 3), torch.randint(0, 2, (16,))\n\n"
         "def fn():\n    return Task('mine', lambda: nn.Linear(3, 2), lambda g: data(), data(), metric='loss')\n",
         encoding="utf-8",
@@ -112,7 +112,7 @@ def test_a_task_module_in_the_current_directory_is_found(here, capsys):
 
 
 def test_without_matplotlib_the_report_is_written_without_plots_and_says_how_to_get_them(here, monkeypatch, capsys):
-    from opcomp.bench import compare_report
+    from opcomp.comparison import report as compare_report
 
     monkeypatch.setattr(compare_report, "plots_available", lambda: False)
     assert main(["compare", "adamw", "--steps", "2", "--out", str(here / "out")]) == 0

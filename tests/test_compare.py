@@ -97,7 +97,7 @@ def test_time_to_target_is_the_first_evaluation_at_the_target():
 
 
 def test_cosine_warms_up_then_decays_to_zero():
-    from opcomp.bench.compare import lr_factor
+    from opcomp.comparison.runs import lr_factor
 
     factor = lr_factor("cosine", 4, 20)
     assert [factor(t) for t in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -128,7 +128,7 @@ def test_bad_tasks_are_errors_that_say_the_fix(tmp_path, capsys):
         (f"text:{short}", "are too few for windows of 32"),
         (f"text:{latin}", "not UTF-8 text"),
         (f"text:{tmp_path / 'missing.txt'}", "No such file"),
-        ("quadratic_task:not_a_task", "returned a int, not an opcomp.bench.tasks.Task"),
+        ("quadratic_task:not_a_task", "returned a int, not an opcomp.comparison.tasks.Task"),
         ("quadratic_task:nothing", "has no 'nothing' to call"),
         ("no_such_module:task", "cannot import 'no_such_module'"),
     ):
@@ -143,7 +143,7 @@ def test_bad_tasks_are_errors_that_say_the_fix(tmp_path, capsys):
 
 
 def test_tasks_that_need_a_missing_package_say_how_to_install_it(monkeypatch, capsys):
-    from opcomp.bench import data
+    from opcomp.comparison import data
 
     monkeypatch.setattr(data, "FASHION", "/nonexistent")
     assert main(["compare", "adamw", "--task", "fashion", "--steps", "1"]) == 2
@@ -175,7 +175,7 @@ def test_debian_data_sets_and_the_mlp_train_through_compare(tmp_path, task, mode
 
 
 def test_missing_system_data_skips_naming_the_install_command_and_fails_where_ci_requires_it(monkeypatch):
-    from opcomp.bench import data
+    from opcomp.comparison import data
 
     monkeypatch.setattr(data, "FASHION", "/nonexistent")
     monkeypatch.delenv("OPCOMP_REQUIRE_SYSTEM_DATA", raising=False)
@@ -207,7 +207,7 @@ def test_a_score_is_the_mean_loss_and_accuracy_over_every_chunk(own_loss):
     cross-entropy runs the model once per chunk, a task's own loss twice (loss, then argmax)."""
     from torch.nn import functional as F
 
-    from opcomp.bench.tasks import digits
+    from opcomp.comparison.tasks import digits
 
     task = digits("mlp")
     if own_loss:

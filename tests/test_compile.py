@@ -80,7 +80,7 @@ def test_fifty_steps_of_a_cosine_schedule_compile_no_more_graphs():
 
 
 def test_a_compiling_step_says_so_once_and_auto_leaves_the_cpu_eager(monkeypatch):
-    from opcomp import execute
+    from opcomp.step import compiled as execute
 
     compiles = []
     original = execute.compiled
@@ -194,7 +194,7 @@ def test_a_warmup_that_cannot_compile_says_why():
 def test_the_compiled_finiteness_check_sees_every_non_finite_value_the_eager_one_does():
     """Inductor simplifies algebra (it folds ``t * 0`` to 0): the compiled flag must still read
     every element, of every floating dtype a step meets."""
-    from opcomp.closure import finite_flag
+    from opcomp.finite import flag as finite_flag
 
     compiled = torch.compile(finite_flag, fullgraph=True)
     dtypes = (torch.float32, torch.bfloat16, torch.float64, torch.float16)

@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 import opcomp
-from opcomp.bench import data, models
+from opcomp.comparison import data, models
 
 
 def mean(values: list[float]) -> float:

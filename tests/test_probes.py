@@ -660,7 +660,7 @@ def test_awzo_measures_curvature_rather_than_its_rounding_floor():
     1e-3 (the operator's MeZO default) every probe on this task is floored, the scale a constant."""
     from opcomp.bench.awzo_floor import floored_share
     from opcomp.bench.sweep import train_steps
-    from opcomp.bench.tasks import digits
+    from opcomp.comparison.tasks import digits
 
     task = digits()
     _, preset = train_steps(task, "awzo", opcomp.presets().note("awzo").lr, 20)

@@ -1,6 +1,6 @@
 """opcomp on the models people train: Hugging Face GPT-2 and ViT (tiny configs, random init, no
 downloads), nn.MultiheadAttention, and torchvision's ResNet layout (its wheel does not load
-against this torch, so opcomp.bench.models builds it as torchvision does)."""
+against this torch, so opcomp.comparison.models builds it as torchvision does)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import opcomp
-from opcomp.bench.models import ResNet
+from opcomp.comparison.models import ResNet
 
 
 def trains(model: nn.Module, expression: str, closure, steps: int = 6, lr: float | None = None) -> tuple[float, float]:

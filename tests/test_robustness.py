@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 
 import pytest
 import shapes
@@ -338,7 +339,7 @@ def test_a_tensor_learning_rate_works_like_a_float():
 
 
 def test_automatic_compilation_falls_back_to_eager_when_the_compiler_fails(monkeypatch):
-    from opcomp import execute
+    from opcomp.step import compiled as execute
 
     def broken(graph, programs):
         def run(*arguments):
@@ -348,7 +349,7 @@ def test_automatic_compilation_falls_back_to_eager_when_the_compiler_fails(monke
 
     monkeypatch.setattr(execute, "compiled", broken)
     # "auto" leaves the CPU eager: let it compile here, as it would on CUDA
-    monkeypatch.setattr(execute.Elementwise, "compiles", lambda self, items: self.compile != "off")
+    monkeypatch.setattr(execute.Compiled, "compiles", lambda self, items: self.compile != "off")
     reference, model = net(), net()
     eager = opcomp.build("lion", reference, lr=0.01, compile="off")  # adamw would run torch's fused kernel
     automatic = opcomp.build("lion", model, lr=0.01, compile="auto")
@@ -377,7 +378,7 @@ def test_the_fused_kernels_flag_is_exact_and_leaves_the_gradients_as_they_were(b
     """torch's GradScaler check (all fp32, contiguous) or opcomp's own (mixed dtypes, a gradient
     expanded from one row): 1.0 exactly when some element is inf or NaN; the largest finite
     values count as finite."""
-    from opcomp.kernels.fused import non_finite
+    from opcomp.finite import non_finite
 
     for where in range(len(dtypes)):
         grads = [torch.randn(9, 7, dtype=dtype) for dtype in dtypes]
@@ -602,7 +603,7 @@ def test_a_step_decided_on_the_device_reads_nothing_and_keeps_what_a_host_decide
     host learns the outcome only when a count needs it. Against the same optimizer deciding on
     the host, over steps whose gradients are NaN on some: bit-identical parameters, state and
     skip count, and no read in a step that neither refreshes nor creates state."""
-    from opcomp import optimizer as module
+    from opcomp.step import transactional as module
 
     expression = f"muon({statistic}(g)) | adamw"  # buffers written in place (momentum, Adam's) beside replaced ones
     x, y = shapes.batch(model_name)
@@ -637,3 +638,14 @@ def test_a_step_decided_on_the_device_reads_nothing_and_keeps_what_a_host_decide
     assert all(host[-1] == "__bool__" for host in host_reads)
     assert [seen for seen in reads[1:]] == [host[:-1] for host in host_reads[1:]]
     assert [] in reads[1:]  # steps without a refresh read nothing
+
+
+@pytest.mark.parametrize("expression", ["adamw", "lion", "fog", "muon(g) | adamw"])
+def test_the_skip_warning_points_at_the_users_step_call(expression):
+    model = net()
+    opt = opcomp.build(expression, model, lr=0.1)
+    backward(model)
+    list(model.parameters())[0].grad[0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="skipped") as caught:
+        opt.step()
+    assert {Path(w.filename).name for w in caught if "skipped" in str(w.message)} == {Path(__file__).name}

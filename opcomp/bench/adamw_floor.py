@@ -11,7 +11,7 @@ Five rows over the same shapes, interleaved round by round with the order altern
   "a non-finite gradient applies nothing";
 - the same with the two-sided ``aminmax`` reduction they made before;
 - opcomp's ``adamw(g)``: torch's fused kernel, told by opcomp's check whether to apply
-  (``opcomp.kernels.fused``), the same with any ``compile`` setting.
+  (``opcomp.step.fused``), the same with any ``compile`` setting.
 
 The hand-written steps take their bias corrections as fixed 0-d tensors: they time the kernels,
 not a training run.
@@ -28,7 +28,7 @@ from torch import Tensor
 
 import opcomp
 from opcomp.bench.step import SHAPES, interleaved, parameters, stepper
-from opcomp.closure import finite_flag
+from opcomp.finite import flag as finite_flag
 
 
 def unchecked(ps: list[Tensor], gs, ms, vs, lr: Tensor, c1: Tensor, c2: Tensor) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from opcomp.bench.sweep import train_steps
-from opcomp.bench.tasks import TASKS
+from opcomp.comparison.tasks import TASKS
 
 
 def floored_share(opt, steps: int) -> float:

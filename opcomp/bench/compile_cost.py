@@ -21,8 +21,8 @@ import time
 import torch
 
 import opcomp
-from opcomp.bench import table_cell
 from opcomp.bench.step import SHAPES, interleaved, parameters, stepper, synchronize
+from opcomp.comparison.report import table_cell
 
 
 def compiling_step(shapes, device: str, expression: str) -> tuple[float, torch.optim.Optimizer]:

@@ -27,7 +27,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import opcomp
-from opcomp.bench import models, ranks
+from opcomp.bench import ranks
+from opcomp.comparison import models
 
 BATCH = {"mlp": 256, "transformer": 16}
 

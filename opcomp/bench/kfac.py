@@ -29,8 +29,9 @@ from torch.nn import functional as F
 
 import opcomp
 import opcomp.optimizer as optimizer_module
-from opcomp.bench import models, table_cell
 from opcomp.bench.step import interleaved, synchronize
+from opcomp.comparison import models
+from opcomp.comparison.report import table_cell
 from opcomp.kernels.layers import invert_factored
 
 CONFIGURATIONS = {

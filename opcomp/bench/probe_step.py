@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 import opcomp
-from opcomp.bench.models import CharTransformer, cnn
+from opcomp.comparison.models import CharTransformer, cnn
 
 
 def cases() -> list[tuple[str, torch.nn.Module, torch.Tensor, torch.Tensor]]:

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 import opcomp
-from opcomp.bench.compare import check_device
-from opcomp.bench.footprint import state_bytes
+from opcomp.comparison.footprint import state_bytes
+from opcomp.comparison.runs import check_device
 from opcomp.errors import OpcompError
 
 ADAMW_BYTES_PER_PARAMETER = 28

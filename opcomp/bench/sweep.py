@@ -3,7 +3,7 @@
     python -m opcomp.bench.sweep [PRESET_OR_EXPR ...] [--tasks digits:cnn-bn digits:mlp pydoc]
                                  [--steps 300] [--out sweep.json]
 
-For every optimizer and task: :func:`opcomp.bench.compare.trials` from its current recommended
+For every optimizer and task: :func:`opcomp.comparison.runs.trials` from its current recommended
 lr — full runs of ``--steps`` steps (cosine schedule, a twentieth warm-up, seed 0) at lr × 3^k,
 k = -1, 0, 1, extended while the best final validation loss lies on the grid's edge. Across
 tasks, the lr chosen is the one with the lowest mean of validation loss over the task's best
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from opcomp.bench.compare import Run, Settings, train, trials
-from opcomp.bench.tasks import Task, resolve
+from opcomp.comparison.runs import Run, Settings, train, trials
+from opcomp.comparison.tasks import Task, resolve
 from opcomp.learning_rates import recommended_lr
 
 TASKS = ("digits:cnn-bn", "digits:mlp", "pydoc")

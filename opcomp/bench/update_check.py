@@ -20,8 +20,8 @@ import torch
 
 import opcomp
 from opcomp.bench.step import SHAPES, interleaved
-from opcomp.closure import finite_flag
 from opcomp.errors import OpcompError
+from opcomp.finite import flag as finite_flag
 
 
 def table(shapes_name: str, expressions: list[str], rounds: int) -> str:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from opcomp.closure import Probe
 from opcomp.distributed import DataParallel
+from opcomp.finite import Checks
 from opcomp.ops import Options
 from opcomp.precision import working
 from opcomp.state import NodeState
@@ -84,6 +85,7 @@ class Ctx:
         return self.node_state.buffers(name)
 
     def tick(self) -> list[Tensor]:
+        """Advance the node's step counters on the device; returns them (:meth:`NodeState.tick`)."""
         return self.node_state.tick()
 
 
@@ -96,6 +98,7 @@ class ProbeCtx:
     probe: Probe
     grads: list[Tensor | None]  # the raw gradient per parameter (None where it was not computed)
     layers: list[list[int]]  # indices of params grouped by the module that owns them
+    checks: Checks  # the step's finiteness checks (opcomp.finite)
     # for a rebinding probe: per parameter, v̂ of the second moment its inner declares, after this
     # step's raw update (None where the inner keeps none); computed when asked
     second_moments: Callable[[], list[Tensor | None]] | None = None
@@ -104,8 +107,8 @@ class ProbeCtx:
     def params(self) -> list[Tensor]:
         return self.state.params
 
-    def tick(self) -> int:
-        """Steps this node took before this one (all parameters step together); then advance."""
+    def advance(self) -> int:
+        """Steps this node took before this one, on the host (all parameters step together); then advance."""
         return self.state.advance()
 
     def generator(self, step: int, device: torch.device) -> torch.Generator:

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from opcomp.autograd import products
-from opcomp.closure import Probe, finite, second_derivatives, zeros_like_working
-from opcomp.kernels import kernel
+from opcomp.closure import Probe, second_derivatives, zeros_like_working
 from opcomp.kernels.context import ProbeCtx
 from opcomp.kernels.elementwise import adam_denominator, adam_ratio, update_moments
+from opcomp.kernels.table import kernel
 from opcomp.ops.statistical import AdamOptions
 from opcomp.precision import working
 
@@ -30,7 +30,7 @@ def hessian_products(probe: Probe, params: Sequence[Tensor], vectors: Sequence[T
 def hvp(ctx: ProbeCtx, x: list[Tensor]) -> list[Tensor]:
     """H·x."""
     found = hessian_products(ctx.probe, ctx.params, x)
-    return finite([torch.zeros_like(v) if h is None else h.detach().to(v.dtype) for h, v in zip(found, x)])
+    return ctx.checks([torch.zeros_like(v) if h is None else h.detach().to(v.dtype) for h, v in zip(found, x)])
 
 
 class GaussNewton:
@@ -71,7 +71,7 @@ class GaussNewton:
 
 @kernel("gnvp", collective="probe")
 def gnvp(ctx: ProbeCtx, x: list[Tensor]) -> list[Tensor]:
-    return finite(GaussNewton(ctx.probe, ctx.params)(x))
+    return ctx.checks(GaussNewton(ctx.probe, ctx.params)(x))
 
 
 @kernel("lgn", collective="probe")
@@ -84,7 +84,7 @@ def lgn(ctx: ProbeCtx, x: list[Tensor]) -> list[Tensor]:
         system = damped(GaussNewton(ctx.probe, [ctx.params[i] for i in layer]), o.damping)
         for i, value in zip(layer, solve(system, [x[i] for i in layer], o)):
             out[i] = value
-    return finite(out)
+    return ctx.checks(out)
 
 
 def damped(product: GaussNewton, damping: float):

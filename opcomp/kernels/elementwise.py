@@ -11,8 +11,8 @@ import math
 import torch
 from torch import Tensor
 
-from opcomp.kernels import kernel
 from opcomp.kernels.context import Ctx
+from opcomp.kernels.table import kernel
 from opcomp.ops import SecondMoment
 from opcomp.state import taken
 
@@ -63,16 +63,12 @@ def ema(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
 def momentum(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
     """torch.optim.SGD: the buffer starts as the first input, then b ← beta·b + (1−dampening)·x."""
     o = ctx.options
-    fresh = [i for i, s in enumerate(ctx.state) if "momentum_buffer" not in s]
-    for i in fresh:
-        ctx.state[i]["momentum_buffer"] = x[i].detach().clone()
-    started = set(fresh)
-    old = [i for i in range(len(x)) if i not in started]
+    buffers, fresh = ctx.node_state.started("momentum_buffer", x)
+    old = [i for i, new in enumerate(fresh) if not new]
     if old:
-        buffers = [ctx.state[i]["momentum_buffer"] for i in old]
-        torch._foreach_mul_(buffers, o.beta)
-        torch._foreach_add_(buffers, [x[i] for i in old], alpha=1.0 - o.dampening)
-    buffers = [s["momentum_buffer"] for s in ctx.state]
+        running = [buffers[i] for i in old]
+        torch._foreach_mul_(running, o.beta)
+        torch._foreach_add_(running, [x[i] for i in old], alpha=1.0 - o.dampening)
     if o.nesterov:
         return torch._foreach_add(x, buffers, alpha=o.beta)
     return buffers

@@ -11,11 +11,10 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from opcomp.closure import finite
-from opcomp.kernels import kernel
 from opcomp.kernels.context import ProbeCtx
 from opcomp.kernels.curvature import hessian_products
 from opcomp.kernels.elementwise import correction
+from opcomp.kernels.table import kernel
 from opcomp.precision import working, working_dtype
 from opcomp.state import taken
 
@@ -48,7 +47,7 @@ def zo(ctx: ProbeCtx) -> list[Tensor]:
     again from its seed for each use instead of being kept.
     """
     o = ctx.options
-    step = ctx.tick()
+    step = ctx.advance()
 
     def directions() -> Iterator[Tensor]:
         for z, p in zip(noise(ctx, step, o.dist == "gaussian"), ctx.params):
@@ -65,7 +64,7 @@ def zo(ctx: ProbeCtx) -> list[Tensor]:
             ctx.state.advance("floored")
         scale = max(curvature, floor)
         slope = slope / scale if scale > 0 else 0.0  # a loss that is exactly 0 around p: no information
-    return finite([v.mul_(slope) for v in directions()])
+    return ctx.checks([v.mul_(slope) for v in directions()])
 
 
 def resolution(loss: float, dtype: torch.dtype, eps: float) -> float:
@@ -77,12 +76,12 @@ def resolution(loss: float, dtype: torch.dtype, eps: float) -> float:
 def diag_hessian(ctx: ProbeCtx, x: list[Tensor]) -> list[Tensor]:
     """x / ((v/(1−beta^k))^(power/2) + eps), v the running mean of D², D = z ⊙ Hz (z Rademacher)."""
     o = ctx.options
-    step = ctx.tick()
+    step = ctx.advance()
     averages = ctx.state.buffers("hess_sq")
     if step % o.update_every == 0:
         z = list(noise(ctx, step, gaussian=False))
         products = hessian_products(ctx.probe, ctx.params, z)
-        estimates = finite([zi * (0 if h is None else working(h.detach())) for zi, h in zip(z, products)])
+        estimates = ctx.checks([zi * (0 if h is None else working(h.detach())) for zi, h in zip(z, products)])
         for average, estimate in zip(averages, estimates):
             average.mul_(o.beta).addcmul_(estimate, estimate, value=1 - o.beta)
         ctx.state.advance("estimates")

@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from opcomp.closure import finite
 from opcomp.distributed import DataParallel
 from opcomp.errors import OpcompError
-from opcomp.kernels import kernel
+from opcomp.finite import Checks, require
 from opcomp.kernels.factors import (
     Columns,
     Kind,
@@ -37,6 +36,7 @@ from opcomp.kernels.factors import (
     groups_of,
     layer_shape,
 )
+from opcomp.kernels.table import kernel
 from opcomp.ops import Options
 from opcomp.precision import working_dtype
 from opcomp.state import advance
@@ -83,6 +83,7 @@ class LayerCtx:
     options: Options
     layers: list[LayerSlot]
     statistics: StepStatistics  # (layer, sampled) -> this step's, and how ranks pool them
+    checks: Checks  # the step's finiteness checks (opcomp.finite)
 
     @property
     def parallel(self) -> DataParallel | None:
@@ -96,7 +97,7 @@ def step_counts(ctx: LayerCtx) -> list[int]:
 
 def average(state: dict, name: str, value: Tensor, decay: float) -> None:
     """S ← decay·S + (1 − decay)·value; the first value starts it. Callers check a step's values
-    with one :func:`finite` first, so that a non-finite batch statistic abandons the step before
+    with one ``ctx.checks`` first, so that a non-finite batch statistic abandons the step before
     anything changes. S is replaced, not written into (layer operators declare
     ``replaces_state``: a step's snapshot shares their buffers instead of copying them)."""
     if name not in state:
@@ -155,7 +156,14 @@ def fold_statistics(
     values, rows = ctx.statistics.pooled(values, rows)
     counted = [index for index in range(len(due)) if rows[2 * index + 1]]
     checked = {id(values[2 * index + side]): values[2 * index + side] for index in counted for side in (0, 1)}
-    finite(list(checked.values()))
+    ctx.checks(list(checked.values()))
+    return stored(due, found, values, rows, averaged, names, decay)
+
+
+def stored(due: list[LayerSlot], found: list, values: list[Tensor], rows: list[int], averaged: set[int], names, decay):
+    """Each due layer's two factors (``values``, pooled, A then G per layer) kept in its state:
+    averaged in, or as they are where the average was folded in already (``averaged``). Returns
+    the layers some rank had statistics for, with this rank's."""
     fresh = {}
     for index, (layer, statistics) in enumerate(zip(due, found)):
         if not rows[2 * index + 1]:
@@ -241,7 +249,7 @@ def decomposed(
     the same bits. All matrices are checked finite first, in one read, across ranks (decided
     alike before the work splits) or when ``finite_first`` (an operation that cannot take NaN)."""
     if matrices and (finite_first or parallel is not None):
-        finite(matrices, now=True)
+        require(matrices)
     if parallel is None or not matrices:
         return operation(matrices)
 
@@ -301,7 +309,7 @@ def damped_inverses(matrices: list[Tensor]) -> list[tuple[Tensor]]:
     redo = [index for index, flag in enumerate(failed) if flag]
     out = [(inverse,) for inverse, _ in attempts]
     if redo:
-        finite([matrices[i] for i in redo], now=True)
+        require([matrices[i] for i in redo])
         for index, inverse in zip(redo, by_size([matrices[i] for i in redo], eigen_inverse)):
             out[index] = inverse
     return out
@@ -537,7 +545,7 @@ def ekfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
             scales.append(statistics.eigen_scale(layer.state.get("Q_G"), layer.state.get("Q_A")))
             examples.append(statistics.examples)
     scales = ctx.statistics.pooled(scales, examples)[0]
-    finite(scales)
+    ctx.checks(scales)
     for layer, scale in zip(corrected, scales):
         average(layer.state, "scale", scale, o.decay)
     out: list = [None] * len(x)

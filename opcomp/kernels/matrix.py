@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 
 from opcomp.distributed import DataParallel, gathered, sharded_like
-from opcomp.kernels import kernel
 from opcomp.kernels.context import Ctx
 from opcomp.kernels.elementwise import adam_direction
 from opcomp.kernels.reductions import unstack
+from opcomp.kernels.table import kernel
 from opcomp.ops.structural import Coefficients
 
 COEFFICIENTS = (3.4445, -4.7750, 2.0315)

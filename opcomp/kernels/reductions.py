@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from opcomp.kernels import kernel
 from opcomp.kernels.context import Ctx
+from opcomp.kernels.table import kernel
 
 
 def stack(values: list[Tensor]) -> Tensor:

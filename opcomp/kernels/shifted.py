@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 from opcomp.closure import Probe
-from opcomp.kernels import kernel, rebinding
 from opcomp.kernels.context import Ctx, ProbeCtx
 from opcomp.kernels.curvature import dot
 from opcomp.kernels.elementwise import correction
+from opcomp.kernels.table import kernel, rebinding
 from opcomp.precision import working
-from opcomp.state import advance
 
 OWN_BETA = 0.999
 """sam[fisher]'s own average of g² where its inner keeps no second moment."""
@@ -70,9 +68,8 @@ def fisher_moments(ctx: ProbeCtx) -> list[Tensor]:
     moments = ctx.second_moments()
     for i, (moment, grad) in enumerate(zip(moments, ctx.grads)):
         if moment is None:
-            entry = ctx.state.entries[i]
-            average = entry.setdefault("grad_sq", torch.zeros_like(grad))
-            steps = advance(entry, grad) + 1
+            average = ctx.state.buffer(i, "grad_sq")
+            steps = ctx.state.advance_one(i) + 1
             average.mul_(OWN_BETA).addcmul_(grad, grad, value=1 - OWN_BETA)
             moments[i] = average / correction(OWN_BETA, steps)
     return moments

@@ -45,6 +45,7 @@ class SamOptions(Options):
 register(
     OpSpec(
         name="sam",
+        keeps_scale=True,
         kind=Kind.PROBE,
         params=("inner",),
         options=SamOptions,

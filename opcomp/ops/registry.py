@@ -150,6 +150,9 @@ class OpSpec:
     refuses: Callable[[Any], str | None] | None = None  # options valid alone that fail together: why, or None
     symbol: str | None = None  # combinators: written with a symbol, not called by name
     variadic: bool = False  # combinators taking two or more inputs
+    lr: float | None = None  # the measured learning rate of an update whose scale it sets (opcomp.learning_rates)
+    keeps_scale: bool = False  # its output has its first argument's scale: the lr is that argument's
+    fused_adamw: frozenset[str] | None = None  # the options torch's fused AdamW expresses (opcomp.step.fused)
 
     @property
     def arity(self) -> int:

@@ -10,6 +10,7 @@ from opcomp.ops.registry import Cost, Kind, Needs, OpSpec, Options, register
 register(
     OpSpec(
         name="g",
+        lr=0.3,  # the sgd preset
         aliases=("grad",),
         kind=Kind.SOURCE,
         params=(),

@@ -42,6 +42,8 @@ class AdamWOptions(AdamOptions):
 register(
     OpSpec(
         name="adam",
+        lr=0.03,  # adamw's: the same update scale
+        fused_adamw=frozenset({"b1", "b2", "eps"}),
         aliases=("adarms",),
         kind=Kind.STATISTICAL,
         options=AdamOptions,
@@ -55,6 +57,8 @@ register(
 register(
     OpSpec(
         name="adamw",
+        lr=0.03,
+        fused_adamw=frozenset({"b1", "b2", "eps", "wd"}),
         kind=Kind.STATISTICAL,
         options=AdamWOptions,
         state=MOMENTS,

@@ -57,6 +57,7 @@ class OrthOptions(MatrixOptions, NewtonSchulzOptions):
 register(
     OpSpec(
         name="orth",
+        lr=0.03,  # muon's
         kind=Kind.STRUCTURAL,
         options=OrthOptions,
         applies=Applies.MATRIX,
@@ -81,6 +82,7 @@ class MuonOptions(OrthOptions):
 register(
     OpSpec(
         name="muon",
+        lr=0.03,  # the muon_adamw preset
         kind=Kind.STRUCTURAL,
         options=MuonOptions,
         applies=Applies.MATRIX,
@@ -136,6 +138,7 @@ class ClipOptions(Options):
 register(
     OpSpec(
         name="clip",
+        keeps_scale=True,
         kind=Kind.STRUCTURAL,
         options=ClipOptions,
         summary="shrink to at most max_norm per parameter",
@@ -146,6 +149,7 @@ register(
 register(
     OpSpec(
         name="clip_global",
+        keeps_scale=True,
         kind=Kind.STRUCTURAL,
         options=ClipOptions,
         summary="shrink to at most max_norm over every parameter running it (torch's clip_grad_norm_)",
@@ -156,6 +160,7 @@ register(
 register(
     OpSpec(
         name="reject",
+        keeps_scale=True,
         kind=Kind.STRUCTURAL,
         params=("x", "y"),
         summary="the part of x orthogonal to y",
@@ -166,6 +171,7 @@ register(
 register(
     OpSpec(
         name="project",
+        keeps_scale=True,
         kind=Kind.STRUCTURAL,
         params=("x", "y"),
         summary="the part of x along y",

@@ -16,6 +16,7 @@ class EmaOptions(Options):
 register(
     OpSpec(
         name="ema",
+        keeps_scale=True,
         kind=Kind.TEMPORAL,
         options=EmaOptions,
         state=(StateBuffer("ema", "param", "running average"), StateBuffer("step", "scalar", "steps taken")),
@@ -40,6 +41,7 @@ class MomentumOptions(Options):
 register(
     OpSpec(
         name="momentum",
+        lr=0.1,
         kind=Kind.TEMPORAL,
         options=MomentumOptions,
         state=(StateBuffer("momentum_buffer", "param", "velocity"),),
@@ -58,6 +60,7 @@ class LionOptions(Options):
 register(
     OpSpec(
         name="lion",
+        lr=0.001,
         kind=Kind.TEMPORAL,
         options=LionOptions,
         state=(StateBuffer("exp_avg", "param", "momentum"),),

@@ -9,11 +9,16 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-import opcomp
-from opcomp.bench import models, table_cell
+from opcomp.builder import build
+from opcomp.comparison import models
+from opcomp.comparison.report import table_cell
+from opcomp.definitions import presets as preset_namespace
+from opcomp.graph import lower
+from opcomp.lang.printer import to_source
+from opcomp.optimizer import Optimizer
 
 
-def state_bytes(opt: opcomp.Optimizer) -> int:
+def state_bytes(opt: Optimizer) -> int:
     def size(value) -> int:
         if isinstance(value, Tensor):
             return value.numel() * value.element_size()
@@ -29,7 +34,7 @@ def measure(expression: str, steps: int = 2) -> tuple[float, str]:
     torch.manual_seed(0)
     model = models.cnn()
     x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
-    opt = opcomp.build(expression, model, likelihood="categorical")
+    opt = build(expression, model, likelihood="categorical")
     for _ in range(steps):
         opt.step(lambda: F.cross_entropy(model(x), y))
     parameters = sum(p.numel() for p in model.parameters())
@@ -42,21 +47,21 @@ def passes_on(expression: str, model) -> str:
 
     if is_rule_file(expression):
         return "per rule (opcomp explain FILE --model ...)"
-    fixed, per_layer, _ = opcomp.lower(expression).cost()
+    fixed, per_layer, _ = lower(expression).cost()
     layers = sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
     forward, backward = fixed.forward + layers * per_layer.forward, fixed.backward + layers * per_layer.backward
     return f"{forward:g} forward, {backward:g} backward"
 
 
 def preset_table() -> str:
-    presets = opcomp.presets()
+    presets = preset_namespace()
     lines = [
         "| preset | lr | passes per step | state bytes / parameter | definition |",
         "| --- | --- | --- | --- | --- |",
     ]
     for name in presets.names():
         per_parameter, passes = measure(name)
-        definition = table_cell(opcomp.to_source(presets.get(name).body))
+        definition = table_cell(to_source(presets.get(name).body))
         lines.append(f"| {name} | {presets.note(name).lr:g} | {passes} | {per_parameter:.1f} | `{definition}` |")
     count = sum(p.numel() for p in models.cnn().parameters())
     lines.append("")

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from opcomp.bench import data, models
+from opcomp.comparison import data, models
 from opcomp.errors import OpcompError, OpcompValueError
 from opcomp.files import call, load_callable, read_text
 
@@ -72,9 +72,9 @@ class Task:
 
     def build(self, expression: str, model: nn.Module, **options):
         """An optimizer for this task's model, with the task's build options."""
-        import opcomp
+        from opcomp.builder import build
 
-        return opcomp.build(expression, model, **{**self.build_options, **options})
+        return build(expression, model, **{**self.build_options, **options})
 
     def seeded_model(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
@@ -268,11 +268,11 @@ def resolve(spec: str, model: str | None = None) -> Task:
     if ":" not in spec:
         raise OpcompError(
             f"--task {spec!r} is not a task: use one of {', '.join(sorted(TASKS))}, module:function (a function "
-            "returning an opcomp.bench.tasks.Task) or text:PATH"
+            "returning an opcomp.comparison.tasks.Task) or text:PATH"
         )
     if model is not None:
         raise OpcompError(f"--model picks a built-in model; the task {spec} builds its own")
     task = call(f"{spec}()", "--task", load_callable(spec, "--task"))
     if not isinstance(task, Task):
-        raise OpcompError(f"--task: {spec}() returned a {type(task).__name__}, not an opcomp.bench.tasks.Task")
+        raise OpcompError(f"--task: {spec}() returned a {type(task).__name__}, not an opcomp.comparison.tasks.Task")
     return checked(task, spec)

@@ -8,10 +8,42 @@ import importlib.util
 import json
 import math
 import statistics
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from opcomp.bench.compare import Comparison, Run
+from opcomp.comparison.results import Run, Settings, Tuning
+
+
+@dataclass
+class Comparison:
+    """Every run of a comparison, with what it was asked."""
+
+    task: str
+    metric: str
+    target: float | None
+    settings: Settings
+    seeds: list[int]
+    runs: list[Run]
+    tuning: list[Tuning] = field(default_factory=list)
+
+    def runs_of(self, optimizer: str) -> list[Run]:
+        return [r for r in self.runs if r.optimizer == optimizer]
+
+    @property
+    def optimizers(self) -> list[str]:
+        return list(dict.fromkeys(r.optimizer for r in self.runs))
+
+    def table(self) -> str:
+        return table(self)
+
+    def write(self, out) -> list:
+        """report.md (table and plots embedded), results.json and the plots as PNG files under ``out``."""
+        return write(self, out)
+
+
+def table_cell(text: str) -> str:
+    """``text`` inside a markdown table cell: the bars of a fallback (``a | b``) escaped."""
+    return text.replace("|", "\\|")
 
 
 def stats(values) -> dict:

@@ -18,13 +18,15 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from opcomp.bench.footprint import passes_on, state_bytes
-from opcomp.bench.tasks import Task
+from opcomp.comparison.footprint import passes_on, state_bytes
+from opcomp.comparison.report import Comparison
+from opcomp.comparison.results import Run, Settings, Tuning
+from opcomp.comparison.tasks import Task
 from opcomp.errors import OpcompError
 from opcomp.learning_rates import recommended_lr
 
@@ -32,34 +34,6 @@ DEFAULT_OPTIMIZERS = ["fog", "diagfog", "f3eo", "fs_adarmsuon", "adagnoema", "mu
 SCHEDULES = ("cosine", "constant")
 EVALUATIONS = 20
 """Validation evaluations per run, evenly spaced: what time to target is read from."""
-
-
-@dataclass
-class Run:
-    """One optimizer, one seed, one learning rate, trained for the whole budget."""
-
-    optimizer: str
-    lr: float
-    seed: int
-    steps: int
-    history: list[tuple[int, float, float]] = field(default_factory=list)  # (step, training s, mean train loss)
-    evaluations: list[tuple[int, float, float, float]] = field(default_factory=list)  # (step, s, loss, metric)
-    validation_loss: float = math.nan
-    validation_metric: float = math.nan
-    test_loss: float = math.nan
-    test_metric: float = math.nan
-    steps_to_target: int | None = None
-    seconds_to_target: float | None = None
-    seconds: float = 0.0
-    ms_per_step: float = 0.0
-    state_mb: float = 0.0
-    passes: str = ""
-    finished: bool = True  # false when the loss stopped being finite
-
-    @property
-    def score(self) -> float:
-        """What tuning minimises: the final validation loss, infinite when the run blew up."""
-        return self.validation_loss if self.finished and math.isfinite(self.validation_loss) else math.inf
 
 
 def lr_factor(schedule: str, warmup: int, steps: int) -> Callable[[int], float]:
@@ -74,20 +48,6 @@ def lr_factor(schedule: str, warmup: int, steps: int) -> Callable[[int], float]:
         return 0.5 * (1 + math.cos(math.pi * (t - warmup) / (steps - warmup)))
 
     return factor
-
-
-@dataclass
-class Settings:
-    """How every run of a comparison trains."""
-
-    steps: int = 300
-    schedule: str = "cosine"
-    warmup: int | None = None  # None: a twentieth of the steps
-    device: str = "cpu"
-
-    @property
-    def warmup_steps(self) -> int:
-        return self.steps // 20 if self.warmup is None else self.warmup
 
 
 def train(task: Task, expression: str, lr: float, seed: int, settings: Settings, progress=None) -> Run:
@@ -134,15 +94,6 @@ def train(task: Task, expression: str, lr: float, seed: int, settings: Settings,
     return run
 
 
-@dataclass
-class Tuning:
-    """Learning rates tried for one optimizer on the first seed, and the one chosen."""
-
-    optimizer: str
-    chosen: float
-    tried: list[tuple[float, float]]  # (lr, final validation loss), in increasing lr
-
-
 def tune(
     task: Task, expression: str, center: float, seed: int, settings: Settings, progress=None, extensions: int = 4
 ) -> tuple[Tuning, Run]:
@@ -174,37 +125,6 @@ def trials(
     return runs
 
 
-@dataclass
-class Comparison:
-    """Every run of a comparison, with what it was asked."""
-
-    task: str
-    metric: str
-    target: float | None
-    settings: Settings
-    seeds: list[int]
-    runs: list[Run]
-    tuning: list[Tuning] = field(default_factory=list)
-
-    def runs_of(self, optimizer: str) -> list[Run]:
-        return [r for r in self.runs if r.optimizer == optimizer]
-
-    @property
-    def optimizers(self) -> list[str]:
-        return list(dict.fromkeys(r.optimizer for r in self.runs))
-
-    def table(self) -> str:
-        from opcomp.bench.compare_report import table
-
-        return table(self)
-
-    def write(self, out) -> list:
-        """report.md (table and plots embedded), results.json and the plots as PNG files under ``out``."""
-        from opcomp.bench.compare_report import write
-
-        return write(self, out)
-
-
 def compare(
     optimizers: Sequence[str] | None = None,
     task: Task | str = "digits",
@@ -220,13 +140,13 @@ def compare(
 ) -> Comparison:
     """Train each optimizer on ``task`` for ``steps`` steps, once per seed.
 
-    ``task``: a :class:`~opcomp.bench.tasks.Task`, a built-in task's name, ``"module:function"``
+    ``task``: a :class:`~opcomp.comparison.tasks.Task`, a built-in task's name, ``"module:function"``
     (a function returning a Task) or ``"text:PATH"``. Each optimizer runs at ``lr``, or its
     recommended lr, or with ``tune_lr`` the best of a grid around that (chosen on the first seed's
     validation loss at the full budget, extended while the best is on the grid's edge). ``target``
     overrides the task's validation target for the time-to-target columns.
     """
-    from opcomp.bench.tasks import resolve
+    from opcomp.comparison.tasks import resolve
 
     if schedule not in SCHEDULES:
         raise OpcompError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
@@ -336,8 +256,8 @@ def steps_of(epochs: float, steps_per_epoch: int) -> int:
 def main(argv: list[str] | None = None) -> str:
     import argparse
 
-    from opcomp.bench.compare_report import NO_PLOTS, plots_available
-    from opcomp.bench.tasks import MODELS, TASKS
+    from opcomp.comparison.report import NO_PLOTS, plots_available
+    from opcomp.comparison.tasks import MODELS, TASKS
 
     parser = argparse.ArgumentParser(prog="opcomp compare", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -361,7 +281,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="opcomp-compare")
     args = parser.parse_args(argv)
-    from opcomp.bench.tasks import resolve
+    from opcomp.comparison.tasks import resolve
 
     if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
         raise OpcompError(f"--steps must be at least 1 and at most {MAX_STEPS:,}, got {args.steps}")
