@@ -13,9 +13,9 @@ from opcomp.capture import Likelihood
 from opcomp.definitions import Namespace, presets
 from opcomp.errors import OpcompError, OpcompNotice, OpcompTypeError
 from opcomp.graph import build_graph
-from opcomp.kernels.factors import Reduction
 from opcomp.lang.ast import Call, Expr, Name, Option
 from opcomp.lang.parser import parse
+from opcomp.layers.statistics import Reduction
 from opcomp.learning_rates import DEFAULT_LR, recommended_lr
 from opcomp.optimizer import Optimizer
 from opcomp.prediction import Output

@@ -28,8 +28,9 @@ from torch import Tensor
 from opcomp.distributed import is_shard
 from opcomp.errors import OpcompError, OpcompTypeError, OpcompValueError, OpcompWarning, warn
 from opcomp.graph import Node, current_state_key
+from opcomp.layers.record import Layer
 from opcomp.ops import Applies, StateBuffer
-from opcomp.plan import LayerPlan, Plan
+from opcomp.plan import Plan
 from opcomp.precision import working_dtype
 
 RATES = ("lr", "initial_lr")
@@ -147,7 +148,7 @@ def _current(saved_key: str, nodes: Mapping[str, Node], longest: int) -> str:
     return current_state_key(saved_key)
 
 
-def _buffers(where: str, node: Node, param: Tensor, layer: LayerPlan | None, buffers: Mapping) -> dict:
+def _buffers(where: str, node: Node, param: Tensor, layer: Layer | None, buffers: Mapping) -> dict:
     """Every saved buffer of ``node`` checked (declared, shape, dtype, values) and cast to the
     parameter's working precision and device."""
     declared = {b.name: b for b in node.spec.state}
@@ -194,7 +195,7 @@ def _cast(place: str, buffer: StateBuffer, tensor: Tensor, param: Tensor) -> Ten
     return tensor.detach().clone().to(device=param.device, dtype=working_dtype(param.dtype))
 
 
-def expected_shape(buffer: StateBuffer, param: Tensor, layer: LayerPlan | None) -> tuple[int, ...]:
+def expected_shape(buffer: StateBuffer, param: Tensor, layer: Layer | None) -> tuple[int, ...]:
     """The shape ``buffer`` has for ``param``; layer buffers take theirs from the layer's matrix X."""
     if buffer.shape == "param":
         return tuple(param.shape)

@@ -19,16 +19,13 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from opcomp.capture import remove_hooks, weakly
-from opcomp.kernels.factors import layer_kind
+from opcomp.layers.kinds import kind_of
 from opcomp.prediction import Prediction
-
-HEAD_KINDS = ("linear", "conv1d", "conv2d")
-"""Layers that can be a hidden layer or the head (an Embedding is neither)."""
 
 
 def candidates(model: nn.Module, unhookable: set[int]) -> list[nn.Module]:
     """The layers that may be the head, in registration order."""
-    return [m for m in model.modules() if layer_kind(m) in HEAD_KINDS and id(m) not in unhookable]
+    return [m for m in model.modules() if (kind := kind_of(m)) is not None and kind.head and id(m) not in unhookable]
 
 
 def guess(model: nn.Module | None, unhookable: set[int]) -> nn.Module | None:

@@ -25,8 +25,8 @@ from opcomp.errors import OpcompError, OpcompTypeError, OpcompValueError, Opcomp
 from opcomp.head import HeadWatch, candidates
 from opcomp.kernels import COLLECTIVE
 from opcomp.kernels import load as load_kernels
-from opcomp.kernels.factors import Reduction
 from opcomp.lang.ast import Expr
+from opcomp.layers.statistics import Reduction
 from opcomp.ops import Applies
 from opcomp.plan import Plan, new_params
 from opcomp.prediction import Output, Prediction

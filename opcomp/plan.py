@@ -18,20 +18,12 @@ from torch import Tensor, nn
 from opcomp.errors import OpcompError, OpcompTypeError, OpcompValueError
 from opcomp.explain import explain
 from opcomp.graph import Graph, Node, lower
-from opcomp.head import HEAD_KINDS, guess
-from opcomp.kernels.factors import (
-    Columns,
-    Kind,
-    block_shape,
-    diagonal_sides,
-    factor_shapes,
-    layer_kind,
-    unsupported,
-)
+from opcomp.head import guess
 from opcomp.lang.ast import Expr
+from opcomp.layers.kinds import LayerKind, kind_of, unsupported
+from opcomp.layers.record import Layer
 from opcomp.ops import Applies
 from opcomp.precision import working_dtype
-from opcomp.state import peek, possibly_taken
 
 APPLIES_NEEDS = {
     Applies.MATRIX: "a matrix (ndim >= 2)",
@@ -50,7 +42,7 @@ class ParamInfo:
     shape: tuple[int, ...]
     module: nn.Module | None = None  # the module owning the parameter, when a model was given
     role: str | None = None  # its attribute name there: 'weight', 'bias', …
-    kind: Kind | None = None  # what that module computes, if it is a layer whose statistics opcomp captures
+    kind: LayerKind | None = None  # what that module computes, if it is a layer whose statistics opcomp captures
     tied: bool = False  # one tensor held by several modules (a tied embedding and output head)
     unhookable: bool = False  # its module computes where no hook reaches (inside a MultiheadAttention)
     head: bool = False  # its module is the model's output head (the layer that produces the prediction)
@@ -67,7 +59,7 @@ class ParamInfo:
         if applies is Applies.LAYER:
             return self.layer
         if applies is Applies.HIDDEN:  # without a model there is nothing to tell hidden layers by
-            hidden = self.kind in HEAD_KINDS and self.role == "weight" and not (self.tied or self.head)
+            hidden = self.kind is not None and self.kind.head and self.role == "weight" and not (self.tied or self.head)
             return len(self.shape) >= 2 and (self.module is None or hidden)
         return True
 
@@ -240,8 +232,8 @@ def why_not(culprit: Node, info: ParamInfo) -> str:
         return f"{len(info.shape)}-D parameters ({needs})"
     if applies is Applies.HIDDEN and info.head:
         return f"the output head's weight ({needs})"
-    if applies is Applies.HIDDEN and info.kind == "embedding":
-        return f"embeddings ({needs})"
+    if applies is Applies.HIDDEN and info.kind is not None and not info.kind.head:
+        return f"{info.kind.name}s ({needs})"
     if info.tied:
         return f"parameters tied to another module ({needs})"
     if owner is None:
@@ -276,52 +268,6 @@ def _refusal(info: ParamInfo, culprit: Node, written: str) -> OpcompError:
         f"'{example}', or give this parameter its own param group or rule",
         culprit.span,
     )
-
-
-@dataclass
-class LayerPlan:
-    """A layer running a layer node: its weight and bias, if they run the node too."""
-
-    module: nn.Module
-    name: str
-    node: Node
-    kind: Kind
-    weight: Tensor | None = None
-    bias: Tensor | None = None
-
-    @property
-    def columns(self) -> Columns:
-        """What X holds: the weight, the weight with the bias folded in as a last column (the bias
-        runs the node too), or the bias alone (it runs the node, the weight does not)."""
-        if self.weight is None:
-            return "bias"
-        return "weight+bias" if self.bias is not None and self.kind != "embedding" else "weight"
-
-    @property
-    def block_shape(self) -> tuple[int, int, int]:
-        """(groups, out, in) of the layer's X: (dim, vocabulary) for an Embedding, a bias column
-        counted; a grouped Conv2d's X is groups independent blocks, each with its own A and G."""
-        return block_shape(self.module, self.kind, self.columns)
-
-    @property
-    def diagonal_sides(self) -> tuple[bool, bool]:
-        """Whether A and G are kept as their diagonals (an Embedding's A; factors above max_dim)."""
-        return diagonal_sides(self.kind, self.block_shape, getattr(self.node.options, "max_dim", None))
-
-    def buffer_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The shape of each kind of layer buffer (``StateBuffer.shape``) for this layer."""
-        return factor_shapes(self.block_shape, *self.diagonal_sides)
-
-    @property
-    def owner(self) -> Tensor:
-        """The parameter whose state holds the layer's statistics."""
-        return self.weight if self.weight is not None else self.bias
-
-    def due(self, state) -> bool:
-        """Whether this step feeds the layer's statistics (every ``update_every`` steps of its node);
-        while the last step's decision is on its way to the host, whether it may."""
-        kept = peek(state[self.owner], self.node.state_key) if self.owner in state else {}
-        return any(count % self.node.options.update_every == 0 for count in possibly_taken(kept))
 
 
 @dataclass
@@ -412,7 +358,7 @@ class Plan:
         self.graphs: dict[str, Graph] = {}
         self.groups: list[GroupPlan] = []
         self.infos: dict[int, ParamInfo] = {}  # id(param) -> what its program was made from
-        self.layers: dict[tuple[str, int], list[LayerPlan]] = {}  # (expression, node id) -> layers
+        self.layers: dict[tuple[str, int], list[Layer]] = {}  # (expression, node id) -> layers
 
     # -- building -----------------------------------------------------------------------------------
 
@@ -442,7 +388,7 @@ class Plan:
             check_parameter(param, name)
             module, role = self.owners.get(id(param), (None, None))
             unhookable, refused = id(module) in self.hidden_from_hooks, unsupported(module)
-            kind = None if unhookable or refused else layer_kind(module)
+            kind = None if unhookable or refused else kind_of(module)
             tied, head = id(param) in self.tied, module is not None and id(module) == self.head
             info = ParamInfo(name, tuple(param.shape), module, role, kind, tied, unhookable, head, refused)
             self.infos[id(param)] = info
@@ -464,7 +410,7 @@ class Plan:
     def plan_layers(self, expressions: list[str]) -> list[nn.Module]:
         """Which layers run each layer node, per expression (one per group, in order); returns the
         modules whose statistics must be captured."""
-        plans: dict[tuple[str, int], dict[nn.Module, LayerPlan]] = defaultdict(dict)
+        plans: dict[tuple[str, int], dict[nn.Module, Layer]] = defaultdict(dict)
         for expression, group in zip(expressions, self.groups):
             for bucket in group.buckets:
                 for step in bucket.program.steps:
@@ -473,7 +419,7 @@ class Plan:
                     for param in bucket.params:
                         info = self.infos[id(param)]
                         layers = plans[(expression, step.node.id)]
-                        layer = LayerPlan(info.module, _layer_name(info), step.node, info.kind)
+                        layer = Layer(info.module, _layer_name(info), step.node, info.kind)
                         plan = layers.setdefault(info.module, layer)
                         setattr(plan, info.role, param)
         self.layers = {key: list(layers.values()) for key, layers in plans.items()}
@@ -481,7 +427,7 @@ class Plan:
 
     # -- reading --------------------------------------------------------------------------------------
 
-    def all_layers(self) -> Iterator[LayerPlan]:
+    def all_layers(self) -> Iterator[Layer]:
         return (layer for layers in self.layers.values() for layer in layers)
 
     def buckets(self) -> Iterator[Bucket]:
@@ -499,7 +445,7 @@ class Plan:
                     families[group["expr"]].append((group, bucket, params))
         return dict(families)
 
-    def layers_of(self, expression: str) -> dict[int, list[LayerPlan]]:
+    def layers_of(self, expression: str) -> dict[int, list[Layer]]:
         """Node id -> the layers that node captures, for one expression."""
         return {node_id: layers for (e, node_id), layers in self.layers.items() if e == expression}
 

@@ -85,7 +85,7 @@ def budget(plan: Plan) -> list[str]:
         for layer in layers:
             groups, out, inputs = layer.block_shape
             sides = [(side, size) for side, size in (("A", inputs), ("G", out)) if size > limit]
-            sides = [(side, size) for side, size in sides if not (side == "A" and layer.kind == "embedding")]
+            sides = [(side, size) for side, size in sides if not (side == "A" and layer.kind.one_hot)]
             each = f" per group of {groups}" if groups > 1 else ""
             over += [f"{layer.name} {side} ({size}{each})" for side, size in sides]
             dense_bytes += sum(4 * groups * size * size for _, size in sides)

@@ -168,7 +168,7 @@ def counting(module, *names: str) -> Iterator[list[int]]:
 def decompositions(rank: int = 0, world: int = 1) -> list[int]:
     """The sizes of the factors this rank inverted or eigendecomposed in fog's 3 steps on the conv
     net (kfac runs on the conv and the hidden Linear; the head runs adamw)."""
-    from opcomp.kernels import layers
+    from opcomp.kernels import decompositions as layers
 
     with counting(layers, "eigen", "damped_inverse") as sizes:
         train("fog", "conv", "closure", rank, world)

@@ -3,7 +3,7 @@ on the layer shapes users have: an MLP, a stride-2 padded and a dilated Conv2d, 
 model whose Linear layers see every token (its logits laid out (N, C, T) for ``F.cross_entropy``).
 
 One convention differs, by definition: opcomp's factors are per-example averages whatever the
-loss reduction (DESIGN §3: ℓ_n is the loss of example n, G = E_n[δ_n δ_nᵀ]); curvlinops
+loss reduction (docs/operators.md: ℓ_n is the loss of example n, G = E_n[δ_n δ_nᵀ]); curvlinops
 approximates the curvature of the loss as written, per loss term for a mean and summed for a sum.
 So curvlinops' G is opcomp's times T (tokens per example) for a token-mean loss and times N for a
 summed one; A agrees as it is. Every comparison below states that factor and nothing else.

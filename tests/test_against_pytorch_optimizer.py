@@ -2,7 +2,7 @@
 with Kwon et al.'s η against its formula written out.
 
 pytorch-optimizer's ``SAM(adaptive=True)`` takes T = |p| (η = 0); opcomp's ``sam[adaptive]``
-takes T = |p| + eta with eta = 0.01 by default (Kwon et al. 2021, DESIGN §3), so the library is
+takes T = |p| + eta with eta = 0.01 by default (Kwon et al. 2021, docs/probes.md), so the library is
 matched with ``eta=0`` and the default is checked against the formula.
 """
 
@@ -26,7 +26,7 @@ CASES = [  # opcomp expression, pytorch-optimizer base optimizer and its options
         {"momentum": 0.9},
         {"rho": 0.5, "adaptive": True},
     ),
-    # adamw(sam(g)): every Adam statistic reads g_sam, the usual SAM-AdamW (sam(adamw) is ADR-0007)
+    # adamw(sam(g)): every Adam statistic reads g_sam, the usual SAM-AdamW (sam(adamw) is FS-AdaRMSuon's)
     ("adamw[wd=0.01](sam[rho=0.05](g))", torch.optim.AdamW, {"weight_decay": 0.01}, {"rho": 0.05}),
 ]
 

@@ -228,7 +228,7 @@ def test_muon_matches_torch_muon_on_matrices(weight_decay):
 
 
 def naive_muon_step(param: torch.Tensor, buffer: torch.Tensor, lr: float) -> None:
-    """DESIGN.md's muon on a parameter viewed as (rows, −1), written out for any ndim."""
+    """docs/operators.md's muon on a parameter viewed as (rows, −1), written out for any ndim."""
     grad = param.grad
     buffer.lerp_(grad, 0.05)
     update = grad.lerp(buffer, 0.95).reshape(param.shape[0], -1)
@@ -333,3 +333,23 @@ def test_every_lr_scheduler_drives_the_learning_rate_as_for_torch_adamw(name):
         side_by_side([(ours, opt), (theirs, reference)], schedulers, [batch], plateau=name == "ReduceLROnPlateau")
         assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in reference.param_groups]
     assert max_difference(ours, theirs) <= 1e-6
+
+
+def test_gradients_that_are_not_contiguous_step_as_torchs_fused_adamw_on_their_values():
+    """The fused route is decided at build from the parameters; a gradient laid out otherwise (a
+    transpose, an expanded row) is made contiguous for the kernel, and the step is torch's bit for bit."""
+    torch.manual_seed(0)
+    ours = [nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(5))]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    opt = opcomp.build("adamw", ours, lr=0.01)
+    reference = torch.optim.AdamW(theirs, lr=0.01, weight_decay=0.01, fused=True)
+    for _ in range(3):
+        grads = [torch.randn(5, 6).T, torch.randn(1).expand(5)]
+        for param, grad in zip(ours, grads):
+            param.grad = grad
+        for param, grad in zip(theirs, grads):
+            param.grad = grad.contiguous()
+        opt.step()
+        reference.step()
+    assert not ours[0].grad.is_contiguous()
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))

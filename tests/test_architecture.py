@@ -41,6 +41,7 @@ ROOMS = [
             "opcomp.settings",
         ],
     ),
+    ("layers", ["opcomp.layers"]),
     ("kernels", ["opcomp.kernels"]),
     ("plan", ["opcomp.head", "opcomp.plan", "opcomp.report", "opcomp.checkpoint"]),
     ("step", ["opcomp.step"]),
@@ -171,7 +172,15 @@ def test_no_import_is_for_type_checking_only():
     assert {m: n for m, n in counted.items() if n} == {}
 
 
-STEP_PATH = ["opcomp.optimizer", "opcomp.step", "opcomp.closure", "opcomp.state", "opcomp.finite", "opcomp.kernels"]
+STEP_PATH = [
+    "opcomp.optimizer",
+    "opcomp.step",
+    "opcomp.closure",
+    "opcomp.state",
+    "opcomp.finite",
+    "opcomp.layers",
+    "opcomp.kernels",
+]
 
 
 def test_the_optimizer_class_fits_on_a_page_and_no_function_of_the_step_path_is_long():
@@ -186,3 +195,12 @@ def test_the_optimizer_class_fits_on_a_page_and_no_function_of_the_step_path_is_
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long.append(f"{module_name(path)}.{node.name}")
     assert long == []
+
+
+def test_the_room_table_in_docs_architecture_is_the_one_checked_here():
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    rows = [line.split("|")[1:3] for line in text.splitlines() if line.startswith("| ") and "`" in line]
+    documented = [
+        (room.strip(), sorted("opcomp." + m.strip().strip("`/") for m in modules.split(", "))) for room, modules in rows
+    ]
+    assert documented == [(room, sorted(prefixes)) for room, prefixes in ROOMS]

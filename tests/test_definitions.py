@@ -7,7 +7,7 @@ import pytest
 import opcomp
 from opcomp.definitions import EMPTY
 
-# DESIGN §4's table, with the refinements of §8: Muon and AdaRMSuon take hidden layers only, and
+# docs/presets.md's table and departures from the notes: Muon and AdaRMSuon take hidden layers only, and
 # fog, diagfog and muon_adamw give their AdamW branch its own step (a tenth of the lr by default);
 # f3eo clips its meta-gradient 2·H·g as the authors' code does, and adagnoema's inner Adam takes
 # steps of 0.01 (docs/presets.md)

@@ -1,4 +1,4 @@
-"""Each remaining kernel against torch.optim or DESIGN.md's formula computed naively, over several steps."""
+"""Each remaining kernel against torch.optim or docs/operators.md's formula computed naively, over several steps."""
 
 from __future__ import annotations
 

@@ -372,7 +372,7 @@ def test_layers_that_read_one_input_alike_share_its_factor_and_views_of_it_do_no
     """Each layer's A is the running average of mean [h, 1][h, 1]ᵀ over its own input h (the 1
     when it has a bias); query and value have one A formed once, key its own (no bias column),
     and the halves theirs."""
-    import opcomp.kernels.factors as factors
+    import opcomp.layers.statistics as factors
 
     model = SharedInputs().double()
     decay, expression = 0.7, "kfac[decay=0.7, invert_every=1](g) | g"
@@ -463,7 +463,7 @@ def test_patch_means_are_the_unfolded_patches_averaged_over_positions(
 ):
     """For any geometry whose output is not empty: what KFAC's A reads of a Conv2d, formed by one
     convolution with a kernel of ones, equals ``F.unfold``'s patches averaged over positions."""
-    from opcomp.kernels.factors import patch_means
+    from opcomp.layers.samples import patch_means
 
     conv = nn.Conv2d(channels, 2, kernel, stride=stride, dilation=dilation, padding=padding)
     reach = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]

@@ -178,7 +178,7 @@ def test_plain_sam_around_sgd_equals_the_two_step_formula():
 
 
 def test_fs_adarmsuon_follows_the_four_steps_of_its_adr():
-    """ADR-0007: (1) moments from the raw gradient; (2) ε = ρ·(g ⊙ √v̂)/‖g ⊙ √v̂‖;
+    """FS-AdaRMSuon's SAM (docs/probes.md): (1) moments from the raw gradient; (2) ε = ρ·(g ⊙ √v̂)/‖g ⊙ √v̂‖;
     (3) g_sam = ∇L(w + ε); (4) a = g_sam/(√v̂ + eps), update orth(a)·‖a‖/‖orth(a)‖."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8, bias=False), nn.Tanh(), nn.Linear(8, 4, bias=False))

@@ -1,4 +1,4 @@
-"""The registry against DESIGN.md §3, and the generated catalogue against docs/operators.md."""
+"""The registry against the operator catalogue, and the generated catalogue against docs/operators.md."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import opcomp
 from opcomp.catalogue import catalogue_markdown
 from opcomp.ops import REGISTRY, Applies, Kind
 
-# The catalogue of DESIGN.md §3, written out independently of the registry.
+# The operator catalogue, written out independently of the registry.
 DESIGN_CATALOGUE = {
     Kind.SOURCE: ["g", "p", "grad_at"],
     Kind.TEMPORAL: ["ema", "momentum"],

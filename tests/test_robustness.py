@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import opcomp
-from opcomp.kernels import layers
+from opcomp.kernels import decompositions as layers
 
 RUNNABLE = [
     "g",

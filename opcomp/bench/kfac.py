@@ -32,7 +32,7 @@ import opcomp.optimizer as optimizer_module
 from opcomp.bench.step import interleaved, synchronize
 from opcomp.comparison import models
 from opcomp.comparison.report import table_cell
-from opcomp.kernels.layers import invert_factored
+from opcomp.kernels.kfac import invert_factored
 
 CONFIGURATIONS = {
     "muon(g) | adamw": "muon_adamw",

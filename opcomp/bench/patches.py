@@ -5,7 +5,7 @@
 For the convolutions of the small ResNet on 64 images of 32×32 (``bench.kfac --model resnet``)
 and of ResNet-18 on 32 images of 224×224: ``F.unfold(x).mean(2)`` (what the statistics did
 before), a convolution of each channel with a kernel of ones the output's size, and
-:func:`~opcomp.kernels.factors.patch_means` (two thin products with 0/1 tap selectors), medians
+:func:`~opcomp.layers.samples.patch_means` (two thin products with 0/1 tap selectors), medians
 in milliseconds, rows interleaved, with the largest difference from the unfolded means.
 """
 
@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from opcomp.bench.step import synchronize
-from opcomp.kernels.factors import patch_means
+from opcomp.layers.samples import patch_means
 
 # (images, channels, side, kernel, stride, padding): the small ResNet's every distinct conv, ResNet-18's some
 SHAPES = {

@@ -4,7 +4,7 @@
 
 For groups of layers of one shape, the two products of each layer in turn against one pair of
 batched products over the group, the stacking of X and both inverses included (the state keeps
-each layer's inverses apart): medians in microseconds, interleaved. ``kernels.layers.BATCHED``
+each layer's inverses apart): medians in microseconds, interleaved. ``kernels.decompositions.BATCHED``
 is the longest side up to which opcomp batches.
 """
 
@@ -16,7 +16,7 @@ import statistics
 import torch
 
 from opcomp.bench.step import interleaved
-from opcomp.kernels.layers import BATCHED
+from opcomp.kernels.decompositions import BATCHED
 
 GROUPS = ((16, 64, 64), (8, 128, 128), (4, 128, 256), (4, 256, 256), (2, 512, 128), (12, 192, 192), (4, 384, 384))
 """(layers, out, in) of each group, from the sizes that batch well to those that do not."""

@@ -2,7 +2,7 @@
 
 Three views, one per way a kernel runs: :class:`Ctx` for a node over one bucket (element-wise,
 slab and matrix kernels), :class:`ProbeCtx` for a probe over every parameter of an expression
-that runs it, and (in :mod:`opcomp.kernels.layers`) ``LayerCtx`` for layer statistics. All reach
+that runs it, and (in :mod:`opcomp.kernels.layer_context`) ``LayerCtx`` for layer statistics. All reach
 state through :class:`opcomp.state.NodeState`.
 """
 

@@ -1,6 +1,6 @@
 """Element-wise kernels, each a few ``torch._foreach_*`` calls over the bucket.
 
-Formulas are DESIGN.md §3's; the moment updates follow torch.optim's own op order (``lerp_`` for
+Formulas are docs/operators.md's; the moment updates follow torch.optim's own op order (``lerp_`` for
 first moments, ``mul_().addcmul_()`` for second moments) so results match it closely.
 """
 
@@ -174,7 +174,7 @@ def upcoming_second_moment(declared: SecondMoment, options, entry: dict, grad: T
 def adam_direction(ctx: Ctx, x: list[Tensor], b1: float, b2: float, eps: float) -> list[Tensor]:
     """m̂/(√v̂ + eps) with torch.optim.Adam's moment updates; the moments live in ctx's state.
 
-    Inside sam (FS-AdaRMSuon, ADR-0007) both moments keep reading the raw gradient and the
+    Inside sam (FS-AdaRMSuon, docs/probes.md) both moments keep reading the raw gradient and the
     probed input replaces m̂ as the numerator: x/(√v̂ + eps), and 0 where v̂ = 0 — a raw gradient
     that was exactly zero at every step (an unused weight, a bf16 gradient rounded to zero) gives
     no scale, and dividing by eps alone would move that weight by lr·x/eps.

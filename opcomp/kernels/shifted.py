@@ -1,5 +1,5 @@
 """Gradients at shifted points: ``grad_at``, and SAM's rebinding of ``g`` to the gradient at the
-sharpest nearby point, ascent modes plain, adaptive (ASAM) and fisher (ADR-0007)."""
+sharpest nearby point, ascent modes plain, adaptive (ASAM) and fisher (docs/probes.md)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from opcomp.ops.fields import Count
 
 
 class Kind(enum.StrEnum):
-    """The role an operator plays (DESIGN.md §3)."""
+    """The role an operator plays (docs/operators.md)."""
 
     SOURCE = "source"  # a value read or probed
     TEMPORAL = "temporal"  # state over steps
@@ -117,8 +117,8 @@ class StateBuffer:
 @dataclass(frozen=True)
 class SecondMoment:
     """A running second moment an operator keeps, which ``sam[fisher]`` weighs its ascent by
-    (ADR-0007): v in ``buffer``, decaying by the option ``beta``, bias-corrected by the node's step
-    count when ``debiased``."""
+    (docs/probes.md, "SAM and what its inner sees"): v in ``buffer``, decaying by the option
+    ``beta``, bias-corrected by the node's step count when ``debiased``."""
 
     buffer: str
     beta: str

@@ -23,8 +23,9 @@ from opcomp.graph import Graph, Node
 from opcomp.kernels import COLLECTIVE, KERNELS, REBINDINGS
 from opcomp.kernels.context import BucketStep, Ctx, ProbeCtx
 from opcomp.kernels.elementwise import upcoming_second_moment
-from opcomp.kernels.layers import LayerCtx, LayerSlot
-from opcomp.plan import LayerPlan, ParamInfo, Plan, Program
+from opcomp.kernels.layer_context import LayerCtx
+from opcomp.layers.record import Layer, LayerSlot
+from opcomp.plan import ParamInfo, Plan, Program
 from opcomp.precision import working
 from opcomp.state import NodeState, entry, peek
 from opcomp.step.update import Update, bucket_steps
@@ -45,7 +46,7 @@ class Interpreter:
         buckets: list[BucketStep],
         *,
         state: Mapping | None = None,
-        layers: Mapping[int, list[LayerPlan]] | None = None,
+        layers: Mapping[int, list[Layer]] | None = None,
         infos: Mapping[int, ParamInfo] | None = None,
         statistics: Callable | None = None,
         probe: Probe | None = None,
@@ -103,7 +104,7 @@ class Interpreter:
             if weight is None and bias is None:
                 continue  # no gradient this step
             own = entry(self.state, layer.owner, node.state_key)
-            slots.append(LayerSlot(layer.module, layer.name, weight, bias, layer.columns, layer.kind, own))
+            slots.append(LayerSlot(layer, weight, bias, own))
         return slots
 
     def _modules(self, params: list[Tensor]) -> list[list[int]]:

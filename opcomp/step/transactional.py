@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from opcomp.finite import Checks, NonFinite, all_finite
-from opcomp.kernels.factors import StepStatistics
+from opcomp.layers.statistics import StepStatistics
 from opcomp.state import keep_where, snapshot, unchanged_layout
 from opcomp.step.eager import run_eagerly
 from opcomp.step.fused import step_adamw

@@ -1,0 +1,194 @@
+"""A layer's micro-batches in one form, whatever the layer: the rows its statistics are made of.
+
+Every supported layer is brought to one form, the weight-sharing form of each micro-batch:
+``a`` (N, S, in) holds the inputs of each example at each of its S shared positions (a Linear's
+leading dimensions, a Conv2d's unfolded patches; the bias as an appended 1 when it is folded in,
+only that 1 when the bias runs the node alone), ``d`` (N, S, out) the output gradients at the
+same positions, which ``gradient_scale`` turns into per-example ones (applied once to each
+statistic: all are quadratic in d). With d so scaled, the per-example gradient of the layer is
+∇W_n = Σ_s d_ns a_nsᵀ, and
+
+- ``Linear`` over any leading dimensions ("expand"): every position is a row of A and G;
+  A = mean over rows of a aᵀ, G = Σ_rows d dᵀ / N (G sums over an example's positions);
+- ``Conv2d`` ("reduce"): one row per example, patches averaged and gradients summed over positions,
+  A = mean of ā āᵀ, G = Σ_n d̄ d̄ᵀ / N; exact with average pooling or one repeated input;
+- ``Embedding``: the input is one-hot, so A is diagonal (token counts / positions), ``a`` holds ids.
+
+N counts examples over every micro-batch since the last step: a micro-batch is one forward of the
+model, and with a mean-reduced loss the standard accumulation (each micro-batch's loss divided by
+their number k) leaves gradients that N·grad turns into per-example ones, so accumulated factors
+equal the whole batch's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.nn.modules.utils import _pair
+
+from opcomp.layers.shapes import Columns
+
+
+@dataclass
+class Sample:
+    """One micro-batch of a layer in the weight-sharing form."""
+
+    a: Tensor  # (N, S, in); an Embedding's token ids (N, S)
+    d: Tensor  # (N, S, out) output gradients as captured: per-example ones are gradient_scale · d
+
+    def rows(self, side: str, reduce: bool) -> Tensor:
+        """A's rows (``side`` "a") or G's ("d"): one per position, or with ``reduce`` one per
+        example, a averaged and d summed over its positions."""
+        if side == "a":
+            return self.a.mean(1) if reduce else self.a.flatten(0, 1)
+        return self.d.sum(1) if reduce else self.d.flatten(0, 1)
+
+    def count(self, reduce: bool) -> int:
+        """A's rows: examples, or examples times positions."""
+        return self.d.shape[0] if reduce else self.d.shape[0] * self.d.shape[1]
+
+    def rotated_a(self, q: Tensor | None) -> Tensor:
+        """a Q, (N, S, in) (a grouped layer's (N, S, groups, in), each group by its Q); a missing Q
+        is the identity."""
+        return self.a if q is None else rotated(self.a, q)
+
+
+def rotated(rows: Tensor, q: Tensor) -> Tensor:
+    """rows @ q: (…, in) by (in, in), or grouped (…, groups, in) by each group's (groups, in, in)."""
+    return rows @ q if q.ndim == 2 else torch.einsum("...ki,kij->...kj", rows, q)
+
+
+class ConvSample(Sample):
+    """A Conv2d's micro-batch, formed as far as it is used (``a`` and ``d`` on first use). Its
+    reduced rows (what KFAC and diagonal KFAC read) come without unfolding the input: each entry
+    of a patch averaged over the output positions is :func:`patch_means`, and d summed over them
+    a sum over the gradient's spatial dimensions; EKFAC's patches rotated by Q_A are a
+    convolution (:meth:`rotated_a`).
+    The unfolded (N, S, in) patches, a copy kernel-size times the input's, are made only when
+    asked for: a layer called twice in one forward, EKFAC with A kept diagonal."""
+
+    def __init__(self, module: nn.Conv2d, inputs: Tensor, grad: Tensor, columns: Columns, dtype: torch.dtype):
+        self.module, self.columns, self.dtype = module, columns, dtype
+        self.inputs = (inputs if inputs.ndim == 4 else inputs.unsqueeze(0)).to(dtype)
+        self.grad = (grad if grad.ndim == 4 else grad.unsqueeze(0)).to(dtype)
+
+    @property
+    def groups(self) -> int:
+        return self.module.groups
+
+    def _by_group(self, values: Tensor) -> Tensor:
+        """(…, groups·n) as (…, groups, n) for a grouped conv (channels are group-major); as is otherwise."""
+        return values if self.groups == 1 else values.unflatten(-1, (self.groups, -1))
+
+    @cached_property
+    def a(self) -> Tensor:
+        module = self.module
+        patches = F.unfold(
+            self.inputs,
+            module.kernel_size,
+            dilation=module.dilation,
+            padding=conv_padding(module),
+            stride=module.stride,
+        )
+        # (N, positions, C·kh·kw), grouped (N, positions, groups, C/groups·kh·kw)
+        return with_bias_column(self._by_group(patches.transpose(1, 2)), self.columns)
+
+    @cached_property
+    def d(self) -> Tensor:
+        return self._by_group(self.grad.flatten(2).transpose(1, 2))  # (N, positions, [groups,] out)
+
+    def rows(self, side: str, reduce: bool) -> Tensor:
+        if not reduce:
+            return super().rows(side, reduce)
+        if side == "d":
+            return self._by_group(self.grad.sum((2, 3)))
+        if self.columns == "bias":
+            return self.inputs.new_ones(self.inputs.shape[0], *((self.groups,) if self.groups > 1 else ()), 1)
+        means = self._by_group(patch_means(self.inputs, self.module))
+        return with_bias_column(means, self.columns)
+
+    def count(self, reduce: bool) -> int:
+        examples, _, height, width = self.grad.shape
+        return examples if reduce else examples * height * width
+
+    def rotated_a(self, q: Tensor | None) -> Tensor:
+        """a Q without unfolding: column j of a Q at every position is the conv of the input with
+        column j of Q as its kernel (its last row as the bias, when a holds the bias's 1)."""
+        if q is None or self.columns == "bias":
+            return super().rotated_a(q)
+        module, folded = self.module, self.columns == "weight+bias"
+        blocks = q if q.ndim == 3 else q.unsqueeze(0)  # (groups, in, in), a group's columns its kernels
+        inputs = blocks.shape[1] - folded
+        kernels = blocks[:, :inputs].mT.reshape(-1, *module.weight.shape[1:])
+        bias = blocks[:, -1].reshape(-1) if folded else None
+        out = F.conv2d(self.inputs, kernels, bias, module.stride, conv_padding(module), module.dilation, module.groups)
+        return self._by_group(out.flatten(2).transpose(1, 2))
+
+
+def squares(values: Tensor) -> Tensor:
+    """values², as a product: ``square`` is ``pow``, five times slower on CPU."""
+    return values * values
+
+
+def patch_means(inputs: Tensor, module: nn.Conv2d) -> Tensor:
+    """``F.unfold(inputs, …).mean(2)`` of the conv's patches, (N, C·kh·kw), without unfolding.
+
+    Entry (c, i, j) averages the padded input over a grid of the output's size, strided as the
+    conv is, offset by (i, j) times its dilation. The grid is a product of a row grid and a
+    column grid, so the sums are R_hᵀ X R_w per example and channel, R a 0/1 matrix that marks
+    which input rows (columns) each kernel offset reads (:func:`tap_selector`; padding reads
+    zeros, so it has no rows). Two thin products that read the input once: on CPU 9–103 times
+    faster than unfolding on ResNet shapes (``python -m opcomp.bench.patches``,
+    docs/performance.md); the same values up to rounding."""
+    n, c, h, w = inputs.shape
+    padding = _pair(conv_padding(module))
+    geometry = (module.kernel_size, module.stride, padding, module.dilation)
+    rows, out_h = tap_selector(h, *(dim[0] for dim in geometry), inputs.dtype, inputs.device)
+    columns, out_w = tap_selector(w, *(dim[1] for dim in geometry), inputs.dtype, inputs.device)
+    sums = rows.T @ (inputs @ columns)  # (N, C, kh, kw)
+    return sums.reshape(n, -1) / (out_h * out_w)
+
+
+@lru_cache(maxsize=256)
+def tap_selector(
+    size: int, kernel: int, stride: int, padding: int, dilation: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, int]:
+    """R (size, kernel): R[x, i] = 1 when kernel offset i reads input position x at some output
+    position along one dimension; and the output's length there. Made on the host and moved
+    once: it is kept per geometry, dtype and device."""
+    out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    selector = torch.zeros(size, kernel, dtype=dtype)
+    for offset in range(kernel):
+        read = offset * dilation - padding + stride * torch.arange(out)
+        selector[read[(read >= 0) & (read < size)], offset] = 1.0
+    return selector.to(device), out
+
+
+def with_bias_column(a: Tensor, columns: Columns) -> Tensor:
+    """Inputs (…, in) as A's columns: with the bias's 1 appended, or that 1 alone."""
+    ones = torch.ones(*a.shape[:-1], 1, dtype=a.dtype, device=a.device)
+    if columns == "bias":
+        return ones
+    return torch.cat([a, ones], dim=-1) if columns == "weight+bias" else a
+
+
+def shared(values: Tensor, module: nn.Module) -> Tensor:
+    """(N, …, features) as (N, S, features), every leading dimension after the first shared; an
+    unbatched input (features,) is one example. Explicit shapes, so empty layers work too."""
+    if values.ndim == 1:
+        return values.reshape(1, 1, -1) if values.numel() else values.reshape(1, 1, 0)
+    if values.ndim == 2:
+        return values.unsqueeze(1)
+    return values.flatten(1, -2)
+
+
+def conv_padding(module: nn.Conv2d):
+    if module.padding == "valid":
+        return 0
+    if module.padding == "same":  # torch allows it with stride 1 only; d·(k−1) is even (checked at build)
+        return tuple(d * (k - 1) // 2 for d, k in zip(module.dilation, module.kernel_size))
+    return module.padding

@@ -1,0 +1,218 @@
+"""A layer's statistics of one step, from its captured micro-batches: KFAC's factors A and G, their
+diagonals, and EKFAC's per-example correction (the rows come from :mod:`opcomp.layers.samples`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from opcomp.capture import Capture, Entry
+from opcomp.distributed import DataParallel
+from opcomp.layers.kinds import kind_of
+from opcomp.layers.samples import Sample, rotated, squares
+from opcomp.layers.shapes import Columns
+from opcomp.precision import working_dtype
+
+Reduction = Literal["mean", "sum"]
+Average = tuple[Tensor, float]
+"""A factor's running average S and its decay, to fold a step's statistic into: decay·S + (1 − decay)·value."""
+
+CHUNK = 1 << 22
+"""Elements of per-example gradients formed at once by the EKFAC correction (16 MiB in fp32)."""
+
+
+@dataclass
+class Statistics:
+    """A layer's samples of one step and what they make: A, G, their diagonals, EKFAC's scale."""
+
+    samples: list[Sample]
+    examples: int  # N, over every micro-batch
+    reduce: bool = False  # Conv2d: one row per example
+    vocabulary: int = 0  # Embedding: the number of tokens
+    gradient_scale: float = 1.0  # per-example gradients are this times d: N for a mean-reduced loss
+    source: tuple | None = None  # what A is made of: equal for layers that read one input alike (see inputs_key)
+
+    def _rows(self, side: str) -> list[Tensor]:
+        return [sample.rows(side, self.reduce) for sample in self.samples]
+
+    @property
+    def a_count(self) -> int:
+        """Rows of A: one per example of a Conv2d, one per position otherwise (from shapes alone)."""
+        return sum(sample.count(self.reduce) for sample in self.samples)
+
+    def A(self, bf16: bool = False, onto: Average | None = None) -> Tensor:
+        return mean_gram(self._rows("a"), self.a_count, bf16, onto)
+
+    def A_diagonal(self) -> Tensor:
+        if self.vocabulary:
+            ids = torch.cat(self._rows("a"))
+            return torch.bincount(ids, minlength=self.vocabulary).to(self.samples[0].d.dtype) / len(ids)
+        return mean_square(self._rows("a"), self.a_count)
+
+    @property
+    def _g_count(self) -> float:
+        """G's divisor: N over the square of the gradients' scale (every statistic is quadratic in d)."""
+        return self.examples / self.gradient_scale**2
+
+    def G(self, bf16: bool = False, onto: Average | None = None) -> Tensor:
+        return mean_gram(self._rows("d"), self._g_count, bf16, onto)
+
+    def G_diagonal(self) -> Tensor:
+        return mean_square(self._rows("d"), self._g_count)
+
+    def eigen_scale(self, q_g: Tensor | None, q_a: Tensor | None) -> Tensor:
+        """E_n[(Q_Gᵀ ∇W_n Q_A)²] over per-example gradients ∇W_n = Σ_s d_ns a_nsᵀ, (out, in).
+
+        Positions are summed before squaring: that is what makes it the per-example gradient of a
+        conv or a sequence model, not of its rows. A missing Q (a factor kept diagonal, an
+        Embedding's A) is the identity.
+        """
+        if self.vocabulary:
+            return self._embedding_scale(q_g)
+        total = None
+        for sample in self.samples:
+            d = sample.d if q_g is None else rotated(sample.d, q_g)
+            a = sample.rotated_a(q_a)
+            if d.ndim == 4:  # a grouped conv: (N, S, groups, ·), one block per group
+                chunk = max(1, CHUNK // max(1, d.shape[2] * d.shape[3] * a.shape[3]))
+                part = sum(
+                    squares(torch.einsum("nsko,nski->nkoi", d[i : i + chunk], a[i : i + chunk])).sum(0)
+                    for i in range(0, len(d), chunk)
+                )
+            elif d.shape[1] == 1:  # no sharing: Σ_n (d_n²)(a_n²)ᵀ in one product
+                part = (d[:, 0] * d[:, 0]).T @ (a[:, 0] * a[:, 0])
+            else:
+                chunk = max(1, CHUNK // max(1, d.shape[2] * a.shape[2]))
+                part = sum(
+                    squares(torch.einsum("nso,nsi->noi", d[i : i + chunk], a[i : i + chunk])).sum(0)
+                    for i in range(0, len(d), chunk)
+                )
+            total = part if total is None else total + part
+        return total / self._g_count
+
+    def _embedding_scale(self, q_g: Tensor | None) -> Tensor:
+        """Rows of one example that hit one token add up before squaring (X is (dim, vocabulary))."""
+        dim = self.samples[0].d.shape[-1]
+        total = torch.zeros(self.vocabulary, dim, dtype=self.samples[0].d.dtype, device=self.samples[0].d.device)
+        for sample in self.samples:
+            d = (sample.d if q_g is None else sample.d @ q_g).flatten(0, 1)
+            example = torch.arange(len(sample.a), device=d.device).unsqueeze(1).expand_as(sample.a)
+            pairs, which = torch.unique((example * self.vocabulary + sample.a).flatten(), return_inverse=True)
+            summed = torch.zeros(len(pairs), d.shape[1], dtype=d.dtype, device=d.device).index_add_(0, which, d)
+            total.index_add_(0, pairs % self.vocabulary, summed.square())
+        return total.T / self._g_count
+
+
+def mean_square(blocks: list[Tensor], count: float) -> Tensor:
+    """Σ r² / count over the rows of each block, per column (``r * r``: pow(2) is five times slower
+    on CPU), the blocks' sums added and divided in place."""
+    total = None
+    for rows in blocks:
+        part = (rows * rows).sum(0)
+        total = part if total is None else total.add_(part)
+    return total.div_(count)
+
+
+def mean_gram(blocks: list[Tensor], count: float, bf16: bool, onto: Average | None = None) -> Tensor:
+    """Σ rᵀr / count over blocks of rows, in the rows' precision (a grouped layer's rows (N, groups,
+    n) give one gram per group, (groups, n, n)). With ``bf16`` each block is rounded to bfloat16
+    once and its product comes back rounded to bfloat16; otherwise 1/count lands on whichever is
+    smaller, a block or its product.
+
+    ``onto`` = (S, decay), without ``bf16``: decay·S + (1 − decay)·Σ rᵀr / count instead, a new
+    tensor made by ``addmm``'s beta and alpha: the step's factor is never formed, divided or mixed
+    in a pass of its own (fog's ``opt.step`` on the bench MLP: 30.6 → 28.0 ms, docs/performance.md)."""
+    if blocks[0].ndim == 3:  # a grouped layer's rows (N, groups, n): one gram per group
+        blocks = [rows.transpose(0, 1) for rows in blocks]
+    if onto is not None and not bf16:
+        average, decay = onto
+        weight = (1 - decay) / count
+        batched = blocks[0].ndim == 3
+        total = (torch.baddbmm if batched else torch.addmm)(average, blocks[0].mT, blocks[0], beta=decay, alpha=weight)
+        for rows in blocks[1:]:
+            (total.baddbmm_ if batched else total.addmm_)(rows.mT, rows, alpha=weight)
+        return total
+    total = None
+    for rows in blocks:
+        if bf16:
+            low = rows.bfloat16()
+            part = (low.mT @ low).to(rows.dtype).div_(count)
+        elif rows.shape[-2] < rows.shape[-1]:  # fewer rows than columns: divide the rows
+            part = rows.mT @ (rows / count)
+        else:
+            part = (rows.mT @ rows).div_(count)
+        total = part if total is None else total.add_(part)
+    return total
+
+
+class StepStatistics:
+    """This step's statistics per (layer, columns, sampled), taken from the capture and computed on
+    first use (``step_statistics(layer_slot, sampled) -> Statistics | None``), and the data-parallel
+    group whose ranks pool theirs (None in one process)."""
+
+    def __init__(self, capture: Capture, reduction: Reduction, parallel: DataParallel | None = None) -> None:
+        self.entries = {module: capture.take(module) for module in capture.modules}
+        self.reduction, self.parallel = reduction, parallel
+        self.cache: dict[tuple, Statistics | None] = {}
+
+    def __call__(self, layer, sampled: bool) -> Statistics | None:
+        key = (layer.module, layer.columns, sampled)
+        if key not in self.cache:
+            usable = [e for e in self.entries[layer.module] if not sampled or e.sampled is not None]
+            found = statistics(layer.module, usable, self.reduction, layer.columns, sampled) if usable else None
+            self.cache[key] = found
+        return self.cache[key]
+
+    def pooled(self, values: list[Tensor], counts: list[int]) -> tuple[list[Tensor], list[float]]:
+        """Each value a mean over its count of rows, pooled over the ranks (as it is in one process)."""
+        if self.parallel is None or not values:  # nothing due: the same on every rank, so none reduces
+            return values, [float(n) for n in counts]
+        return self.parallel.pooled(values, counts)
+
+
+def statistics(
+    module: nn.Module, entries: list[Entry], reduction: Reduction, columns: Columns, sampled: bool
+) -> Statistics:
+    """The statistics of ``module`` from its captured entries, in the weight's working precision.
+
+    Sampled (Monte Carlo) gradients are per-example already: they start from ∂ℓ_n/∂f_n, not from
+    the batch loss, so only the user's gradients are rescaled by the reduction.
+    """
+    dtype = working_dtype(module.weight.dtype)
+    kind = kind_of(module)
+    forwards: dict[int, list[Entry]] = {}
+    for entry in entries:
+        forwards.setdefault(entry.forward, []).append(entry)
+    examples = sum(kind.examples(group[0].input) for group in forwards.values())
+    scale = examples if reduction == "mean" and not sampled else 1
+    samples = []
+    for group in forwards.values():  # a layer called twice in one forward shares its weight over both calls
+        parts = [kind.sample(module, e.input, e.sampled if sampled else e.grad, columns, dtype) for e in group]
+        if len(parts) == 1:
+            samples.append(parts[0])
+        else:
+            samples.append(Sample(torch.cat([p.a for p in parts], 1), torch.cat([p.d for p in parts], 1)))
+    vocabulary = module.num_embeddings if kind.one_hot else 0
+    key = None if vocabulary else inputs_key(module, entries)
+    source = None if key is None else (key, columns, dtype)
+    return Statistics(samples, examples, kind.reduce, vocabulary, scale, source)
+
+
+def inputs_key(module: nn.Module, entries: list[Entry]) -> tuple | None:
+    """Which inputs a layer read, and how it takes its rows from them: layers that agree (a
+    transformer's query, key and value projections, a gated MLP's gate and up) have one A, formed
+    once. An input is known by its memory, layout and version: the same values, not only the same
+    shape; a Conv2d's rows depend on its kernel geometry too. None, shared with no other layer,
+    when an input cannot be told apart so (a tensor subclass, an inference tensor: no version)."""
+    geometry = kind_of(module).geometry(module)
+    read = []
+    for entry in entries:
+        values = entry.input
+        if type(values) is not Tensor or values.is_inference():
+            return None
+        place = (values.untyped_storage().data_ptr(), values.storage_offset(), values.shape, values.stride())
+        read.append((entry.forward, *place, values._version, values.dtype, values.device))
+    return geometry, tuple(read)
