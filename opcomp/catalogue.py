@@ -6,6 +6,7 @@ Regenerate with ``opcomp operators --markdown > docs/operators.md``; a test keep
 from __future__ import annotations
 
 import typing
+from collections.abc import Mapping
 
 from opcomp.explain import APPLIES_TEXT, value_text
 from opcomp.ops import REGISTRY, Applies, Kind, OpSpec
@@ -37,9 +38,19 @@ def _usage(spec: OpSpec) -> str:
     return f"`{spec.name}{opts}{args}`"
 
 
-def operator_section(spec: OpSpec) -> list[str]:
+def spec_file(spec: OpSpec) -> str:
+    """The module that registers ``spec``: its family's, ``ops/<kind>.py`` (``combinators`` plural)."""
+    return f"opcomp/ops/{'combinators' if spec.kind is Kind.COMBINATOR else spec.kind.value}.py"
+
+
+def operator_section(spec: OpSpec, kernel: str | None = None) -> list[str]:
+    """``kernel``: the module of the operator's kernel (``opcomp.kernels.elementwise``), if it has one."""
     lines = [f"### `{spec.name}`", "", f"{spec.summary[0].upper()}{spec.summary[1:]}.", ""]
     lines.append(f"- usage: {_usage(spec)}")
+    where = f"spec in `{spec_file(spec)}`"
+    if kernel is not None:
+        where += f", kernel in `{kernel.replace('.', '/')}.py`"
+    lines.append(f"- code: {where}")
     if spec.aliases:
         lines.append("- aliases: " + ", ".join(f"`{a}`" for a in spec.aliases))
     lines.append(f"- meaning: {spec.formula}")
@@ -64,7 +75,8 @@ def operator_section(spec: OpSpec) -> list[str]:
     return lines
 
 
-def catalogue_markdown() -> str:
+def catalogue_markdown(kernels: Mapping[str, str]) -> str:
+    """The catalogue; ``kernels``: operator -> the module of its kernel (``opcomp.kernels.KERNELS``'s)."""
     lines = [
         "# Operator catalogue",
         "",
@@ -77,5 +89,5 @@ def catalogue_markdown() -> str:
         specs = [s for s in REGISTRY if s.kind is kind]
         lines += [f"## {kind.value}", ""]
         for spec in specs:
-            lines += operator_section(spec)
+            lines += operator_section(spec, kernels.get(spec.name))
     return "\n".join(lines).rstrip() + "\n"

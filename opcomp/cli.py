@@ -47,10 +47,11 @@ def _format(args: argparse.Namespace) -> str:
 
 def _operators(args: argparse.Namespace) -> str:
     from opcomp.catalogue import catalogue_markdown
+    from opcomp.kernels import load
     from opcomp.ops import REGISTRY
 
     if args.markdown:
-        return catalogue_markdown().rstrip("\n")
+        return catalogue_markdown({name: kernel.__module__ for name, kernel in load().items()}).rstrip("\n")
     return "\n".join(f"{s.name:<13} {s.kind.value:<12} {s.summary}" for s in REGISTRY if s.callable)
 
 
