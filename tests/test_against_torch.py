@@ -353,3 +353,22 @@ def test_gradients_that_are_not_contiguous_step_as_torchs_fused_adamw_on_their_v
         reference.step()
     assert not ours[0].grad.is_contiguous()
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_a_model_cast_after_the_build_steps_as_one_built_in_that_precision():
+    """The fused route is decided at build; parameters cast to bfloat16 afterwards step in opcomp's
+    fp32 working copy (as an optimizer built on them does), not in torch's bfloat16 kernel."""
+    torch.manual_seed(0)
+    cast, built = nn.Linear(6, 4), nn.Linear(6, 4)
+    built.load_state_dict(cast.state_dict())
+    opt_cast = opcomp.build("adamw", cast, lr=0.01)
+    cast.to(torch.bfloat16)
+    built.to(torch.bfloat16)
+    opt_built = opcomp.build("adamw", built, lr=0.01)
+    for _ in range(3):
+        x = torch.randn(5, 6, dtype=torch.bfloat16)
+        for model, opt in ((cast, opt_cast), (built, opt_built)):
+            opt.zero_grad()
+            model(x).float().square().sum().backward()
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(cast.parameters(), built.parameters()))

@@ -74,6 +74,13 @@ def fusable(params: list[Tensor]) -> bool:
     return all(p.dtype == torch.float32 and p.device.type in DEVICES and p.is_contiguous() for p in params)
 
 
+def still_fusable(params: list[Tensor]) -> bool:
+    """Whether a bucket the plan put on this route still is fp32 on a device of :data:`DEVICES`: a
+    model moved or cast after the build (``model.to(torch.bfloat16)``) moves a bucket's parameters
+    together, and such a bucket then steps through opcomp's own kernels, as if built so."""
+    return params[0].dtype == torch.float32 and params[0].device.type in DEVICES
+
+
 def step_adamw(items: list, state: Mapping, nodes: list, found_inf: Tensor | None) -> None:
     """Items of this route, stepped by torch's fused kernel unless ``found_inf``. A step that
     would make their state (a first step) reads the flag first, so that a skipped one makes

@@ -7,7 +7,9 @@
 - *transactional*: any other family computes its updates out of place and lands them once the
   whole step is known to be finite (:mod:`opcomp.step.transactional`).
 
-At each step :meth:`Routes.split` only sorts the buckets that take part (those with gradients).
+At each step :meth:`Routes.split` only sorts the buckets that take part (those with gradients),
+and sends a fused bucket whose parameters were cast or moved since the build through its family's
+route instead.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from opcomp.graph import Graph, Node
 from opcomp.kernels import COLLECTIVE
 from opcomp.plan import Plan
 from opcomp.step.fused import route as fused_route
+from opcomp.step.fused import still_fusable
 
 
 def runs_in_place(graph: Graph, programs) -> bool:
@@ -64,7 +67,7 @@ class Routes:
             rest = []
             for item in items:
                 node = self.fused.get(id(item[1]))
-                if node is None:
+                if node is None or not still_fusable(item[2]):
                     rest.append(item)
                 else:
                     parts.fused.append(item)
