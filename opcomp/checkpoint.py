@@ -201,6 +201,10 @@ def expected_shape(buffer: StateBuffer, param: Tensor, layer: Layer | None) -> t
         return tuple(param.shape)
     if buffer.shape == "scalar":
         return ()
+    if buffer.shape in ("rows", "cols", "left", "right"):
+        rows = param.shape[0]
+        side = rows if buffer.shape in ("rows", "left") else param.numel() // max(rows, 1)
+        return (side,) if buffer.shape in ("rows", "cols") else (side, side)
     return layer.buffer_shapes()[buffer.shape]
 
 

@@ -2,7 +2,8 @@
 
 A preset carries its own (``# lr:`` above its definition). An operator carries one too (its
 spec's ``lr``), and an expression takes the one of the operator that sets its update's scale: the
-outermost, looking through operators whose spec ``keeps_scale`` (``sam``, ``clip``, ``reject``…),
+outermost, looking through operators whose spec says whose scale they keep (``scale_of``: ``sam``,
+``clip``, ``reject`` their argument's, ``graft`` its second's),
 through constant factors, and into the first branch of ``|``.
 A sum of updates has no single scale and gets :data:`DEFAULT_LR`. Every value is measured: full
 300-step runs on three tasks, chosen by validation loss (``python -m opcomp.bench.sweep``;
@@ -40,8 +41,8 @@ def _scale_setter(tree: Expr, namespace: Namespace) -> float | None:
         spec = REGISTRY.get(tree.name)
         if spec is None:
             return None
-        if spec.keeps_scale:
-            return _scale_setter(arguments[0], namespace) if arguments else REGISTRY["g"].lr
+        if spec.scale_of is not None:
+            return _scale_setter(arguments[spec.scale_of], namespace) if arguments else REGISTRY["g"].lr
         return spec.lr
     if isinstance(tree, Fallback):
         return _scale_setter(tree.branches[0], namespace)

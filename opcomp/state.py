@@ -146,6 +146,14 @@ class NodeState:
             entry[name] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
         return entry[name]
 
+    def shaped(self, index: int, name: str, shape: tuple[int, ...]) -> Tensor:
+        """Buffer ``name`` of parameter ``index`` with a shape of its own (a factor of the parameter's
+        matrix view), in its working precision, zero on first use."""
+        entry, param = self.entries[index], self.params[index]
+        if name not in entry:
+            entry[name] = torch.zeros(shape, dtype=working_dtype(param.dtype), device=param.device)
+        return entry[name]
+
     def started(self, name: str, first: list[Tensor]) -> tuple[list[Tensor], list[bool]]:
         """Buffer ``name`` per parameter, started as a copy of ``first`` where it is new; with
         which ones were new (their value is ``first``'s, not yet updated)."""

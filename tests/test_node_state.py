@@ -17,6 +17,7 @@ from opcomp.ops import Applies
 load()
 
 SETTINGS = {  # expressions beyond each operator's plain one, for buffers that options switch on
+    "adafactor": ["adafactor[b1=0.9]"],  # the first moment is kept only with b1 > 0
     "kfac": ["kfac[damping_mode=exact](g) | g"],
     "sam": ["sam[fisher](momentum(g))"],  # an inner without a second moment: sam keeps its own
     "zo": ["zo[newton, eps=1e-6]"],  # curvature far below the rounding floor: the floor is counted

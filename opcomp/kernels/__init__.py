@@ -26,6 +26,6 @@ __all__ = ["COLLECTIVE", "KERNELS", "REBINDINGS", "Collective", "kernel", "load"
 
 def load() -> dict[str, Callable]:
     """Import every kernel family once, and return the table."""
-    from opcomp.kernels import curvature, elementwise, estimators, kfac, matrix, reductions, shifted  # noqa: F401
+    from opcomp.kernels import curvature, elementwise, estimators, factored, kfac, matrix, reductions, shifted  # noqa: F401
 
     return KERNELS

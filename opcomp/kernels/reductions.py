@@ -67,3 +67,12 @@ def project(ctx: Ctx, x: list[Tensor], y: list[Tensor]) -> list[Tensor]:
 def reject(ctx: Ctx, x: list[Tensor], y: list[Tensor]) -> list[Tensor]:
     xs, ys, c = along(x, y)
     return unstack(xs - c * ys, x)
+
+
+@kernel("graft")
+def graft(ctx: Ctx, x: list[Tensor], y: list[Tensor]) -> list[Tensor]:
+    """(‖y‖/‖x‖)·x per parameter: x's direction at y's size; x = 0 stays 0."""
+    xs, ys = stack(x), stack(y)
+    tiny = torch.finfo(xs.dtype).tiny
+    ratio = torch.linalg.vector_norm(ys, dim=1) / torch.linalg.vector_norm(xs, dim=1).clamp_min(tiny)
+    return unstack(xs * per_row(ratio), x)

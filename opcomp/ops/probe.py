@@ -45,7 +45,7 @@ class SamOptions(Options):
 register(
     OpSpec(
         name="sam",
-        keeps_scale=True,
+        scale_of=0,
         kind=Kind.PROBE,
         params=("inner",),
         options=SamOptions,

@@ -95,14 +95,18 @@ class Cost:
         return Cost(self.forward + other.forward, self.backward + other.backward)
 
 
-StateShape = Literal["param", "scalar", "in_factor", "out_factor", "in_diag", "out_diag", "layer_matrix"]
+StateShape = Literal[
+    "param", "scalar", "rows", "cols", "left", "right", "in_factor", "out_factor", "in_diag", "out_diag", "layer_matrix"
+]
 
 
 @dataclass(frozen=True)
 class StateBuffer:
     """A tensor the operator keeps per parameter, in fp32.
 
-    ``shape`` is relative to the parameter: 'param' is its shape; for a layer whose matrix X is
+    ``shape`` is relative to the parameter: 'param' is its shape; 'rows' (m,), 'cols' (n,), 'left'
+    (m, m) and 'right' (n, n) are those of its matrix view m × n (shape[0] × the rest: a Conv2d
+    weight as out × in·kh·kw), kept only for parameters of two or more dimensions; for a layer whose matrix X is
     (out, in) (the bias folded into the input side) the factors are (in, in) / (out, out), the
     diagonals (in,) / (out,) and 'layer_matrix' is (out, in). An Embedding's X is
     (dim, vocabulary) and its input factor a diagonal (vocabulary,).
@@ -151,7 +155,8 @@ class OpSpec:
     symbol: str | None = None  # combinators: written with a symbol, not called by name
     variadic: bool = False  # combinators taking two or more inputs
     lr: float | None = None  # the measured learning rate of an update whose scale it sets (opcomp.learning_rates)
-    keeps_scale: bool = False  # its output has its first argument's scale: the lr is that argument's
+    scale_of: int | None = None  # its output has the scale of this argument (by position): the lr is that one's
+    host_counted: bool = False  # counts its steps on the host (update/invert schedules): its family steps eagerly
     fused_adamw: frozenset[str] | None = None  # the options torch's fused AdamW expresses (opcomp.step.fused)
 
     @property

@@ -253,3 +253,104 @@ register(
         formula="D = z ⊙ Hz, z Rademacher; v ← beta·v + (1−beta)·D²; returns x/((v/(1−beta^t))^(power/2) + eps)",
     )
 )
+
+
+class AdafactorOptions(Options):
+    b1: Beta = Field(0.0, description="first-moment decay of the clipped update; 0 keeps none")
+    decay: float = Field(-0.8, lt=0.0, description="c of the second-moment decay 1 − t^c at step t")
+    eps1: Positive = Field(1e-30, description="added to g² before it is averaged")
+    eps2: Positive = Field(1e-3, description="floor of the parameter's RMS when scale_parameter")
+    d: Positive = Field(1.0, description="the clipping threshold: RMS(u) ≤ d")
+    scale_parameter: bool = Field(False, description="scale the update by max(eps2, RMS(p))")
+    relative_step: bool = Field(False, description="scale the update by min(1e-2, 1/√t) (then take lr 1)")
+
+
+register(
+    OpSpec(
+        name="adafactor",
+        kind=Kind.STATISTICAL,
+        options=AdafactorOptions,
+        state=(
+            StateBuffer("exp_avg_sq_row", "rows", "row means of g², decayed (2-D and more)", nonnegative=True),
+            StateBuffer("exp_avg_sq_col", "cols", "column means of g², decayed (2-D and more)", nonnegative=True),
+            StateBuffer("exp_avg_sq", "param", "g², decayed (1-D)", nonnegative=True),
+            StateBuffer("exp_avg", "param", "first moment of the clipped update (b1 > 0)"),
+            _STEP,
+        ),
+        summary="Adafactor (Shazeer & Stern 2018): second moments factored into row and column means",
+        formula="β₂ = 1 − t^decay; matrix view G (m × n): r ← β₂r + (1−β₂)·mean_cols(G² + eps1), c ← β₂c + "
+        "(1−β₂)·mean_rows(G² + eps1), v̂ = r cᵀ/mean(r) (1-D: v ← β₂v + (1−β₂)(g² + eps1)); u = G/√v̂, "
+        "u ← u/max(1, RMS(u)/d), ·max(eps2, RMS(p)) if scale_parameter, ·min(1e-2, 1/√t) if relative_step; "
+        "with b1 > 0, m ← b1·m + (1−b1)·u and returns m",
+    )
+)
+
+
+class ShampooOptions(Options):
+    beta: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="factor decay: 1 sums them (the original), below 1 an EMA weighing the new term 1 − beta",
+    )
+    eps: Positive = Field(1e-6, description="added to each factor's diagonal before its root")
+    exponent: Count = Field(2, description="e of the roots −1/(2e): 2 gives two-sided Shampoo's L^(−1/4) G R^(−1/4)")
+    update_every: Count = Field(1, description="steps between factor updates")
+    invert_every: Count = Field(1, description="steps between root computations")
+
+
+register(
+    OpSpec(
+        name="shampoo",
+        kind=Kind.STATISTICAL,
+        options=ShampooOptions,
+        host_counted=True,
+        state=(
+            StateBuffer("L", "left", "left factor: sum (or EMA) of G Gᵀ"),
+            StateBuffer("R", "right", "right factor: sum (or EMA) of Gᵀ G"),
+            StateBuffer("L_root", "left", "(L + eps·I)^(−1/(2e)), as of the last root step"),
+            StateBuffer("R_root", "right", "(R + eps·I)^(−1/(2e)), as of the last root step"),
+            StateBuffer("diag", "param", "sum (or EMA) of g² (1-D)", nonnegative=True),
+            _STEP,
+        ),
+        summary="Shampoo (Gupta et al. 2018): Kronecker factors of the gradient's own matrix view",
+        formula="matrix view G (m × n): L ← beta·L + G Gᵀ, R ← beta·R + Gᵀ G (beta = 1: sums; beta < 1: the new "
+        "term times 1 − beta) every update_every steps; u = (L + eps·I)^(−1/(2e)) G (R + eps·I)^(−1/(2e)), the "
+        "roots by eigendecomposition every invert_every steps; 1-D: d ← beta·d + g², u = g ⊙ (d + eps)^(−1/2)",
+    )
+)
+
+
+class SoapOptions(Options):
+    b1: Beta = Field(0.95, description="first-moment decay")
+    b2: Beta = Field(0.95, description="second-moment decay (in the eigenbasis)")
+    shampoo_beta: Beta = Field(0.95, description="decay of the factors L and R")
+    eps: Positive = Field(1e-8, description="added to √v")
+    wd: NonNegative = Field(0.01, description="decoupled weight decay")
+    precondition_frequency: Count = Field(10, description="steps between eigenbasis refreshes")
+    max_dim: Count = Field(10_000, description="a side of the matrix view longer than this is not rotated")
+
+
+register(
+    OpSpec(
+        name="soap",
+        kind=Kind.STATISTICAL,
+        options=SoapOptions,
+        host_counted=True,
+        state=(
+            StateBuffer("exp_avg", "param", "first moment, in the parameter's own basis"),
+            StateBuffer("exp_avg_sq", "param", "second moment, in the eigenbasis", nonnegative=True),
+            StateBuffer("L", "left", "EMA of G Gᵀ"),
+            StateBuffer("R", "right", "EMA of Gᵀ G"),
+            StateBuffer("Q_L", "left", "eigenbasis of L"),
+            StateBuffer("Q_R", "right", "eigenbasis of R"),
+            _STEP,
+        ),
+        summary="SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's factors",
+        formula="matrix view G: the first step only starts L, R (EMAs of G Gᵀ, Gᵀ G with shampoo_beta) and their "
+        "eigenbases Q_L, Q_R (eigh, descending); then G' = Q_Lᵀ G Q_R, m ← b1·m + (1−b1)·G, "
+        "v ← b2·v + (1−b2)·G'², u = √(1−b2ᵗ)/(1−b1ᵗ) · Q_L ((Q_Lᵀ m Q_R)/(√v + eps)) Q_Rᵀ + wd·p; after the update "
+        "L, R take G, and every precondition_frequency steps Q ← qr(S·Q) (one power iteration, v's rows and "
+        "columns reordered with the eigenvalues); 1-D parameters and sides over max_dim are not rotated",
+    )
+)

@@ -138,7 +138,7 @@ class ClipOptions(Options):
 register(
     OpSpec(
         name="clip",
-        keeps_scale=True,
+        scale_of=0,
         kind=Kind.STRUCTURAL,
         options=ClipOptions,
         summary="shrink to at most max_norm per parameter",
@@ -149,7 +149,7 @@ register(
 register(
     OpSpec(
         name="clip_global",
-        keeps_scale=True,
+        scale_of=0,
         kind=Kind.STRUCTURAL,
         options=ClipOptions,
         summary="shrink to at most max_norm over every parameter running it (torch's clip_grad_norm_)",
@@ -160,7 +160,7 @@ register(
 register(
     OpSpec(
         name="reject",
-        keeps_scale=True,
+        scale_of=0,
         kind=Kind.STRUCTURAL,
         params=("x", "y"),
         summary="the part of x orthogonal to y",
@@ -171,10 +171,21 @@ register(
 register(
     OpSpec(
         name="project",
-        keeps_scale=True,
+        scale_of=0,
         kind=Kind.STRUCTURAL,
         params=("x", "y"),
         summary="the part of x along y",
         formula="(⟨x, y⟩/‖y‖²)·y per parameter (0 when y = 0)",
+    )
+)
+
+register(
+    OpSpec(
+        name="graft",
+        scale_of=1,
+        kind=Kind.STRUCTURAL,
+        params=("x", "y"),
+        summary="x's direction with y's norm (grafting: Shampoo's direction at Adam's step size)",
+        formula="(‖y‖/‖x‖)·x per parameter, Frobenius norms (0 when x = 0)",
     )
 )

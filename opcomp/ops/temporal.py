@@ -16,7 +16,7 @@ class EmaOptions(Options):
 register(
     OpSpec(
         name="ema",
-        keeps_scale=True,
+        scale_of=0,
         kind=Kind.TEMPORAL,
         options=EmaOptions,
         state=(StateBuffer("ema", "param", "running average"), StateBuffer("step", "scalar", "steps taken")),

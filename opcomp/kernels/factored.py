@@ -1,0 +1,194 @@
+"""Statistics of a parameter's own gradient kept as factors of its matrix view: Adafactor's row and
+column means of g², Shampoo's Kronecker factors and SOAP's eigenbases.
+
+A parameter of two or more dimensions is seen as its matrix view G, m × n: shape[0] × the rest (a
+Conv2d weight as out × in·kh·kw). These need gradients only — no hooks, no model — so they run on
+a parameter list as well as on a model's parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from opcomp.kernels.context import Ctx
+from opcomp.kernels.table import kernel
+
+
+def matrix_view(value: Tensor) -> Tensor:
+    """The parameter-shaped ``value`` as its m × n matrix view."""
+    return value.reshape(value.shape[0], -1)
+
+
+def rms(value: Tensor) -> Tensor:
+    """The root mean square of a tensor's entries."""
+    return torch.linalg.vector_norm(value) / value.numel() ** 0.5
+
+
+@kernel("adafactor")
+def adafactor(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
+    """Adafactor's update per parameter; the formula is the spec's (transformers' op order)."""
+    o = ctx.options
+    node = ctx.node_state
+    out = []
+    for index, (value, step) in enumerate(zip(x, ctx.tick())):
+        beta = 1.0 - step.pow(o.decay)  # 0 at the first step: the averages start at its statistics
+        square = value * value + o.eps1
+        if value.ndim >= 2:
+            squares = matrix_view(square)
+            rows = node.shaped(index, "exp_avg_sq_row", squares.shape[:1])
+            cols = node.shaped(index, "exp_avg_sq_col", squares.shape[1:])
+            rows.mul_(beta).add_(squares.mean(dim=-1) * (1.0 - beta))
+            cols.mul_(beta).add_(squares.mean(dim=-2) * (1.0 - beta))
+            scale = (rows / rows.mean()).rsqrt().unsqueeze(-1) * cols.rsqrt().unsqueeze(-2)
+            update = (scale * matrix_view(value)).reshape(value.shape)
+        else:
+            average = node.buffer(index, "exp_avg_sq")
+            average.mul_(beta).add_(square * (1.0 - beta))
+            update = average.rsqrt() * value
+        update = update / (rms(update) / o.d).clamp(min=1.0)
+        if o.scale_parameter:
+            update = update * rms(ctx.bucket.working_params[index]).clamp(min=o.eps2)
+        if o.relative_step:
+            update = update * step.rsqrt().clamp(max=1e-2)
+        if o.b1 > 0:
+            moment = node.buffer(index, "exp_avg")
+            update = moment.mul_(o.b1).add_(update, alpha=1.0 - o.b1)
+        out.append(update)
+    return out
+
+
+def inverse_roots(matrices: Tensor, eps: float, power: int) -> Tensor:
+    """(S + eps·I)^(−1/power) of a batch of symmetric PSD matrices, by eigendecomposition in at
+    least fp32 (eigenvalues floored at the smallest positive float: S + eps·I is PD up to rounding)."""
+    dtype = torch.promote_types(matrices.dtype, torch.float32)
+    shifted = matrices.to(dtype) + eps * torch.eye(matrices.shape[-1], dtype=dtype, device=matrices.device)
+    values, vectors = torch.linalg.eigh(shifted)
+    scaled = vectors * values.clamp_min(torch.finfo(dtype).tiny).pow(-1.0 / power).unsqueeze(-2)
+    return (scaled @ vectors.mT).to(matrices.dtype)
+
+
+def accumulate(average: Tensor, value: Tensor, beta: float) -> None:
+    """S ← beta·S + value (beta = 1: a sum), or beta·S + (1 − beta)·value below 1."""
+    if beta == 1.0:
+        average.add_(value)
+    else:
+        average.mul_(beta).add_(value, alpha=1.0 - beta)
+
+
+@kernel("shampoo")
+def shampoo(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
+    """Shampoo per parameter: the bucket's factors updated and rooted together (one batched eigh)."""
+    o = ctx.options
+    node = ctx.node_state
+    step = node.advance()
+    if x[0].ndim < 2:
+        out = []
+        for index, value in enumerate(x):
+            diagonal = node.buffer(index, "diag")
+            if step % o.update_every == 0:
+                accumulate(diagonal, value * value, o.beta)
+            out.append(value * (diagonal + o.eps).rsqrt())
+        return out
+    grads = torch.stack([matrix_view(value) for value in x])
+    m, n = grads.shape[1:]
+    if step % o.update_every == 0:
+        left = grads @ grads.mT
+        right = grads.mT @ grads
+        for index in range(len(x)):
+            accumulate(node.shaped(index, "L", (m, m)), left[index], o.beta)
+            accumulate(node.shaped(index, "R", (n, n)), right[index], o.beta)
+    if step % o.invert_every == 0:
+        power = 2 * o.exponent
+        left_roots = inverse_roots(torch.stack([node.shaped(i, "L", (m, m)) for i in range(len(x))]), o.eps, power)
+        right_roots = inverse_roots(torch.stack([node.shaped(i, "R", (n, n)) for i in range(len(x))]), o.eps, power)
+        for index in range(len(x)):  # written into, as every buffer of an in-place family is
+            node.shaped(index, "L_root", (m, m)).copy_(left_roots[index])
+            node.shaped(index, "R_root", (n, n)).copy_(right_roots[index])
+    left_roots = torch.stack([node.shaped(i, "L_root", (m, m)) for i in range(len(x))])
+    right_roots = torch.stack([node.shaped(i, "R_root", (n, n)) for i in range(len(x))])
+    directions = left_roots @ grads @ right_roots
+    return [direction.reshape(value.shape) for direction, value in zip(directions.unbind(), x)]
+
+
+def rotated(matrix: Tensor, left: Tensor | None, right: Tensor | None, back: bool = False) -> Tensor:
+    """Q_Lᵀ M Q_R (``back``: Q_L M Q_Rᵀ); a missing side is the identity."""
+    if left is not None:
+        matrix = (left if back else left.mT) @ matrix
+    if right is not None:
+        matrix = matrix @ (right.mT if back else right)
+    return matrix
+
+
+def descending_eigenbasis(factor: Tensor) -> Tensor:
+    """The eigenvectors of a symmetric factor, largest eigenvalue first (SOAP's first basis)."""
+    shifted = factor + 1e-30 * torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+    return torch.linalg.eigh(shifted)[1].flip(1)
+
+
+def power_iterated(factor: Tensor, basis: Tensor, second: Tensor, dim: int) -> Tensor:
+    """One power iteration from ``basis`` (qr(S·Q), in fp32), its columns ordered by the estimated
+    eigenvalues; the second moment's rows (``dim`` 0) or columns (1) reordered alike, in place."""
+    product = factor @ basis
+    order = torch.argsort((basis * product).sum(dim=0), descending=True)
+    second.copy_(second.index_select(dim, order))
+    return torch.linalg.qr(product.index_select(1, order).float())[0].to(basis.dtype)
+
+
+@kernel("soap")
+def soap(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
+    """SOAP per parameter; the formula is the spec's (the reference's op order)."""
+    o = ctx.options
+    node = ctx.node_state
+    step = node.advance()  # the first step (0) only starts the factors and their bases
+    out = []
+    for index, value in enumerate(x):
+        sides = soap_sides(node, index, value, o.max_dim)
+        if step == 0:
+            soap_factors(node, index, value, sides, o.shampoo_beta)
+            out.append(torch.zeros_like(value))
+            continue
+        left, right = (node.entries[index].get(name) for name in ("Q_L", "Q_R"))
+        grad = matrix_view(value) if value.ndim >= 2 else value
+        first, second = node.buffer(index, "exp_avg"), node.buffer(index, "exp_avg_sq")
+        first.lerp_(value, 1.0 - o.b1)
+        second_view = matrix_view(second) if value.ndim >= 2 else second
+        second_view.lerp_(rotated(grad, left, right).square(), 1.0 - o.b2)
+        ratio = rotated(matrix_view(first) if value.ndim >= 2 else first, left, right) / (second_view.sqrt() + o.eps)
+        scale = (1.0 - o.b2**step) ** 0.5 / (1.0 - o.b1**step)
+        direction = rotated(ratio, left, right, back=True).reshape(value.shape) * scale
+        out.append(direction + o.wd * ctx.bucket.working_params[index] if o.wd else direction)
+        soap_factors(node, index, value, sides, o.shampoo_beta)
+        if step % o.precondition_frequency == 0:
+            for name, factor_name, dim in (("Q_L", "L", 0), ("Q_R", "R", 1)):
+                if name in node.entries[index]:
+                    entry = node.entries[index]
+                    entry[name].copy_(power_iterated(entry[factor_name], entry[name], second_view, dim))
+    return out
+
+
+def soap_sides(node, index: int, value: Tensor, max_dim: int) -> tuple[tuple[int, int] | None, ...]:
+    """(m, m) and (n, n), the shapes of the left and right factors a parameter's matrix view keeps,
+    None for a side not rotated (longer than ``max_dim``, or a 1-D parameter)."""
+    if value.ndim < 2:
+        return None, None
+    m, n = value.shape[0], value.numel() // value.shape[0]
+    return ((m, m) if m <= max_dim else None), ((n, n) if n <= max_dim else None)
+
+
+def soap_factors(node, index: int, value: Tensor, sides, beta: float) -> None:
+    """L and R take this step's G (EMAs with ``beta``, from zero); at their start, their bases."""
+    if value.ndim < 2:
+        return
+    grad = matrix_view(value)
+    for name, basis, shape, product in (
+        ("L", "Q_L", sides[0], lambda: grad @ grad.mT),
+        ("R", "Q_R", sides[1], lambda: grad.mT @ grad),
+    ):
+        if shape is None:
+            continue
+        fresh = basis not in node.entries[index]
+        factor = node.shaped(index, name, shape)
+        factor.lerp_(product(), 1.0 - beta)
+        if fresh:
+            node.shaped(index, basis, shape).copy_(descending_eigenbasis(factor))

@@ -1,0 +1,216 @@
+"""The gradient-statistics family against independent implementations and their formulas:
+Adafactor against transformers' ``Adafactor``, ``graft`` against its closed form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import opcomp
+
+
+def embedding_net() -> nn.Module:
+    """An Embedding (2-D, factored), Linears (2-D) and their biases (1-D)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(10, 6), nn.Flatten(), nn.Linear(18, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def train_side_by_side(pairs, steps: int = 20) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randint(0, 10, (5, 3), generator=generator), torch.randn(5, 3, generator=generator)
+        for model, opt in pairs:
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+
+@pytest.mark.parametrize(
+    ("expression", "lr", "theirs"),
+    [
+        ("adafactor", 0.01, {"lr": 0.01, "beta1": None}),
+        ("adafactor[b1=0.9]", 0.01, {"lr": 0.01, "beta1": 0.9}),
+        (
+            "adafactor[relative_step, scale_parameter]",
+            1.0,
+            {"lr": None, "relative_step": True, "scale_parameter": True},
+        ),
+    ],
+)
+def test_adafactor_equals_transformers_adafactor(expression, lr, theirs):
+    from transformers.optimization import Adafactor
+
+    ours_model, their_model = embedding_net(), embedding_net()
+    ours = opcomp.build(expression, list(ours_model.parameters()), lr=lr)
+    options = {"scale_parameter": False, "relative_step": False, "warmup_init": False, **theirs}
+    reference = Adafactor(their_model.parameters(), **options)
+    train_side_by_side([(ours_model, ours), (their_model, reference)])
+    moved = max((a - b).abs().max() for a, b in zip(ours_model.parameters(), embedding_net().parameters()))
+    assert moved > 0.05
+    for a, b in zip(ours_model.parameters(), their_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_adafactor_factors_a_conv_weight_as_its_matrix_view():
+    """A Conv2d weight (out, in, kh, kw) is factored as out × in·kh·kw, as every matrix operator in
+    opcomp views it; transformers factors its last two dimensions (kh × kw) instead."""
+    conv = nn.Conv2d(2, 4, 3)
+    opt = opcomp.build("adafactor", [conv.weight], lr=0.01)
+    conv.weight.grad = torch.randn_like(conv.weight)
+    opt.step()
+    (entry,) = opt.state[conv.weight].values()
+    assert entry["exp_avg_sq_row"].shape == (4,) and entry["exp_avg_sq_col"].shape == (18,)
+    grad = conv.weight.grad.reshape(4, 18)
+    square = grad * grad + 1e-30
+    torch.testing.assert_close(entry["exp_avg_sq_row"], square.mean(1))  # the first step's β₂ is 0
+    torch.testing.assert_close(entry["exp_avg_sq_col"], square.mean(0))
+
+
+def test_graft_has_the_direction_of_its_first_argument_and_the_norm_of_its_second():
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.zeros(4, 3)), nn.Parameter(torch.zeros(5))]
+    opt = opcomp.build("graft(sign(g), 3 * g)", params, lr=1.0)
+    for param in params:
+        param.grad = torch.randn_like(param)
+    grads = [p.grad.clone() for p in params]
+    opt.step()
+    for param, grad in zip(params, grads):
+        expected = -(3 * grad).norm() / grad.sign().norm() * grad.sign()
+        torch.testing.assert_close(param.detach(), expected)
+
+
+def test_graft_of_a_zero_direction_is_zero_and_takes_its_second_arguments_learning_rate():
+    param = nn.Parameter(torch.ones(3))
+    opt = opcomp.build("graft(0 * g, adamw)", [param], lr=1.0)
+    param.grad = torch.ones(3)
+    opt.step()
+    assert torch.equal(param.detach(), torch.ones(3))
+    assert (
+        opcomp.build("graft(sign(g), adamw)", [param]).param_groups[0]["lr"]
+        == opcomp.build("adamw", [param]).param_groups[0]["lr"]
+    )
+
+
+def matrices_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8, bias=False), nn.Tanh(), nn.Linear(8, 3, bias=False))
+
+
+def mse_steps(pairs, steps: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(5, 6, generator=generator), torch.randn(5, 3, generator=generator)
+        for model, opt in pairs:
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+
+def test_shampoo_equals_pytorch_optimizers_shampoo_on_matrices():
+    """pytorch_optimizer's Shampoo keeps one factor per tensor dimension: on a matrix that is L and R
+    with roots −1/4, opcomp's two-sided Shampoo. (On a vector it keeps a full d × d factor, where
+    opcomp keeps the diagonal, as Shampoo's authors do for 1-D parameters.)"""
+    from pytorch_optimizer import Shampoo
+
+    ours_model, their_model = matrices_net(), matrices_net()
+    ours = opcomp.build("shampoo[eps=1e-4]", list(ours_model.parameters()), lr=0.01)
+    reference = Shampoo(
+        their_model.parameters(), lr=0.01, momentum=0.0, preconditioning_compute_steps=1, matrix_eps=1e-4
+    )
+    mse_steps([(ours_model, ours), (their_model, reference)], steps=10)
+    assert max((a - b).abs().max() for a, b in zip(ours_model.parameters(), matrices_net().parameters())) > 0.01
+    for a, b in zip(ours_model.parameters(), their_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def inverse_root(matrix: torch.Tensor, power: float) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(matrix)
+    return vectors @ torch.diag(values ** (-1.0 / power)) @ vectors.T
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.9])
+def test_shampoo_follows_its_formula_with_schedules_an_ema_and_a_conv_weights_matrix_view(beta):
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(3, 2, 2, 2, dtype=torch.float64))  # a conv weight: 3 × 8
+    bias = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    eps, exponent, update_every, invert_every = 1e-3, 3, 2, 3
+    schedule = f"update_every={update_every}, invert_every={invert_every}"
+    expression = f"shampoo[beta={beta}, eps={eps}, exponent={exponent}, {schedule}]"
+    opt = opcomp.build(expression, [weight, bias], lr=0.1)
+    expected_w, expected_b = weight.detach().clone().reshape(3, 8), bias.detach().clone()
+    left, right, diagonal = (
+        torch.zeros(3, 3, dtype=torch.float64),
+        torch.zeros(8, 8, dtype=torch.float64),
+        torch.zeros(3, dtype=torch.float64),
+    )
+    new = 1.0 if beta == 1.0 else 1.0 - beta
+    for step in range(7):
+        weight.grad, bias.grad = torch.randn_like(weight), torch.randn_like(bias)
+        g, b = weight.grad.reshape(3, 8), bias.grad
+        if step % update_every == 0:
+            left, right, diagonal = (
+                beta * left + new * g @ g.T,
+                beta * right + new * g.T @ g,
+                beta * diagonal + new * b * b,
+            )
+        if step % invert_every == 0:
+            roots = [
+                inverse_root(s + eps * torch.eye(len(s), dtype=torch.float64), 2 * exponent) for s in (left, right)
+            ]
+        expected_w = expected_w - 0.1 * roots[0] @ g @ roots[1]
+        expected_b = expected_b - 0.1 * b / (diagonal + eps).sqrt()
+        opt.step()
+    torch.testing.assert_close(weight.detach().reshape(3, 8), expected_w, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(bias.detach(), expected_b, rtol=1e-10, atol=1e-10)
+
+
+class PooledConvNet(nn.Module):
+    """A 1×1 Conv2d, pooled, and a Linear head: factors of full rank over a batch of 64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(4, 6, 1), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x)).mean((2, 3)))
+
+
+def pooled_conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    return PooledConvNet()
+
+
+def test_soap_with_its_defaults_equals_pytorch_optimizers_soap():
+    """pytorch_optimizer.SOAP's defaults (lr 3e-3, betas (0.95, 0.95), shampoo_beta 0.95, weight
+    decay 0.01 after the update, refresh every 10 steps) over 20 steps on a Linear and a Conv2d.
+    The library rotates each dimension of a tensor; opcomp rotates a Conv2d weight's matrix view
+    (out × in·kh·kw), which for a 1×1 kernel is the same. Rank-deficient factors (a batch smaller
+    than a side) leave eigenvectors that rounding decides, so the batch here fills them."""
+    from pytorch_optimizer import SOAP
+
+    ours_model, their_model = pooled_conv_net(), pooled_conv_net()
+    ours = opcomp.build("soap", list(ours_model.parameters()), lr=3e-3)
+    reference = SOAP(their_model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        x, y = torch.randn(64, 4, 3, 3, generator=generator), torch.randn(64, 3, generator=generator)
+        for model, opt in ((ours_model, ours), (their_model, reference)):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    assert max((a - b).abs().max() for a, b in zip(ours_model.parameters(), pooled_conv_net().parameters())) > 0.02
+    for a, b in zip(ours_model.parameters(), their_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-6)
+
+
+def test_soap_rotates_a_conv_weights_matrix_view_and_leaves_a_side_over_max_dim_alone():
+    conv = nn.Conv2d(2, 4, 3)
+    opt = opcomp.build("soap[max_dim=10]", [conv.weight], lr=1e-3)
+    for _ in range(2):
+        conv.weight.grad = torch.randn_like(conv.weight)
+        opt.step()
+    (entry,) = opt.state[conv.weight].values()
+    assert entry["L"].shape == entry["Q_L"].shape == (4, 4)
+    assert "R" not in entry and "Q_R" not in entry  # 2·3·3 = 18 columns > max_dim
+    torch.testing.assert_close(entry["Q_L"].T @ entry["Q_L"], torch.eye(4), atol=1e-5, rtol=0)
