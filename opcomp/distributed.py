@@ -173,12 +173,14 @@ def check(
     setting: Setting,
     *,
     statistics: bool,
-    probes: bool,
-    global_norm: bool,
+    nodes: Sequence,
 ) -> None:
-    """Refuse, at build time, what would silently run rank-local or on shards."""
+    """Refuse, at build time, what would silently run rank-local or on shards: ``nodes`` are the
+    graph nodes every group runs (their specs say whether they probe, and what they need whole)."""
     probing = "probes (the step evaluates the loss again)"
-    on_shards = [w for w, n in ((probing, probes), ("a norm over every parameter (clip_global)", global_norm)) if n]
+    probes = any(node.spec.needs.closure for node in nodes)
+    whole = [f"{node.spec.on_shards} ({node.op})" for node in nodes if node.spec.on_shards is not None]
+    on_shards = [probing] * probes + list(dict.fromkeys(whole))
     sharded = sum(p.numel() for p in params if is_shard(p))
     if sharded and on_shards:
         raise OpcompError(

@@ -23,7 +23,6 @@ from opcomp.closure import CLOSURE_SHAPE, Probe, first_evaluation
 from opcomp.definitions import Namespace
 from opcomp.errors import OpcompError, OpcompTypeError, OpcompValueError, OpcompWarning, warn
 from opcomp.head import HeadWatch, candidates
-from opcomp.kernels import COLLECTIVE
 from opcomp.kernels import load as load_kernels
 from opcomp.lang.ast import Expr
 from opcomp.layers.statistics import Reduction
@@ -80,8 +79,7 @@ class Optimizer(torch.optim.Optimizer):
             self._parallel,
             data_parallel,
             statistics=self._capture is not None,
-            probes=bool(self._probes()),
-            global_norm=any(COLLECTIVE.get(n.op) == "global" for n in nodes),
+            nodes=nodes,
         )
         warn_at_build(self._plan, self.param_groups)
         self._loaded: tuple[dict, Counter] | None = None  # a load before the head was settled

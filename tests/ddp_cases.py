@@ -215,6 +215,7 @@ def refusals(world: int) -> dict[str, str]:
     for name, build in {
         "not wrapped": lambda: opcomp.build("fog", fresh("conv")),
         "fsdp2 probes": lambda: opcomp.build("sam_sgd", fully_sharded(fresh("conv"), world)),
+        "fsdp2 shampoo": lambda: opcomp.build("shampoo", fully_sharded(fresh("conv"), world)),
     }.items():
         try:
             build()

@@ -85,6 +85,7 @@ def test_rank_local_or_sharded_results_are_refused_at_build(ranks):
     assert "torch.distributed runs 2 processes" in refusals["not wrapped"]
     assert "data_parallel=" in refusals["not wrapped"]
     assert "probes" in refusals["fsdp2 probes"] and "DTensor shards (FSDP2" in refusals["fsdp2 probes"]
+    assert "Kronecker factors of whole matrices (shampoo)" in refusals["fsdp2 shampoo"]
     assert refusals["local"] == "Optimizer"
 
 

@@ -214,3 +214,77 @@ def test_soap_rotates_a_conv_weights_matrix_view_and_leaves_a_side_over_max_dim_
     assert entry["L"].shape == entry["Q_L"].shape == (4, 4)
     assert "R" not in entry and "Q_R" not in entry  # 2·3·3 = 18 columns > max_dim
     torch.testing.assert_close(entry["Q_L"].T @ entry["Q_L"], torch.eye(4), atol=1e-5, rtol=0)
+
+
+FAMILY = [
+    "adafactor[b1=0.9]",
+    "shampoo[update_every=2, invert_every=3]",
+    "soap[precondition_frequency=2]",
+    "graft(shampoo, adam) + 0.01 * p",
+]
+
+
+def conv_and_linear() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 4))
+
+
+def conv_batches(count: int):
+    generator = torch.Generator().manual_seed(2)
+    return [
+        (torch.randn(16, 2, 4, 4, generator=generator), torch.randn(16, 4, generator=generator)) for _ in range(count)
+    ]
+
+
+def run(model, opt, batches) -> None:
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("expression", FAMILY)
+def test_a_resumed_optimizer_of_the_family_continues_bitwise(expression):
+    import io
+
+    batches = conv_batches(8)
+    straight = conv_and_linear()
+    run(straight, opcomp.build(expression, straight, lr=0.01), batches)
+    first = conv_and_linear()
+    opt = opcomp.build(expression, first, lr=0.01)
+    run(first, opt, batches[:4])
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = conv_and_linear()
+    resumed.load_state_dict(saved["model"])
+    opt = opcomp.build(expression, resumed, lr=0.01)
+    opt.load_state_dict(saved["opt"])
+    run(resumed, opt, batches[4:])
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("expression", FAMILY)
+def test_a_non_finite_gradient_skips_the_familys_step_and_changes_nothing(expression):
+    import copy
+
+    model = conv_and_linear()
+    opt = opcomp.build(expression, model, lr=0.01)
+    run(model, opt, conv_batches(3))
+    params, state = [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
+    x, y = conv_batches(4)[3]
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    model[3].weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    after = opt.state_dict()["state"]
+    assert {i: set(e) for i, e in after.items()} == {i: set(e) for i, e in state["state"].items()}
+    for index, entries in state["state"].items():
+        for key, buffers in entries.items():
+            for name, value in buffers.items():
+                assert torch.equal(after[index][key][name], value), (index, key, name)
+    assert opt.skipped_steps == 1

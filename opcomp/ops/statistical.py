@@ -268,6 +268,7 @@ class AdafactorOptions(Options):
 register(
     OpSpec(
         name="adafactor",
+        on_shards="row and column means of whole matrices",
         kind=Kind.STATISTICAL,
         options=AdafactorOptions,
         state=(
@@ -302,6 +303,7 @@ class ShampooOptions(Options):
 register(
     OpSpec(
         name="shampoo",
+        on_shards="Kronecker factors of whole matrices",
         kind=Kind.STATISTICAL,
         options=ShampooOptions,
         host_counted=True,
@@ -334,6 +336,7 @@ class SoapOptions(Options):
 register(
     OpSpec(
         name="soap",
+        on_shards="eigenbases of whole matrices",
         kind=Kind.STATISTICAL,
         options=SoapOptions,
         host_counted=True,

@@ -149,6 +149,7 @@ register(
 register(
     OpSpec(
         name="clip_global",
+        on_shards="a norm over every parameter",
         scale_of=0,
         kind=Kind.STRUCTURAL,
         options=ClipOptions,
