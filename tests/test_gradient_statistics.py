@@ -288,3 +288,12 @@ def test_a_non_finite_gradient_skips_the_familys_step_and_changes_nothing(expres
             for name, value in buffers.items():
                 assert torch.equal(after[index][key][name], value), (index, key, name)
     assert opt.skipped_steps == 1
+
+
+def test_shampoo_refuses_at_build_a_factor_over_its_side_limit_naming_the_parameter():
+    from opcomp.ops.statistical import FACTOR_SIDE_LIMIT
+
+    model = nn.Sequential(nn.Embedding(FACTOR_SIDE_LIMIT + 1, 4), nn.Linear(4, 3))
+    with pytest.raises(opcomp.OpcompError, match=r"8193 × 8193 factor of parameter 0\.weight .*rule file"):
+        opcomp.build("shampoo", model)
+    opcomp.build("soap", model)  # its max_dim leaves the long side unrotated

@@ -287,6 +287,11 @@ register(
 )
 
 
+FACTOR_SIDE_LIMIT = 8192
+"""The longest side of a matrix view whose full factor (side² floats) shampoo keeps: 256 MiB in fp32,
+Distributed Shampoo's default block size. A longer side is refused at build, with the parameter named."""
+
+
 class ShampooOptions(Options):
     beta: float = Field(
         1.0,
@@ -304,6 +309,7 @@ register(
     OpSpec(
         name="shampoo",
         on_shards="Kronecker factors of whole matrices",
+        largest_side=lambda options: FACTOR_SIDE_LIMIT,
         kind=Kind.STATISTICAL,
         options=ShampooOptions,
         host_counted=True,
