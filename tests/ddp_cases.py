@@ -37,6 +37,8 @@ PRESETS = [
 ]
 SPARSE_UPDATES = "muon[hidden](ekfac[update_every=2, invert_every=2](g)) | 0.1 * adamw(g)"
 """Steps without statistics or refresh, between steps with them."""
+GRADIENT_STATISTICS = "graft(shampoo[update_every=2], adam) + soap[precondition_frequency=2] + adafactor[b1=0.9]"
+"""The gradient-statistics family in one expression (each rank computes them from the averaged gradient)."""
 LOOPS = {"closure": "opt.step(closure), opcomp's own backward", "backward": "loss.backward(); opt.step()"}
 
 
@@ -200,7 +202,7 @@ def cases() -> list[tuple[str, str, str]]:
     """(preset, model, loop) under DDP: every preset on both models through the closure; the plain
     loop where DDP's own backward reduces the gradients (presets without probes)."""
     out = [(preset, model, "closure") for preset in PRESETS for model in MODELS]
-    out += [(SPARSE_UPDATES, "conv", "closure")]
+    out += [(SPARSE_UPDATES, "conv", "closure"), (GRADIENT_STATISTICS, "conv", "backward")]
     return out + [(preset, "conv", "backward") for preset in ("fog", "ekfac_sgd", "diagfog")]
 
 

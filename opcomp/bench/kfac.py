@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import opcomp
-import opcomp.optimizer as optimizer_module
+import opcomp.step.transactional as transactional
 from opcomp.bench.step import interleaved, synchronize
 from opcomp.comparison import models
 from opcomp.comparison.report import table_cell
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         for key, entry in state.items()
         if key.startswith("kfac[") and "A_inv" in entry
     ]
-    slots = [SimpleNamespace(state=entry, embedding=entry["A"].ndim == 1) for entry in layers]
+    slots = [SimpleNamespace(state=entry, dense=lambda factor: factor.ndim == 2) for entry in layers]  # no groups here
     inversions = []
     for _ in range(args.steps):
         synchronize(args.device)
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     decided: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(args.steps):
         for on_device, bucket in decided.items():
-            with patch.object(optimizer_module, "decides_on_device", lambda params, answer=on_device: answer):
+            with patch.object(transactional, "decides_on_device", lambda params, answer=on_device: answer):
                 opt.zero_grad()
                 loss(model).backward()
                 synchronize(args.device)
