@@ -39,11 +39,6 @@ class Parts:
     in_place: dict[str, list] = field(default_factory=dict)  # expression -> items
     transactional: dict[str, list] = field(default_factory=dict)
 
-    def fused_of(self, expression: str) -> tuple[list, list]:
-        """The fused items of one family, with their nodes."""
-        pairs = [(item, node) for item, node in zip(self.fused, self.nodes) if item[0]["expr"] == expression]
-        return [item for item, _ in pairs], [node for _, node in pairs]
-
 
 @dataclass
 class Routes:
