@@ -40,11 +40,12 @@ class Compiled:
         CUDA only. On the CPU a cold compile costs 5–40 s and pays back after 80–750 steps
         (``python -m opcomp.bench.compile_cost``), longer than many CPU runs: there it takes
         ``compile="on"``."""
-        if not items or any(s.node.spec.host_counted for _, bucket, _ in items for s in bucket.program.steps):
-            return False  # a node that schedules its work on the host would recompile at every count
-        if self.compile != "auto":
-            return self.compile == "on"
-        return any(p.is_cuda for _, _, params in items for p in params)
+        if not items or self.compile == "off":
+            return False
+        if self.compile == "auto" and not any(p.is_cuda for _, _, params in items for p in params):
+            return False
+        # a node that schedules its work on the host would recompile at every count
+        return not any(s.node.spec.host_counted for _, bucket, _ in items for s in bucket.program.steps)
 
     def ready(self, expression: str, items: list) -> bool:
         """Whether the family's compiled step exists and made its state (it stepped once eagerly)."""
