@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 
 from opcomp.kernels.context import Ctx
+from opcomp.kernels.decompositions import symmetric_eigh
+from opcomp.kernels.matrix import as_matrices
 from opcomp.kernels.table import kernel
 
 
@@ -60,10 +62,11 @@ def adafactor(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
 
 def inverse_roots(matrices: Tensor, eps: float, power: int) -> Tensor:
     """(S + eps·I)^(−1/power) of a batch of symmetric PSD matrices, by eigendecomposition in at
-    least fp32 (eigenvalues floored at the smallest positive float: S + eps·I is PD up to rounding)."""
+    least fp32, in fp64 where fp32's does not converge (eigenvalues floored at the smallest
+    positive float: S + eps·I is PD up to rounding)."""
     dtype = torch.promote_types(matrices.dtype, torch.float32)
     shifted = matrices.to(dtype) + eps * torch.eye(matrices.shape[-1], dtype=dtype, device=matrices.device)
-    values, vectors = torch.linalg.eigh(shifted)
+    values, vectors = symmetric_eigh(shifted)
     scaled = vectors * values.clamp_min(torch.finfo(dtype).tiny).pow(-1.0 / power).unsqueeze(-2)
     return (scaled @ vectors.mT).to(matrices.dtype)
 
@@ -90,7 +93,7 @@ def shampoo(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
                 accumulate(diagonal, value * value, o.beta)
             out.append(value * (diagonal + o.eps).rsqrt())
         return out
-    grads = torch.stack([matrix_view(value) for value in x])
+    grads = as_matrices(x)
     m, n = grads.shape[1:]
     if step % o.update_every == 0:
         left = grads @ grads.mT
@@ -121,9 +124,10 @@ def rotated(matrix: Tensor, left: Tensor | None, right: Tensor | None, back: boo
 
 
 def descending_eigenbasis(factor: Tensor) -> Tensor:
-    """The eigenvectors of a symmetric factor, largest eigenvalue first (SOAP's first basis)."""
+    """The eigenvectors of a symmetric factor, largest eigenvalue first (SOAP's first basis; in
+    fp64 where the factor's precision does not converge)."""
     shifted = factor + 1e-30 * torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
-    return torch.linalg.eigh(shifted)[1].flip(1)
+    return symmetric_eigh(shifted)[1].flip(1)
 
 
 def power_iterated(factor: Tensor, basis: Tensor, second: Tensor, dim: int) -> Tensor:
