@@ -268,6 +268,7 @@ class AdafactorOptions(Options):
 register(
     OpSpec(
         name="adafactor",
+        lr=0.03,  # 0.027 measured (python -m opcomp.bench.sweep adafactor), as adamw's
         on_shards="row and column means of whole matrices",
         kind=Kind.STATISTICAL,
         options=AdafactorOptions,
@@ -342,6 +343,7 @@ class SoapOptions(Options):
 register(
     OpSpec(
         name="soap",
+        lr=0.01,  # 0.009 measured (python -m opcomp.bench.sweep soap)
         on_shards="eigenbases of whole matrices",
         kind=Kind.STATISTICAL,
         options=SoapOptions,
