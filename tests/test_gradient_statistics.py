@@ -297,3 +297,28 @@ def test_shampoo_refuses_at_build_a_factor_over_its_side_limit_naming_the_parame
     with pytest.raises(opcomp.OpcompError, match=r"8193 × 8193 factor of parameter 0\.weight .*rule file"):
         opcomp.build("shampoo", model)
     opcomp.build("soap", model)  # its max_dim leaves the long side unrotated
+
+
+@pytest.mark.parametrize("expression", FAMILY)
+def test_the_family_steps_bfloat16_parameters_in_fp32_and_rounds_once(expression):
+    """Two steps on bfloat16 parameters equal the same steps on their fp32 values with the result
+    rounded to bfloat16 after each: state and arithmetic in fp32, one rounding per step."""
+    torch.manual_seed(0)
+    low = [nn.Parameter(torch.randn(6, 5).bfloat16()), nn.Parameter(torch.randn(5).bfloat16())]
+    high = [nn.Parameter(p.detach().float()) for p in low]
+    opt_low, opt_high = (opcomp.build(expression, params, lr=0.01) for params in (low, high))
+    for _ in range(2):
+        grads = [torch.randn(p.shape).bfloat16() for p in low]
+        for p, q, g in zip(low, high, grads):
+            p.grad, q.grad = g, g.float()
+        opt_low.step()
+        opt_high.step()
+        with torch.no_grad():
+            for q in high:
+                q.copy_(q.bfloat16().float())
+    for p, q in zip(low, high):
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(p.float(), q.detach())
+    for entries in opt_low.state.values():
+        for buffers in entries.values():
+            assert all(t.dtype == torch.float32 for t in buffers.values())
