@@ -322,3 +322,26 @@ def test_the_family_steps_bfloat16_parameters_in_fp32_and_rounds_once(expression
     for entries in opt_low.state.values():
         for buffers in entries.values():
             assert all(t.dtype == torch.float32 for t in buffers.values())
+
+
+@pytest.mark.compile
+def test_adafactor_compiled_steps_as_it_does_eagerly():
+    """adafactor counts on the device, so its family compiles (shampoo and soap count on the host
+    and step eagerly); the compiled step equals the eager one within inductor's reassociation."""
+    import warnings
+
+    def run(mode: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(5))]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the compile notice
+            opt = opcomp.build("adafactor[b1=0.9] + 0.01 * p", params, lr=0.01, compile=mode)
+            generator = torch.Generator().manual_seed(1)
+            for _ in range(4):
+                for param in params:
+                    param.grad = torch.randn(param.shape, generator=generator)
+                opt.step()
+        return [p.detach() for p in params]
+
+    for eager, compiled in zip(run("off"), run("on")):
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
