@@ -30,6 +30,7 @@ from opcomp.errors import OpcompError, OpcompTypeError, OpcompValueError, Opcomp
 from opcomp.graph import Node, current_state_key
 from opcomp.layers.record import Layer
 from opcomp.ops import Applies, StateBuffer
+from opcomp.ops.registry import matrix_sides
 from opcomp.plan import Plan
 from opcomp.precision import working_dtype
 
@@ -202,8 +203,8 @@ def expected_shape(buffer: StateBuffer, param: Tensor, layer: Layer | None) -> t
     if buffer.shape == "scalar":
         return ()
     if buffer.shape in ("rows", "cols", "left", "right"):
-        rows = param.shape[0]
-        side = rows if buffer.shape in ("rows", "left") else param.numel() // max(rows, 1)
+        rows, cols = matrix_sides(tuple(param.shape))
+        side = rows if buffer.shape in ("rows", "left") else cols
         return (side,) if buffer.shape in ("rows", "cols") else (side, side)
     return layer.buffer_shapes()[buffer.shape]
 

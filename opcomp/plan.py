@@ -23,6 +23,7 @@ from opcomp.lang.ast import Expr
 from opcomp.layers.kinds import LayerKind, kind_of, unsupported
 from opcomp.layers.record import Layer
 from opcomp.ops import Applies
+from opcomp.ops.registry import matrix_sides
 from opcomp.precision import working_dtype
 
 APPLIES_NEEDS = {
@@ -295,7 +296,7 @@ def fits(buckets: Iterable[Bucket]) -> None:
     spec's ``largest_side``): a side of 50,257 (GPT-2's vocabulary) would be a 9.4 GiB factor."""
     for bucket in buckets:
         param, name = bucket.params[0], bucket.names[0]
-        sides = (param.shape[0], param.numel() // max(param.shape[0], 1)) if param.ndim >= 2 else ()
+        sides = matrix_sides(tuple(param.shape)) or ()
         for step in bucket.program.steps:
             limit = step.node.spec.largest_side(step.node.options) if step.node.spec.largest_side else None
             if limit is None or max(sides, default=0) <= limit:

@@ -15,6 +15,7 @@ from opcomp.kernels.context import Ctx
 from opcomp.kernels.decompositions import symmetric_eigh
 from opcomp.kernels.matrix import as_matrices
 from opcomp.kernels.table import kernel
+from opcomp.ops.registry import matrix_sides
 
 
 def matrix_view(value: Tensor) -> Tensor:
@@ -147,7 +148,7 @@ def soap(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
     step = node.advance()  # the first step (0) only starts the factors and their bases
     out = []
     for index, value in enumerate(x):
-        sides = soap_sides(node, index, value, o.max_dim)
+        sides = soap_sides(value, o.max_dim)
         if step == 0:
             soap_factors(node, index, value, sides, o.shampoo_beta)
             out.append(torch.zeros_like(value))
@@ -171,13 +172,13 @@ def soap(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def soap_sides(node, index: int, value: Tensor, max_dim: int) -> tuple[tuple[int, int] | None, ...]:
+def soap_sides(value: Tensor, max_dim: int) -> tuple[tuple[int, int] | None, ...]:
     """(m, m) and (n, n), the shapes of the left and right factors a parameter's matrix view keeps,
     None for a side not rotated (longer than ``max_dim``, or a 1-D parameter)."""
-    if value.ndim < 2:
+    sides = matrix_sides(tuple(value.shape))
+    if sides is None:
         return None, None
-    m, n = value.shape[0], value.numel() // value.shape[0]
-    return ((m, m) if m <= max_dim else None), ((n, n) if n <= max_dim else None)
+    return tuple((side, side) if side <= max_dim else None for side in sides)
 
 
 def soap_factors(node, index: int, value: Tensor, sides, beta: float) -> None:

@@ -8,6 +8,7 @@ these specs. Kernels attach to the same names in the runtime.
 from __future__ import annotations
 
 import enum
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,6 +99,14 @@ class Cost:
 StateShape = Literal[
     "param", "scalar", "rows", "cols", "left", "right", "in_factor", "out_factor", "in_diag", "out_diag", "layer_matrix"
 ]
+
+
+def matrix_sides(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(m, n) of a parameter's matrix view, shape[0] × the rest (a Conv2d weight as out × in·kh·kw);
+    None for a parameter of fewer than two dimensions, which has none."""
+    if len(shape) < 2:
+        return None
+    return shape[0], math.prod(shape[1:])
 
 
 @dataclass(frozen=True)
