@@ -42,10 +42,12 @@ class Parts:
 
 @dataclass
 class Routes:
-    """The routes of a plan: fused buckets (by id) and the expressions whose families step in place."""
+    """The routes of a plan: fused buckets (by id), the expressions whose families step in place,
+    and the state keys of nodes that replace their tensors (a snapshot shares those)."""
 
     fused: dict[int, tuple[Node, float]]
     in_place: set[str]
+    replaced: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, plan: Plan, expressions: list[str]) -> Routes:
@@ -54,7 +56,9 @@ class Routes:
         for expression, group in zip(expressions, plan.groups):
             programs.setdefault(expression, []).extend(b.program for b in group.buckets if id(b) not in fused)
         in_place = {e for e, found in programs.items() if runs_in_place(plan.graphs[e], found)}
-        return cls(fused, in_place)
+        graphs = plan.graphs.values()
+        replaced = frozenset(n.state_key for graph in graphs for n in graph.nodes if n.spec.replaces_state)
+        return cls(fused, in_place, replaced)
 
     def split(self, families: dict[str, list]) -> Parts:
         parts = Parts()

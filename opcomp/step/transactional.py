@@ -52,7 +52,7 @@ def step(run, parts: Parts, grads: list[Tensor], stepper) -> None:
         return
     touched = [p for items in parts.transactional.values() for _, _, params in items for p in params]
     stepped = [item for items in parts.in_place.values() for item in items]
-    replaced = {n.state_key for graph in run.plan.graphs.values() for n in graph.nodes if n.spec.replaces_state}
+    replaced = stepper.routes.replaced
     in_place = [p for _, _, params in stepped for p in params]
     saved = snapshot(run.state, touched, replaced, in_place) if touched or in_place else None
     kept = stepper.undo.keep(written(stepped, run.state))
