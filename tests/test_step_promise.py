@@ -174,3 +174,39 @@ def test_a_step_whose_update_or_state_is_not_finite_is_skipped_with_nothing_chan
 @pytest.mark.compile
 def test_a_compiled_step_whose_update_is_not_finite_is_skipped_with_nothing_changed():
     overflowing("rms(g)", compiled="on")
+
+
+@pytest.mark.parametrize(
+    "expression, lr, overflows",
+    [
+        ("adamw(g)", 3e38, False),  # above the fused kernel's reach: the checked route, which may keep it
+        ("adamw[wd=0.5](g)", 3e38, True),  # p·(1 − lr·wd) alone is ~1e38 per unit of p: past the largest float
+        ("kfac(g) | adamw(g)", 3e38, False),
+        ("kfac(g) | adamw(g)", 3.402823466385289e38, True),  # the lr itself is over fp32's largest float
+        ("momentum(g)", 3.402823466385289e38, True),  # the eager in-place route
+    ],
+)
+def test_a_learning_rate_that_pushes_parameters_past_the_largest_float_skips_the_step(expression, lr, overflows):
+    """Finite gradients, a finite lr (a corrupted checkpoint's, a schedule gone wrong): the
+    parameters stay finite on every route (torch's fused AdamW included); a step that would pass
+    the largest float is skipped with parameters as they were."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(40.0)  # |p| > 1: lr·wd·|p| alone passes 3.4e38 for the decaying rows
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    opt = opcomp.build(expression, model, lr=1e-3)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    for group in opt.param_groups:
+        group["lr"] = lr
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.skipped_steps == (1 if overflows else opt.skipped_steps)
+    if opt.skipped_steps:
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

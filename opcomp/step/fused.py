@@ -74,11 +74,19 @@ def fusable(params: list[Tensor]) -> bool:
     return all(p.dtype == torch.float32 and p.device.type in DEVICES and p.is_contiguous() for p in params)
 
 
-def still_fusable(params: list[Tensor]) -> bool:
-    """Whether a bucket the plan put on this route still is fp32 on a device of :data:`DEVICES`: a
-    model moved or cast after the build (``model.to(torch.bfloat16)``) moves a bucket's parameters
-    together, and such a bucket then steps through opcomp's own kernels, as if built so."""
-    return params[0].dtype == torch.float32 and params[0].device.type in DEVICES
+LR_REACH = 1.0
+"""The largest learning rate this route steps. Torch's kernel cannot be undone, and its update is
+finite for finite gradients (docs/runtime.md), but p − lr·u can still pass the largest float when
+lr is huge (a corrupted checkpoint, a scheduler gone wrong): above this, the bucket steps through
+its family's checked route, which skips such a step. No AdamW recipe comes near it."""
+
+
+def still_fusable(params: list[Tensor], lr) -> bool:
+    """Whether a bucket the plan put on this route still is fp32 on a device of :data:`DEVICES`
+    (a model moved or cast after the build, ``model.to(torch.bfloat16)``, moves a bucket's
+    parameters together, and such a bucket then steps through opcomp's own kernels, as if built
+    so), at a learning rate within :data:`LR_REACH`."""
+    return params[0].dtype == torch.float32 and params[0].device.type in DEVICES and float(lr) <= LR_REACH
 
 
 def step_adamw(items: list, state: Mapping, nodes: list, found_inf: Tensor | None) -> None:

@@ -66,7 +66,7 @@ class Routes:
             rest = []
             for item in items:
                 node = self.fused.get(id(item[1]))
-                if node is None or not still_fusable(item[2]):
+                if node is None or not still_fusable(item[2], item[0]["lr"]):
                     rest.append(item)
                 else:
                     parts.fused.append(item)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from opcomp.finite import NonFinite
 from opcomp.kernels.context import BucketStep
 from opcomp.plan import Program
 from opcomp.precision import working_dtype
@@ -50,6 +51,8 @@ def landing(update: Update) -> list[Tensor]:
 
 def _moved(update: Update, target: list[Tensor]) -> list[Tensor]:
     lr, decay = update.lr, update.program.decay
+    if not isinstance(lr, Tensor) and lr > torch.finfo(target[0].dtype).max:
+        raise NonFinite  # lr·u overflows whatever u is: skipped, as any update past the largest float
     if decay:
         torch._foreach_mul_(target, 1.0 - lr * decay)
     if isinstance(lr, Tensor):
