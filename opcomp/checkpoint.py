@@ -29,6 +29,7 @@ from opcomp.distributed import is_shard
 from opcomp.errors import OpcompError, OpcompTypeError, OpcompValueError, OpcompWarning, warn
 from opcomp.graph import Node, current_state_key
 from opcomp.layers.record import Layer
+from opcomp.layers.shapes import FactorForm
 from opcomp.ops import Applies, StateBuffer
 from opcomp.ops.registry import matrix_sides
 from opcomp.plan import Plan
@@ -167,7 +168,7 @@ def _buffers(where: str, node: Node, param: Tensor, layer: Layer | None, buffers
         if tensor.is_meta or tensor.layout != torch.strided:
             kind = "a meta tensor, which holds no values" if tensor.is_meta else f"a {tensor.layout} tensor"
             raise OpcompError(f"{place} is {kind}; opcomp keeps dense tensors")
-        expected = expected_shape(buffer, param, layer)
+        expected = expected_shape(buffer, param, layer, node)
         if tuple(tensor.shape) != expected:
             raise OpcompError(
                 f"the saved state of {where} does not fit this model: '{node.op}' buffer '{name}' has shape "
@@ -196,8 +197,9 @@ def _cast(place: str, buffer: StateBuffer, tensor: Tensor, param: Tensor) -> Ten
     return tensor.detach().clone().to(device=param.device, dtype=working_dtype(param.dtype))
 
 
-def expected_shape(buffer: StateBuffer, param: Tensor, layer: Layer | None) -> tuple[int, ...]:
-    """The shape ``buffer`` has for ``param``; layer buffers take theirs from the layer's matrix X."""
+def expected_shape(buffer: StateBuffer, param: Tensor, layer: Layer | None, node: Node) -> tuple[int, ...]:
+    """The shape ``buffer`` has for ``param``; layer buffers take theirs from the layer's matrix X,
+    a factor of a side over the node's ``factor_block`` is kept as diagonal blocks."""
     if buffer.shape == "param":
         return tuple(param.shape)
     if buffer.shape == "scalar":
@@ -205,7 +207,10 @@ def expected_shape(buffer: StateBuffer, param: Tensor, layer: Layer | None) -> t
     if buffer.shape in ("rows", "cols", "left", "right"):
         rows, cols = matrix_sides(tuple(param.shape))
         side = rows if buffer.shape in ("rows", "left") else cols
-        return (side,) if buffer.shape in ("rows", "cols") else (side, side)
+        if buffer.shape in ("rows", "cols"):
+            return (side,)
+        block = node.spec.factor_block(node.options) if node.spec.factor_block else None
+        return FactorForm.within(side, block).shape()
     return layer.buffer_shapes()[buffer.shape]
 
 

@@ -23,7 +23,6 @@ from opcomp.lang.ast import Expr
 from opcomp.layers.kinds import LayerKind, kind_of, unsupported
 from opcomp.layers.record import Layer
 from opcomp.ops import Applies
-from opcomp.ops.registry import matrix_sides
 from opcomp.precision import working_dtype
 
 APPLIES_NEEDS = {
@@ -291,26 +290,6 @@ def check_parameter(param: Tensor, name: str) -> None:
         raise OpcompValueError(f"parameter {name} has dtype {param.dtype}; opcomp optimizes floating-point tensors")
 
 
-def fits(buckets: Iterable[Bucket]) -> None:
-    """Every factor a node keeps of a parameter's matrix view within the node's largest side (its
-    spec's ``largest_side``): a side of 50,257 (GPT-2's vocabulary) would be a 9.4 GiB factor."""
-    for bucket in buckets:
-        param, name = bucket.params[0], bucket.names[0]
-        sides = matrix_sides(tuple(param.shape)) or ()
-        for step in bucket.program.steps:
-            limit = step.node.spec.largest_side(step.node.options) if step.node.spec.largest_side else None
-            if limit is None or max(sides, default=0) <= limit:
-                continue
-            side = max(sides)
-            raise OpcompError(
-                f"'{step.node.op}' keeps a {side} × {side} factor of parameter {name} (matrix view "
-                f"{sides[0]} × {sides[1]}): {side * side * 4 / 2**30:.1f} GiB in fp32, over its limit of {limit} "
-                "per side. Give such parameters another expression (a rule file: docs/rules.md), or use soap, "
-                "which leaves sides over its max_dim unrotated",
-                step.node.span,
-            )
-
-
 def representable(graph: Graph, dtypes: set[torch.dtype]) -> None:
     """Every number option of ``graph`` as a number of the working precision ``dtypes``: an option
     that passes its bounds but is inf there (``1e39 * g`` in fp32) or rounds to 0 (``adamw[eps=1e-50]``,
@@ -418,7 +397,6 @@ class Plan:
             bucket.params.append(param)
             bucket.names.append(name)
         representable(graph, {working_dtype(p.dtype) for p in params})
-        fits(buckets.values())
         self.groups.append(GroupPlan(written, list(buckets.values())))
 
     def with_head(self, head: nn.Module, param_groups: list[dict]) -> Plan:

@@ -4,8 +4,8 @@ A fallback (``muon(kfac(g)) | adamw``, or one nested inside an operator, ``momen
 runs its first branch where that branch applies. When more than half of a param group's parameters
 by size fall past it, the optimizer is mostly its fallback, and the build says so with the numbers
 and the reasons (a layer opcomp cannot hook, a tied embedding, 1-D parameters…), so that ``fog``
-on a model it barely covers is never silently AdamW. Likewise a layer factor kept diagonal because
-it exceeds ``max_dim`` (with what the dense one would have cost), and a compiled model whose
+on a model it barely covers is never silently AdamW. Likewise a factor kept as diagonal blocks
+because it exceeds ``max_dim`` (with what the whole one would have cost), and a compiled model whose
 training pass a second-order expression must run eagerly.
 """
 
@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from opcomp.errors import OpcompWarning
+from opcomp.layers.shapes import FactorForm
+from opcomp.ops.registry import matrix_sides
 from opcomp.plan import Plan, fallen_back, why_not
 
 MOST = 0.5
@@ -73,34 +75,69 @@ def _user(graph, node_id: int) -> str:
 
 
 def budget(plan: Plan) -> list[str]:
-    """One line per layer node with factors above its ``max_dim``: which layers keep a diagonal,
-    and what the dense factors would have taken."""
+    """One line per layer node with factors above its ``max_dim`` (the size budget): which layers
+    keep them as diagonal blocks, what the blocks take and what the whole factors would have."""
     lines = []
     for (_, _), layers in plan.layers.items():
         node = layers[0].node
         limit = getattr(node.options, "max_dim", None)
-        if limit is None:
+        if limit is None or (getattr(node.options, "block", 0) or limit) < limit:  # blocks asked for: not a fallback
             continue
-        over, dense_bytes = [], 0
+        over, whole_bytes, kept_bytes = [], 0, 0
         for layer in layers:
-            groups, out, inputs = layer.block_shape
-            sides = [(side, size) for side, size in (("A", inputs), ("G", out)) if size > limit]
-            sides = [(side, size) for side, size in sides if not (side == "A" and layer.kind.one_hot)]
+            groups = layer.block_shape[0]
             each = f" per group of {groups}" if groups > 1 else ""
-            over += [f"{layer.name} {side} ({size}{each})" for side, size in sides]
-            dense_bytes += sum(4 * groups * size * size for _, size in sides)
+            for name, form in zip(("A", "G"), layer.forms):
+                if form.blocked:
+                    over.append(f"{layer.name} {name} ({form.side}{each}: {form.describe()})")
+                    whole_bytes += groups * FactorForm(form.side).nbytes()
+                    kept_bytes += groups * form.nbytes()
         if over:
             factors = "factor" if len(over) == 1 else "factors"
             lines.append(
-                f"opcomp: {node.op} keeps the diagonal of {len(over)} {factors} above max_dim={limit} (dense, in "
-                f"fp32, they would take {mebibytes(dense_bytes)}): {', '.join(over)} — raise "
-                f"{node.op}[max_dim=...] to keep them dense"
+                f"opcomp: {node.op} keeps {len(over)} {factors} above max_dim={limit} as diagonal blocks of "
+                f"{limit} × {limit}, nothing kept between blocks ({readable_bytes(kept_bytes)} in fp32; whole, they "
+                f"would take {readable_bytes(whole_bytes)}): {', '.join(over)} — raise {node.op}[max_dim=...] to keep "
+                f"them whole, or set {node.op}[block=...] to choose the blocks"
             )
     return lines
 
 
-def mebibytes(nbytes: int) -> str:
-    """A size as people read it: MiB below a GiB, GiB above."""
+def factor_budget(plan: Plan) -> list[str]:
+    """One line per node that keeps factors of parameters' matrix views (its spec's
+    ``factor_block``) with sides over that block: which parameters keep them as diagonal blocks,
+    what the blocks take and what whole factors would have."""
+    over: dict[str, tuple[int, list[str], list[int]]] = {}
+    for bucket in plan.buckets():
+        sides = matrix_sides(tuple(bucket.params[0].shape)) or ()
+        for step in bucket.program.steps:
+            spec = step.node.spec
+            if spec.factor_block is None:
+                continue
+            block = spec.factor_block(step.node.options)
+            forms = [FactorForm.within(side, block) for side in sides if side > block]
+            if not forms:
+                continue
+            _, names, sizes = over.setdefault(step.node.op, (block, [], [0, 0]))
+            for name in bucket.names:
+                names += [f"{name} ({form.side}: {form.describe()})" for form in forms]
+                sizes[0] += sum(form.nbytes() for form in forms)
+                sizes[1] += sum(FactorForm(form.side).nbytes() for form in forms)
+    return [
+        f"opcomp: {op} keeps {len(names)} {'factor' if len(names) == 1 else 'factors'} of sides over "
+        f"max_dim={block} as diagonal blocks of {block} × {block}, nothing kept between blocks "
+        f"({readable_bytes(kept)} in fp32, their roots as much again; whole, they would take "
+        f"{readable_bytes(whole)}): {', '.join(names)} — raise {op}[max_dim=...] to keep them whole"
+        for op, (block, names, (kept, whole)) in over.items()
+    ]
+
+
+def readable_bytes(nbytes: int) -> str:
+    """A size as people read it: bytes, KiB, MiB below a GiB, GiB above."""
+    if nbytes < 2**10:
+        return f"{nbytes} B"
+    if nbytes < 2**20:
+        return f"{nbytes / 2**10:.1f} KiB"
     return f"{nbytes / 2**20:.1f} MiB" if nbytes < 2**30 else f"{nbytes / 2**30:.2f} GiB"
 
 
@@ -127,7 +164,8 @@ def compiled(module: nn.Module) -> bool:
 
 
 def warn_at_build(plan: Plan, param_groups: list[dict]) -> None:
-    """Say each line of :func:`coverage`, :func:`budget` and :func:`compiled_twice` once, as an
-    :class:`OpcompWarning`."""
-    for line in coverage(plan, param_groups) + budget(plan) + compiled_twice(plan, param_groups):
+    """Say each line of :func:`coverage`, :func:`budget`, :func:`factor_budget` and
+    :func:`compiled_twice` once, as an :class:`OpcompWarning`."""
+    lines = coverage(plan, param_groups) + budget(plan) + factor_budget(plan)
+    for line in lines + compiled_twice(plan, param_groups):
         warnings.warn(line, OpcompWarning, stacklevel=4)

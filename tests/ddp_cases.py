@@ -37,8 +37,10 @@ PRESETS = [
 ]
 SPARSE_UPDATES = "muon[hidden](ekfac[update_every=2, invert_every=2](g)) | 0.1 * adamw(g)"
 """Steps without statistics or refresh, between steps with them."""
-GRADIENT_STATISTICS = "graft(shampoo[update_every=2], adam) + soap[precondition_frequency=2] + adafactor[b1=0.9]"
+GRADIENT_STATISTICS = "graft(shampoo[update_every=2, max_dim=5], adam) + soap[precondition_frequency=2] + adafactor[b1=0.9]"
 """The gradient-statistics family in one expression (each rank computes them from the averaged gradient)."""
+BLOCKS = "muon[hidden](ekfac[block=4](g)) + kfac[block=3, damping_mode=exact](g) | 0.1 * adamw(g)"
+"""Block-KFAC: factors in blocks (last ones padded), their decompositions split by owner across ranks."""
 LOOPS = {"closure": "opt.step(closure), opcomp's own backward", "backward": "loss.backward(); opt.step()"}
 
 
@@ -203,12 +205,14 @@ def cases() -> list[tuple[str, str, str]]:
     loop where DDP's own backward reduces the gradients (presets without probes)."""
     out = [(preset, model, "closure") for preset in PRESETS for model in MODELS]
     out += [(SPARSE_UPDATES, "conv", "closure"), (GRADIENT_STATISTICS, "conv", "backward")]
+    out += [(BLOCKS, model, "closure") for model in MODELS]
     return out + [(preset, "conv", "backward") for preset in ("fog", "ekfac_sgd", "diagfog")]
 
 
 def sharded_cases() -> list[tuple[str, str, str]]:
     """(preset, model, loop) under FSDP2: the presets without probes, both loops."""
-    return [(p, m, loop) for p in ("adamw", "muon_adamw", "fog", "diagfog") for m in MODELS for loop in LOOPS]
+    out = [(p, m, loop) for p in ("adamw", "muon_adamw", "fog", "diagfog") for m in MODELS for loop in LOOPS]
+    return out + [(BLOCKS, "conv", "backward")]
 
 
 def refusals(world: int) -> dict[str, str]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fisher import node_state
 from torch import nn
 
 import opcomp
+from opcomp.ops.registry import REGISTRY
 
 
 def embedding_net() -> nn.Module:
@@ -204,6 +206,61 @@ def test_soap_with_its_defaults_equals_pytorch_optimizers_soap():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-6)
 
 
+def heavyball_and_opcomp_soap(frequency: int, steps: int) -> tuple[list, list, float, object, object]:
+    """heavyball.SOAP and opcomp's soap on one 3 × 4 matrix from one stream of gradients, at
+    betas (0.95, 0.95), no weight decay and a refresh every ``frequency`` steps: each one's
+    updates, the last step's t, and the two optimizers and parameters."""
+    import heavyball
+
+    heavyball.utils.compile_mode = None  # eager: heavyball compiles its kernels by default
+    start = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    theirs, ours = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    reference = heavyball.SOAP(
+        [theirs], lr=1e-2, betas=(0.95, 0.95), weight_decay=0.0, precondition_frequency=frequency, multi_tensor=False
+    )
+    opt = opcomp.build(f"soap[wd=0, precondition_frequency={frequency}]", [ours], lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    moves: tuple[list, list] = ([], [])
+    for _ in range(steps):
+        gradient = torch.randn(3, 4, generator=generator)
+        for param, optimizer, moved in ((theirs, reference, moves[0]), (ours, opt, moves[1])):
+            before = param.detach().clone()
+            param.grad = gradient.clone()
+            optimizer.step()
+            moved.append(param.detach() - before)
+    return moves[0], moves[1], steps, (reference, theirs), (opt, ours)
+
+
+def test_heavyballs_soap_is_the_authors_where_its_conventions_agree_and_states_where_they_differ():
+    """heavyball.SOAP against opcomp's soap (which equals the authors' code through
+    pytorch_optimizer, above), on a 3 × 4 matrix: each factor's null space is at most a line, so
+    no eigenvector is left to rounding. With a refresh every step the two take the same steps.
+    The conventions that differ, each shown: (1) heavyball keeps each factor bias-corrected,
+    L/(1 − βᵗ) — a scale its eigenbases do not see; (2) it refreshes when a running sum of
+    1/frequency passes an integer, a step later than the authors' t mod frequency (and for a
+    frequency of 10, a sum of 0.1s passes 1 a step later still), so at a frequency of 2 the
+    steps part from the third on; (3) its defaults: betas (0.9, 0.95), a refresh every 2 steps
+    and sides up to 2048, against the authors' (0.95, 0.95), 10 and 10,000."""
+    import inspect
+
+    import heavyball
+
+    theirs, ours, steps, (reference, their_param), (opt, our_param) = heavyball_and_opcomp_soap(1, 15)
+    for a, b in zip(theirs, ours):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)  # steps of ~1e-2, fp32 eigh and QR apart
+    (their_state,) = reference.state[their_param].values()
+    their_l = next(v for k, v in their_state.items() if k.startswith("scale_by_soap_GG"))[0][0]
+    torch.testing.assert_close(their_l, node_state(opt, our_param, "soap")["L"] / (1 - 0.95**steps))
+    theirs, ours, _, _, _ = heavyball_and_opcomp_soap(2, 4)
+    torch.testing.assert_close(theirs[1], ours[1])
+    assert torch.nn.functional.cosine_similarity(theirs[2].flatten(), ours[2].flatten(), 0) < 0.9
+    defaults = inspect.signature(heavyball.SOAP).parameters
+    spec = REGISTRY["soap"].options()
+    assert (defaults["betas"].default, (spec.b1, spec.b2)) == ((0.9, 0.95), (0.95, 0.95))
+    assert (defaults["precondition_frequency"].default, spec.precondition_frequency) == (2, 10)
+    assert (defaults["max_precond_dim"].default, spec.max_dim) == (2048, 10_000)
+
+
 def test_soap_rotates_a_conv_weights_matrix_view_and_leaves_a_side_over_max_dim_alone():
     conv = nn.Conv2d(2, 4, 3)
     opt = opcomp.build("soap[max_dim=10]", [conv.weight], lr=1e-3)
@@ -218,7 +275,7 @@ def test_soap_rotates_a_conv_weights_matrix_view_and_leaves_a_side_over_max_dim_
 
 FAMILY = [
     "adafactor[b1=0.9]",
-    "shampoo[update_every=2, invert_every=3]",
+    "shampoo[update_every=2, invert_every=3, max_dim=4]",  # a conv weight's columns in padded blocks
     "soap[precondition_frequency=2]",
     "graft(shampoo, adam) + 0.01 * p",
 ]
@@ -290,12 +347,51 @@ def test_a_non_finite_gradient_skips_the_familys_step_and_changes_nothing(expres
     assert opt.skipped_steps == 1
 
 
-def test_shampoo_refuses_at_build_a_factor_over_its_side_limit_naming_the_parameter():
-    from opcomp.ops.statistical import FACTOR_SIDE_LIMIT
+def block_diagonal(matrix: torch.Tensor, block: int) -> torch.Tensor:
+    """``matrix`` (d, d) with everything outside its diagonal blocks of ``block`` set to zero."""
+    index = torch.arange(matrix.shape[-1]) // block
+    return matrix * (index.unsqueeze(0) == index.unsqueeze(1))
 
-    model = nn.Sequential(nn.Embedding(FACTOR_SIDE_LIMIT + 1, 4), nn.Linear(4, 3))
-    with pytest.raises(opcomp.OpcompError, match=r"8193 × 8193 factor of parameter 0\.weight .*rule file"):
+
+def matrix_power(matrix: torch.Tensor, power: float) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(matrix)
+    return vectors @ torch.diag(values.pow(power)) @ vectors.T
+
+
+@pytest.mark.parametrize("shape, max_dim", [((7, 5), 3), ((4, 3, 3, 2), 5), ((5, 9), 9)])
+def test_shampoo_keeps_sides_over_max_dim_as_diagonal_blocks_of_its_factors(shape, max_dim):
+    """Three steps of shampoo[max_dim=k] against the formula with block-diagonal sums of G Gᵀ
+    and Gᵀ G (sides of 7 in blocks of 3 and a conv weight's 18 columns in blocks of 5: padded
+    last blocks; 9 ≤ 9 whole), their roots of the whole block-diagonal matrices, in float64."""
+    param = nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    opt = opcomp.build(f"shampoo[max_dim={max_dim}, eps=0.01]", [param], lr=1.0)
+    generator = torch.Generator().manual_seed(1)
+    left = right = 0
+    for _ in range(3):
+        gradient = torch.randn(shape, generator=generator, dtype=torch.float64)
+        matrix = gradient.reshape(shape[0], -1)
+        left, right = left + matrix @ matrix.T, right + matrix.T @ matrix
+        roots = [
+            matrix_power(block_diagonal(factor, max_dim) + 0.01 * torch.eye(len(factor), dtype=torch.float64), -0.25)
+            for factor in (left, right)
+        ]
+        before = param.detach().clone()
+        param.grad = gradient
+        opt.step()
+        torch.testing.assert_close(before - param.detach(), (roots[0] @ matrix @ roots[1]).reshape(shape))
+    stored = node_state(opt, param, "shampoo")["L"]
+    assert stored.shape == ((3, 3, 3) if shape == (7, 5) else (shape[0],) * 2)
+
+
+def test_shampoo_keeps_a_side_over_max_dim_in_blocks_and_says_so_at_build():
+    """An Embedding of 8,193 rows (over the 8,192 default): its left factor in 2 blocks of 8,192,
+    said at build with what they take against the whole factor; soap leaves the side unrotated."""
+    model = nn.Sequential(nn.Embedding(8193, 4), nn.Linear(4, 3))
+    with pytest.warns(opcomp.OpcompWarning) as said:
         opcomp.build("shampoo", model)
+    (line,) = [str(w.message) for w in said if "diagonal blocks" in str(w.message)]
+    assert "shampoo keeps 1 factor of sides over max_dim=8192 as diagonal blocks of 8192 × 8192" in line
+    assert "0.weight (8193: 2 blocks of 8192)" in line and "(512.0 MiB in fp32" in line and "256.1 MiB)" in line
     opcomp.build("soap", model)  # its max_dim leaves the long side unrotated
 
 

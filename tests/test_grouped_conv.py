@@ -66,10 +66,12 @@ class Separate(nn.Module):
 EXPRESSIONS = [
     "kfac(g)",
     "kfac[damping_mode=exact](g)",
-    "kfac[max_dim=2](g)",  # each group's A over budget: its diagonal
+    "kfac[max_dim=2](g)",  # each group's A over budget: blocks of 2, the last one padded
+    "kfac[block=1](g)",  # each group's factors kept diagonal
     "diag_kfac(g)",
     "ekfac(g)",
-    "ekfac[max_dim=2](g)",  # EKFAC with A kept diagonal: the unfolded patches
+    "ekfac[max_dim=2](g)",  # EKFAC with A in blocks: the unfolded patches rotated block by block
+    "ekfac[block=1](g)",  # EKFAC with A kept diagonal: the unfolded patches
 ]
 SHAPES = {"grouped": (6, 9, 3), "depthwise": (4, 8, 4)}  # (in, out, groups); depthwise: multiplier 2
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import shapes
 import torch
@@ -547,35 +545,6 @@ def test_monte_carlo_labels_are_drawn_over_the_dimension_the_loss_treats_as_clas
     F.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1)).backward()
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
-
-
-def test_factors_above_max_dim_are_the_dense_factors_diagonals_and_the_build_says_so():
-    """Linear(6 → 5) with its bias: A is 7 × 7, G 5 × 5; max_dim=6 keeps A's diagonal only (Linear(4 → 6)'s
-    A 5 × 5 and G 6 × 6 stay dense)."""
-    x, y = data(16, seed=4)
-    states = []
-    for expression in ("kfac[damping=0.01](g)", "kfac[damping=0.01, max_dim=6](g)"):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            opt = opcomp.build(expression, model, lr=1.0)
-        before = model[2].weight.detach().clone()
-        F.cross_entropy(model(x), y.clamp(max=4)).backward()
-        gradient = torch.cat([model[2].weight.grad, model[2].bias.grad.unsqueeze(1)], 1)
-        opt.step()
-        states.append((node_state(opt, model[2].weight, "kfac"), before - model[2].weight.detach(), gradient))
-        announced = [str(w.message) for w in caught if issubclass(w.category, opcomp.OpcompWarning)]
-    (dense, _, _), (budgeted, moved, gradient) = states
-    torch.testing.assert_close(budgeted["A"], torch.diagonal(dense["A"]))  # a 7-vector
-    torch.testing.assert_close(budgeted["G"], dense["G"])  # 5 × 5, within the budget
-    pi = ((dense["A"].trace() / 7) / (dense["G"].trace() / 5)).sqrt()  # the factored damping split
-    lambda_a, lambda_g = pi * 0.01**0.5, 0.01**0.5 / pi
-    expected = torch.linalg.solve(dense["G"] + lambda_g * torch.eye(5), gradient) / (
-        torch.diagonal(dense["A"]) + lambda_a
-    )
-    torch.testing.assert_close(moved, expected[:, :-1], rtol=1e-4, atol=1e-6)
-    assert any("keeps the diagonal of 1 factor above max_dim=6" in m and "2 A (7)" in m for m in announced)
 
 
 def test_an_eigendecomposition_that_fails_in_fp32_is_done_again_in_fp64(monkeypatch):

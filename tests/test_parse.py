@@ -12,7 +12,7 @@ ADAMW = "adamw[b1=0.9, b2=0.999, eps=1e-08, wd=0.01]"
 MUON = "muon[beta=0.95, coefficients=jordan, gram=false, hidden=false, nesterov=true, steps=5]"
 HIDDEN_MUON = "muon[beta=0.95, coefficients=jordan, gram=false, hidden=true, nesterov=true, steps=5]"
 KFAC = (
-    "kfac[bf16=false, damping=0.001, damping_mode=factored, decay=0.95, fisher=empirical, invert_every=10,"
+    "kfac[bf16=false, block=0, damping=0.001, damping_mode=factored, decay=0.95, fisher=empirical, invert_every=10,"
     " max_dim=4096, update_every=1]"
 )
 DIAG_KFAC = "diag_kfac[damping=0.001, decay=0.95, update_every=1]"

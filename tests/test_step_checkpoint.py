@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import opcomp
+from opcomp.graph import current_state_key
 
 PRESETS = ["fog", "adamw", "sam_sgd"]
 
@@ -63,6 +64,8 @@ def test_a_checkpoint_saved_before_the_redesign_continues_bitwise(preset):
     after, expected = opt.state_dict()["state"], saved["opt_after"]["state"]
     assert after.keys() == expected.keys()
     for index, entries in expected.items():
+        # keys spell out every option: one added since (kfac's block) is spelled today, as loading reads them
+        entries = {current_state_key(key): buffers for key, buffers in entries.items()}
         assert after[index].keys() == entries.keys()
         for key, buffers in entries.items():
             for name, value in buffers.items():

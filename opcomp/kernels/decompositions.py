@@ -12,7 +12,9 @@ from torch import Tensor
 
 from opcomp.distributed import DataParallel
 from opcomp.finite import require
+from opcomp.layers.blocks import left_times, right_times, trace
 from opcomp.layers.record import LayerSlot
+from opcomp.layers.shapes import FactorForm
 
 
 def by_size(matrices: list[Tensor], operation: Callable[[Tensor], tuple]) -> list[tuple]:
@@ -123,24 +125,19 @@ def eigen_inverse(batch: Tensor) -> tuple[Tensor]:
     return (vectors @ torch.diag_embed(1.0 / values.clamp_min(torch.finfo(values.dtype).tiny)) @ vectors.mT,)
 
 
-def pi_split(a: Tensor, g: Tensor, damping: float, dense_a: bool, dense_g: bool) -> tuple[Tensor, Tensor]:
+def pi_split(a: Tensor, g: Tensor, damping: float, a_form: FactorForm, g_form: FactorForm) -> tuple[Tensor, Tensor]:
     """Martens & Grosse's factored damping: λ_A = π√λ, λ_G = √λ/π, π² = (tr A/dim A)/(tr G/dim G).
 
     0-d float64 tensors on the factors' device (one per group for a grouped layer: each group is
     its own block), so a refresh reads no value back from it; π = 1 (the damping split evenly)
     when a factor is degenerate: a trace of 0, inf or NaN.
     """
-    mean_a = trace(a, dense_a).double() / max(1, a.shape[-1])
-    mean_g = trace(g, dense_g).double() / max(1, g.shape[-1])
+    mean_a = trace(a, a_form).double() / max(1, a_form.side)
+    mean_g = trace(g, g_form).double() / max(1, g_form.side)
     ratio = mean_a / mean_g
     pi = torch.where((mean_g > 0) & (ratio > 0) & (ratio < math.inf), ratio.sqrt(), 1.0)
     root = math.sqrt(damping)
     return pi * root, root / pi
-
-
-def trace(factor: Tensor, dense: bool) -> Tensor:
-    """The trace of a factor kept dense (a matrix) or as its diagonal (a vector), per group."""
-    return factor.diagonal(dim1=-2, dim2=-1).sum(-1) if dense else factor.sum(-1)
 
 
 def product(left: Tensor, right: Tensor, bf16: bool) -> Tensor:
@@ -149,12 +146,19 @@ def product(left: Tensor, right: Tensor, bf16: bool) -> Tensor:
     return left.bfloat16() @ right.bfloat16() if bf16 else left @ right
 
 
-def preconditioned(g_inverse: Tensor, matrix: Tensor, a_inverse: Tensor, bf16: bool = False) -> Tensor:
-    """G⁻¹ X A⁻¹ in X's precision, each inverse kept dense (a matrix, or a batch of them beside a
-    batch of X) or as a diagonal."""
-    dense = matrix.ndim
-    x = product(g_inverse, matrix, bf16) if g_inverse.ndim == dense else g_inverse.unsqueeze(-1) * matrix
-    x = product(x, a_inverse, bf16) if a_inverse.ndim == dense else x * a_inverse.unsqueeze(-2)
+def low(value: Tensor, form: FactorForm, bf16: bool) -> Tensor:
+    """A product's operand as the product takes it: rounded to bfloat16 with ``bf16`` (not a diagonal's)."""
+    return value.bfloat16() if bf16 and not form.diagonal else value
+
+
+def preconditioned(
+    g_inverse: Tensor, matrix: Tensor, a_inverse: Tensor, forms: tuple[FactorForm, FactorForm], bf16: bool = False
+) -> Tensor:
+    """G⁻¹ X A⁻¹ in X's precision, the inverses in ``forms`` (A's, G's): whole (a matrix, or a
+    batch of them beside a batch of X), diagonal or in blocks."""
+    a_form, g_form = forms
+    x = left_times(low(g_inverse, g_form, bf16), low(matrix, g_form, bf16), g_form)
+    x = right_times(low(x, a_form, bf16), low(a_inverse, a_form, bf16), a_form)
     return x.to(matrix.dtype)
 
 
@@ -174,20 +178,21 @@ def preconditioned_layers(layers: list[LayerSlot], matrices: list[Tensor], bf16:
     groups: dict[tuple, list[int]] = defaultdict(list)
     for index, (layer, matrix) in enumerate(zip(layers, matrices)):
         g_inverse, a_inverse = layer.state["G_inv"], layer.state["A_inv"]
-        if g_inverse.ndim == a_inverse.ndim == matrix.ndim == 2 and max(matrix.shape) <= BATCHED:
+        dense = all(form.dense for form in layer.forms)
+        if dense and matrix.ndim == 2 and max(matrix.shape) <= BATCHED:
             groups[matrix.shape, matrix.dtype, matrix.device, g_inverse.dtype].append(index)
         else:
-            out[index] = preconditioned(g_inverse, matrix, a_inverse, bf16)
+            out[index] = preconditioned(g_inverse, matrix, a_inverse, layer.forms, bf16)
     for indices in groups.values():
         if len(indices) == 1:  # alone in its shape: nothing to batch, nothing to copy
             (index,) = indices
-            out[index] = preconditioned(
-                layers[index].state["G_inv"], matrices[index], layers[index].state["A_inv"], bf16
-            )
+            state = layers[index].state
+            out[index] = preconditioned(state["G_inv"], matrices[index], state["A_inv"], layers[index].forms, bf16)
             continue
+        whole = layers[indices[0]].forms  # the batch's: every one whole
         g_inverse = torch.stack([layers[i].state["G_inv"] for i in indices])
         a_inverse = torch.stack([layers[i].state["A_inv"] for i in indices])
-        batch = preconditioned(g_inverse, torch.stack([matrices[i] for i in indices]), a_inverse, bf16)
+        batch = preconditioned(g_inverse, torch.stack([matrices[i] for i in indices]), a_inverse, whole, bf16)
         for index, direction in zip(indices, batch.unbind()):
             out[index] = direction
     return out

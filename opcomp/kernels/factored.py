@@ -15,6 +15,8 @@ from opcomp.kernels.context import Ctx
 from opcomp.kernels.decompositions import symmetric_eigh
 from opcomp.kernels.matrix import as_matrices
 from opcomp.kernels.table import kernel
+from opcomp.layers.blocks import left_times, right_times, side_grams
+from opcomp.layers.shapes import FactorForm
 from opcomp.ops.registry import matrix_sides
 
 
@@ -96,22 +98,23 @@ def shampoo(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
         return out
     grads = as_matrices(x)
     m, n = grads.shape[1:]
+    forms = {"L": FactorForm.within(m, o.max_dim), "R": FactorForm.within(n, o.max_dim)}
+
+    def stacked(name: str) -> Tensor:
+        return torch.stack([node.shaped(i, name, forms[name[0]].shape()) for i in range(len(x))])
+
     if step % o.update_every == 0:
-        left = grads @ grads.mT
-        right = grads.mT @ grads
+        grams = dict(zip(forms, side_grams(grads, forms["L"], forms["R"])))
         for index in range(len(x)):
-            accumulate(node.shaped(index, "L", (m, m)), left[index], o.beta)
-            accumulate(node.shaped(index, "R", (n, n)), right[index], o.beta)
-    if step % o.invert_every == 0:
-        power = 2 * o.exponent
-        left_roots = inverse_roots(torch.stack([node.shaped(i, "L", (m, m)) for i in range(len(x))]), o.eps, power)
-        right_roots = inverse_roots(torch.stack([node.shaped(i, "R", (n, n)) for i in range(len(x))]), o.eps, power)
-        for index in range(len(x)):  # written into, as every buffer of an in-place family is
-            node.shaped(index, "L_root", (m, m)).copy_(left_roots[index])
-            node.shaped(index, "R_root", (n, n)).copy_(right_roots[index])
-    left_roots = torch.stack([node.shaped(i, "L_root", (m, m)) for i in range(len(x))])
-    right_roots = torch.stack([node.shaped(i, "R_root", (n, n)) for i in range(len(x))])
-    directions = left_roots @ grads @ right_roots
+            for name, gram in grams.items():
+                accumulate(node.shaped(index, name, forms[name].shape()), gram[index], o.beta)
+    if step % o.invert_every == 0:  # a padded block's padding roots to eps^(−1/(2e)), against zeros in G
+        for name in forms:
+            roots = inverse_roots(stacked(name), o.eps, 2 * o.exponent)
+            for index in range(len(x)):  # written into, as every buffer of an in-place family is
+                node.shaped(index, f"{name}_root", forms[name].shape()).copy_(roots[index])
+    directions = left_times(stacked("L_root"), grads, forms["L"])
+    directions = right_times(directions, stacked("R_root"), forms["R"])
     return [direction.reshape(value.shape) for direction, value in zip(directions.unbind(), x)]
 
 

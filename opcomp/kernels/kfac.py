@@ -28,7 +28,6 @@ from opcomp.kernels.decompositions import (
     inverse_shapes,
     pi_split,
     preconditioned_layers,
-    product,
 )
 from opcomp.kernels.layer_context import (
     LayerCtx,
@@ -41,8 +40,13 @@ from opcomp.kernels.layer_context import (
     weight_matrix,
 )
 from opcomp.kernels.table import kernel
+from opcomp.layers.blocks import eigen_assembled, left_times, pieces, right_times
 from opcomp.layers.record import LayerSlot
+from opcomp.layers.shapes import FactorForm
 from opcomp.layers.statistics import Statistics
+
+NAMES = ("A", "G")
+"""KFAC's factors, in the order of :attr:`LayerSlot.forms`: A (input side), G (output side)."""
 
 
 @dataclass
@@ -53,29 +57,38 @@ class Refresh:
     parallel: DataParallel | None = None  # ranks that split the decompositions among them
 
     def eigenbases(self) -> None:
-        """Eigenvalues and, for a dense factor, eigenvectors of A and G per layer, every dense
-        factor in one decomposition (one split across ranks); a factor kept diagonal is its own
-        eigenvalues, with the identity as basis (no Q stored)."""
-        dense = [(layer, name) for name in ("A", "G") for layer in self.layers if layer.dense(layer.state[name])]
-        factors = [layer.state[name] for layer, name in dense]
-        decompositions = decomposed(factors, eigens, eigen_shapes, self.parallel, finite_first=True)
-        for (layer, name), (values, vectors) in zip(dense, decompositions):
-            layer.state[f"{name}_eigenvalues"], layer.state[f"Q_{name}"] = values, vectors
-        for name in ("A", "G"):
+        """Eigenvalues and, for a factor kept whole or in blocks, eigenvectors of A and G per
+        layer, every such factor (every block) in one decomposition (one split across ranks); a
+        factor kept diagonal is its own eigenvalues, with the identity as basis (no Q stored)."""
+        kept = [(layer, side, layer.forms[side]) for side in (0, 1) for layer in self.layers]
+        kept = [(layer, side, form) for layer, side, form in kept if not form.diagonal]
+        pieces_of = [pieces(layer.state[NAMES[side]], form) for layer, side, form in kept]
+        flat = [piece for each in pieces_of for piece in each]
+        decompositions = iter(decomposed(flat, eigens, eigen_shapes, self.parallel, finite_first=True))
+        for (layer, side, form), each in zip(kept, pieces_of):
+            values, vectors = eigen_assembled([next(decompositions) for _ in each], form)
+            layer.state[f"{NAMES[side]}_eigenvalues"], layer.state[f"Q_{NAMES[side]}"] = values, vectors
+        for side, name in enumerate(NAMES):
             for layer in self.layers:
-                if not layer.dense(layer.state[name]):
+                if layer.forms[side].diagonal:
                     layer.state[f"{name}_eigenvalues"] = layer.state[name].clamp_min(0.0)
                     layer.state.pop(f"Q_{name}", None)
 
 
 def in_eigenbasis(layer: LayerSlot, matrix: Tensor, scale: Tensor, damping: float, bf16: bool = False) -> Tensor:
-    """Q_G ((Q_Gᵀ X Q_A) ⊘ (scale + λ)) Q_Aᵀ, a missing Q being the identity."""
+    """Q_G ((Q_Gᵀ X Q_A) ⊘ (scale + λ)) Q_Aᵀ, a missing Q being the identity, a Q in blocks
+    rotating each block."""
     q_g, q_a = layer.state.get("Q_G"), layer.state.get("Q_A")
-    rotated = matrix if q_g is None else product(q_g.mT, matrix, bf16)
-    rotated = rotated if q_a is None else product(rotated, q_a, bf16)
+    a_form, g_form = layer.forms
+
+    def low(value: Tensor) -> Tensor:
+        return value.bfloat16() if bf16 else value
+
+    rotated = matrix if q_g is None else left_times(low(q_g), low(matrix), g_form, transposed=True)
+    rotated = rotated if q_a is None else right_times(low(rotated), low(q_a), a_form)
     rotated = rotated / (scale + damping)
-    rotated = rotated if q_g is None else product(q_g, rotated, bf16)
-    return (rotated if q_a is None else product(rotated, q_a.mT, bf16)).to(matrix.dtype)
+    rotated = rotated if q_g is None else left_times(low(q_g), low(rotated), g_form)
+    return (rotated if q_a is None else right_times(low(rotated), low(q_a), a_form, transposed=True)).to(matrix.dtype)
 
 
 def kronecker_eigenvalues(layer: LayerSlot) -> Tensor:
@@ -83,8 +96,8 @@ def kronecker_eigenvalues(layer: LayerSlot) -> Tensor:
 
 
 def update_factors(ctx: LayerCtx, counts: list[int]) -> dict[int, Statistics | None]:
-    """KFAC's A and G, each dense or kept diagonal by the size budget."""
-    return fold_statistics(ctx, counts, ("A", "G"), lambda layer: layer.sides(ctx.options.max_dim))
+    """KFAC's A and G, each whole or in blocks by the node's ``block`` and size budget."""
+    return fold_statistics(ctx, counts, NAMES, lambda layer: layer.forms)
 
 
 @kernel("kfac", collective="layers")
@@ -115,26 +128,30 @@ def invert_factored(
     layers: list[LayerSlot], damping: float, parallel: DataParallel | None = None, bf16: bool = False
 ) -> None:
     """A_inv = (A + λ_A I)⁻¹, G_inv = (G + λ_G I)⁻¹ with π-split damping, batched by size; a factor
-    kept diagonal inverts element-wise. With ``bf16`` a dense inverse is kept as the bfloat16
-    rounding every product takes of it (computed in the working precision, stored once)."""
-    splits = [
-        pi_split(
-            layer.state["A"], layer.state["G"], damping, layer.dense(layer.state["A"]), layer.dense(layer.state["G"])
-        )
-        for layer in layers
-    ]
+    kept diagonal inverts element-wise, one in blocks block by block (a padded block's padding
+    inverts to 1/λ, against zeros in X). With ``bf16`` an inverse kept whole or in blocks is kept
+    as the bfloat16 rounding every product takes of it (computed in the working precision, stored once)."""
+    splits = [pi_split(layer.state["A"], layer.state["G"], damping, *layer.forms) for layer in layers]
     dense, damped = [], []
-    for name, side in (("A", 0), ("G", 1)):
+    for side, name in enumerate(NAMES):
         for layer, split in zip(layers, splits):
-            factor, lam = layer.state[name], split[side].to(layer.state[name].dtype)
-            if not layer.dense(factor):
-                layer.state[f"{name}_inv"] = 1.0 / (factor + lam.unsqueeze(-1))
+            factor = layer.state[name]
+            lam = split[side].to(factor.dtype)
+            lam = lam.reshape(lam.shape + (1,) * (factor.ndim - lam.ndim))  # per group, over the rest
+            if layer.forms[side].diagonal:
+                layer.state[f"{name}_inv"] = 1.0 / (factor + lam)
             else:
                 dense.append((layer, name))
                 identity = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
-                damped.append(factor + lam.unsqueeze(-1).unsqueeze(-1) * identity)
+                damped.append(factor + lam * identity)
     for (layer, name), (inverse,) in zip(dense, decomposed(damped, damped_inverses, inverse_shapes, parallel)):
         layer.state[f"{name}_inv"] = inverse.bfloat16() if bf16 else inverse
+
+
+def diagonals(layer: LayerSlot) -> tuple[FactorForm, FactorForm]:
+    """Diagonal KFAC's forms: both factors as their diagonals."""
+    _, out, inputs = layer.block_shape
+    return FactorForm.diagonal_of(inputs), FactorForm.diagonal_of(out)
 
 
 @kernel("diag_kfac", collective="layers")
@@ -144,7 +161,7 @@ def diag_kfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
     without folding them into one matrix first."""
     o = ctx.options
     out: list = [None] * len(x)
-    fold_statistics(ctx, step_counts(ctx), ("A_diag", "G_diag"), lambda layer: (True, True))
+    fold_statistics(ctx, step_counts(ctx), ("A_diag", "G_diag"), diagonals)
     for layer in ctx.layers:
         g, a = layer.state["G_diag"] + o.damping, layer.state["A_diag"] + o.damping
         if layer.grouped:  # each group's block by its own diagonals
@@ -186,7 +203,8 @@ def ekfac(ctx: LayerCtx, x: list[Tensor]) -> list[Tensor]:
             scales.append(torch.zeros_like(kronecker_eigenvalues(layer)))
             examples.append(0)
         else:
-            scales.append(statistics.eigen_scale(layer.state.get("Q_G"), layer.state.get("Q_A")))
+            a_form, g_form = layer.forms
+            scales.append(statistics.eigen_scale(layer.state.get("Q_G"), layer.state.get("Q_A"), g_form, a_form))
             examples.append(statistics.examples)
     scales = ctx.statistics.pooled(scales, examples)[0]
     ctx.checks(scales)

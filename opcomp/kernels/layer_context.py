@@ -21,7 +21,7 @@ from opcomp.distributed import DataParallel
 from opcomp.errors import OpcompError
 from opcomp.finite import Checks
 from opcomp.layers.record import LayerSlot
-from opcomp.layers.shapes import factor_shapes
+from opcomp.layers.shapes import FactorForm, factor_shapes
 from opcomp.layers.statistics import Statistics, StepStatistics
 from opcomp.ops import Options
 from opcomp.precision import working_dtype
@@ -59,9 +59,12 @@ def average(state: dict, name: str, value: Tensor, decay: float) -> None:
 
 
 def fold_statistics(
-    ctx: LayerCtx, counts: list[int], names: tuple[str, str], diagonal: Callable[[LayerSlot], tuple[bool, bool]]
+    ctx: LayerCtx,
+    counts: list[int],
+    names: tuple[str, str],
+    forms: Callable[[LayerSlot], tuple[FactorForm, FactorForm]],
 ) -> dict[int, Statistics | None]:
-    """Average this step's A and G (each kept dense or as its diagonal, as ``diagonal`` says) into
+    """Average this step's A and G (each kept whole, diagonal or in blocks, as ``forms`` says) into
     the state ``names`` of every layer whose statistics are due, pooled over the ranks in one
     reduction. Returns the due layers (by id) that some rank had statistics for, with this rank's
     (None where only others had some).
@@ -80,30 +83,30 @@ def fold_statistics(
     shared: dict[tuple, Tensor] = {}
     values, rows, averaged = [], [], set()
 
-    def factor(layer: LayerSlot, side: int, dense, on_diagonal, kept_diagonal: bool, source) -> Tensor:
+    def factor(layer: LayerSlot, side: int, gram, on_diagonal, form: FactorForm, source) -> Tensor:
         """One factor's value: shared with the layers that read its input alike (``source``), an
         average already (recorded in ``averaged``), or this step's statistic."""
         if source is not None and readers[source] > 1:
-            if (source, kept_diagonal) not in shared:
-                shared[source, kept_diagonal] = on_diagonal() if kept_diagonal else dense(bf16)
-            return shared[source, kept_diagonal]
-        if kept_diagonal:
+            if (source, form) not in shared:
+                shared[source, form] = on_diagonal() if form.diagonal else gram(bf16, form=form)
+            return shared[source, form]
+        if form.diagonal:
             return on_diagonal()
         if ctx.parallel is None and not bf16 and names[side] in layer.state:
             averaged.add(len(values))
-            return dense(onto=(layer.state[names[side]], decay))
-        return dense(bf16)
+            return gram(onto=(layer.state[names[side]], decay), form=form)
+        return gram(bf16, form=form)
 
     for layer, statistics in zip(due, found):
-        diagonal_a, diagonal_g = diagonal(layer)
+        a_form, g_form = forms(layer)
         if statistics is None:  # none here: zeros that count for nothing, so every rank reduces alike
-            shapes = factor_shapes(layer.block_shape, diagonal_a, diagonal_g)
+            shapes = factor_shapes(layer.block_shape, a_form, g_form)
             like = dict(dtype=working_dtype(layer.module.weight.dtype), device=layer.module.weight.device)
             values += [torch.zeros(shapes["in_factor"], **like), torch.zeros(shapes["out_factor"], **like)]
             rows += [0, 0]
             continue
-        values.append(factor(layer, 0, statistics.A, statistics.A_diagonal, diagonal_a, statistics.source))
-        values.append(factor(layer, 1, statistics.G, statistics.G_diagonal, diagonal_g, None))
+        values.append(factor(layer, 0, statistics.A, statistics.A_diagonal, a_form, statistics.source))
+        values.append(factor(layer, 1, statistics.G, statistics.G_diagonal, g_form, None))
         rows += [statistics.a_count, statistics.examples]
     values, rows = ctx.statistics.pooled(values, rows)
     counted = [index for index in range(len(due)) if rows[2 * index + 1]]

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from opcomp.graph import Node
 from opcomp.layers.kinds import LayerKind
-from opcomp.layers.shapes import Columns, factor_shapes
+from opcomp.layers.shapes import Columns, FactorForm, factor_shapes
 from opcomp.state import peek, possibly_taken
 
 
@@ -32,13 +32,21 @@ def block_shape(module: nn.Module, kind: LayerKind, columns: Columns) -> tuple[i
     return groups, out // groups, inputs
 
 
-def diagonal_sides(kind: LayerKind, block: tuple[int, int, int], max_dim: int | None) -> tuple[bool, bool]:
-    """(A kept as its diagonal, G kept as its diagonal) for a layer of ``block`` shape (groups, out,
-    in): a one-hot input's A always, and any factor above ``max_dim``, the size budget, each
-    group's sizes counted."""
+def factor_limit(options) -> int | None:
+    """The largest factor side a layer node keeps whole: its ``block`` when set, else its
+    ``max_dim`` (the size budget); a longer factor is kept as diagonal blocks of that size."""
+    limits = [getattr(options, "block", 0) or None, getattr(options, "max_dim", None)]
+    limits = [limit for limit in limits if limit is not None]
+    return min(limits) if limits else None
+
+
+def factor_forms(kind: LayerKind, block: tuple[int, int, int], limit: int | None) -> tuple[FactorForm, FactorForm]:
+    """How A and G are kept for a layer of ``block`` shape (groups, out, in), each group's sizes
+    counted: a one-hot input's A as its diagonal (it is diagonal), any factor longer than
+    ``limit`` as blocks of ``limit``, the rest whole."""
     _, out, inputs = block
-    limit = max_dim if max_dim is not None else max(out, inputs)
-    return kind.one_hot or inputs > limit, out > limit
+    a_form = FactorForm.diagonal_of(inputs) if kind.one_hot else FactorForm.within(inputs, limit)
+    return a_form, FactorForm.within(out, limit)
 
 
 @dataclass
@@ -67,13 +75,13 @@ class Layer:
         return block_shape(self.module, self.kind, self.columns)
 
     @property
-    def diagonal_sides(self) -> tuple[bool, bool]:
-        """Whether A and G are kept as their diagonals (an Embedding's A; factors above max_dim)."""
-        return diagonal_sides(self.kind, self.block_shape, getattr(self.node.options, "max_dim", None))
+    def forms(self) -> tuple[FactorForm, FactorForm]:
+        """How A and G are kept: whole, diagonal (an Embedding's A) or in blocks (over the node's limit)."""
+        return factor_forms(self.kind, self.block_shape, factor_limit(self.node.options))
 
     def buffer_shapes(self) -> dict[str, tuple[int, ...]]:
         """The shape of each kind of layer buffer (``StateBuffer.shape``) for this layer."""
-        return factor_shapes(self.block_shape, *self.diagonal_sides)
+        return factor_shapes(self.block_shape, *self.forms)
 
     @property
     def owner(self) -> Tensor:
@@ -121,10 +129,7 @@ class LayerSlot:
     def grouped(self) -> bool:
         return self.kind.groups(self.module) > 1
 
-    def dense(self, factor: Tensor) -> bool:
-        """Whether a factor of this layer is kept as a matrix (per group), not as its diagonal."""
-        return factor.ndim == 2 + self.grouped
-
-    def sides(self, max_dim: int | None) -> tuple[bool, bool]:
-        """(A kept diagonal, G kept diagonal), each group's sizes against the budget."""
-        return diagonal_sides(self.kind, self.block_shape, max_dim)
+    @property
+    def forms(self) -> tuple[FactorForm, FactorForm]:
+        """How A and G are kept (:attr:`Layer.forms`)."""
+        return self.layer.forms

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
-from opcomp.layers.shapes import Columns
+from opcomp.layers.blocks import rows_times
+from opcomp.layers.shapes import Columns, FactorForm
 
 
 @dataclass
@@ -51,15 +52,10 @@ class Sample:
         """A's rows: examples, or examples times positions."""
         return self.d.shape[0] if reduce else self.d.shape[0] * self.d.shape[1]
 
-    def rotated_a(self, q: Tensor | None) -> Tensor:
-        """a Q, (N, S, in) (a grouped layer's (N, S, groups, in), each group by its Q); a missing Q
-        is the identity."""
-        return self.a if q is None else rotated(self.a, q)
-
-
-def rotated(rows: Tensor, q: Tensor) -> Tensor:
-    """rows @ q: (…, in) by (in, in), or grouped (…, groups, in) by each group's (groups, in, in)."""
-    return rows @ q if q.ndim == 2 else torch.einsum("...ki,kij->...kj", rows, q)
+    def rotated_a(self, q: Tensor | None, form: FactorForm) -> Tensor:
+        """a Q, (N, S, in) (a grouped layer's (N, S, groups, in), each group by its Q; Q in
+        blocks, each block); a missing Q is the identity."""
+        return self.a if q is None else rows_times(self.a, q, form)
 
 
 class ConvSample(Sample):
@@ -115,11 +111,12 @@ class ConvSample(Sample):
         examples, _, height, width = self.grad.shape
         return examples if reduce else examples * height * width
 
-    def rotated_a(self, q: Tensor | None) -> Tensor:
+    def rotated_a(self, q: Tensor | None, form: FactorForm) -> Tensor:
         """a Q without unfolding: column j of a Q at every position is the conv of the input with
-        column j of Q as its kernel (its last row as the bias, when a holds the bias's 1)."""
-        if q is None or self.columns == "bias":
-            return super().rotated_a(q)
+        column j of Q as its kernel (its last row as the bias, when a holds the bias's 1). A Q in
+        blocks rotates the unfolded patches block by block instead."""
+        if q is None or self.columns == "bias" or form.blocked:
+            return super().rotated_a(q, form)
         module, folded = self.module, self.columns == "weight+bias"
         blocks = q if q.ndim == 3 else q.unsqueeze(0)  # (groups, in, in), a group's columns its kernels
         inputs = blocks.shape[1] - folded

@@ -11,9 +11,10 @@ from torch import Tensor, nn
 
 from opcomp.capture import Capture, Entry
 from opcomp.distributed import DataParallel
+from opcomp.layers.blocks import gram_layout, rows_times
 from opcomp.layers.kinds import kind_of
-from opcomp.layers.samples import Sample, rotated, squares
-from opcomp.layers.shapes import Columns
+from opcomp.layers.samples import Sample, squares
+from opcomp.layers.shapes import Columns, FactorForm
 from opcomp.precision import working_dtype
 
 Reduction = Literal["mean", "sum"]
@@ -43,8 +44,8 @@ class Statistics:
         """Rows of A: one per example of a Conv2d, one per position otherwise (from shapes alone)."""
         return sum(sample.count(self.reduce) for sample in self.samples)
 
-    def A(self, bf16: bool = False, onto: Average | None = None) -> Tensor:
-        return mean_gram(self._rows("a"), self.a_count, bf16, onto)
+    def A(self, bf16: bool = False, onto: Average | None = None, form: FactorForm | None = None) -> Tensor:
+        return mean_gram(self._rows("a"), self.a_count, bf16, onto, form)
 
     def A_diagonal(self) -> Tensor:
         if self.vocabulary:
@@ -57,25 +58,25 @@ class Statistics:
         """G's divisor: N over the square of the gradients' scale (every statistic is quadratic in d)."""
         return self.examples / self.gradient_scale**2
 
-    def G(self, bf16: bool = False, onto: Average | None = None) -> Tensor:
-        return mean_gram(self._rows("d"), self._g_count, bf16, onto)
+    def G(self, bf16: bool = False, onto: Average | None = None, form: FactorForm | None = None) -> Tensor:
+        return mean_gram(self._rows("d"), self._g_count, bf16, onto, form)
 
     def G_diagonal(self) -> Tensor:
         return mean_square(self._rows("d"), self._g_count)
 
-    def eigen_scale(self, q_g: Tensor | None, q_a: Tensor | None) -> Tensor:
+    def eigen_scale(self, q_g: Tensor | None, q_a: Tensor | None, g_form: FactorForm, a_form: FactorForm) -> Tensor:
         """E_n[(Q_Gᵀ ∇W_n Q_A)²] over per-example gradients ∇W_n = Σ_s d_ns a_nsᵀ, (out, in).
 
         Positions are summed before squaring: that is what makes it the per-example gradient of a
         conv or a sequence model, not of its rows. A missing Q (a factor kept diagonal, an
-        Embedding's A) is the identity.
+        Embedding's A) is the identity; a Q in blocks (``g_form``, ``a_form``) rotates each block.
         """
         if self.vocabulary:
-            return self._embedding_scale(q_g)
+            return self._embedding_scale(q_g, g_form)
         total = None
         for sample in self.samples:
-            d = sample.d if q_g is None else rotated(sample.d, q_g)
-            a = sample.rotated_a(q_a)
+            d = sample.d if q_g is None else rows_times(sample.d, q_g, g_form)
+            a = sample.rotated_a(q_a, a_form)
             if d.ndim == 4:  # a grouped conv: (N, S, groups, ·), one block per group
                 chunk = max(1, CHUNK // max(1, d.shape[2] * d.shape[3] * a.shape[3]))
                 part = sum(
@@ -93,12 +94,12 @@ class Statistics:
             total = part if total is None else total + part
         return total / self._g_count
 
-    def _embedding_scale(self, q_g: Tensor | None) -> Tensor:
+    def _embedding_scale(self, q_g: Tensor | None, g_form: FactorForm) -> Tensor:
         """Rows of one example that hit one token add up before squaring (X is (dim, vocabulary))."""
         dim = self.samples[0].d.shape[-1]
         total = torch.zeros(self.vocabulary, dim, dtype=self.samples[0].d.dtype, device=self.samples[0].d.device)
         for sample in self.samples:
-            d = (sample.d if q_g is None else sample.d @ q_g).flatten(0, 1)
+            d = (sample.d if q_g is None else rows_times(sample.d, q_g, g_form)).flatten(0, 1)
             example = torch.arange(len(sample.a), device=d.device).unsqueeze(1).expand_as(sample.a)
             pairs, which = torch.unique((example * self.vocabulary + sample.a).flatten(), return_inverse=True)
             summed = torch.zeros(len(pairs), d.shape[1], dtype=d.dtype, device=d.device).index_add_(0, which, d)
@@ -116,25 +117,30 @@ def mean_square(blocks: list[Tensor], count: float) -> Tensor:
     return total.div_(count)
 
 
-def mean_gram(blocks: list[Tensor], count: float, bf16: bool, onto: Average | None = None) -> Tensor:
+def mean_gram(
+    blocks: list[Tensor], count: float, bf16: bool, onto: Average | None = None, form: FactorForm | None = None
+) -> Tensor:
     """Σ rᵀr / count over blocks of rows, in the rows' precision (a grouped layer's rows (N, groups,
-    n) give one gram per group, (groups, n, n)). With ``bf16`` each block is rounded to bfloat16
+    n) give one gram per group, (groups, n, n); a factor kept in blocks (``form``) one gram per
+    block, ([groups,] count, block, block)). With ``bf16`` each block is rounded to bfloat16
     once and its product comes back rounded to bfloat16; otherwise 1/count lands on whichever is
     smaller, a block or its product.
 
     ``onto`` = (S, decay), without ``bf16``: decay·S + (1 − decay)·Σ rᵀr / count instead, a new
     tensor made by ``addmm``'s beta and alpha: the step's factor is never formed, divided or mixed
     in a pass of its own (fog's ``opt.step`` on the bench MLP: 30.6 → 28.0 ms, docs/performance.md)."""
-    if blocks[0].ndim == 3:  # a grouped layer's rows (N, groups, n): one gram per group
-        blocks = [rows.transpose(0, 1) for rows in blocks]
+    blocks = [gram_layout(rows, form or FactorForm(rows.shape[-1])) for rows in blocks]
     if onto is not None and not bf16:
         average, decay = onto
         weight = (1 - decay) / count
+        if blocks[0].ndim > 3:  # groups and blocks: one batch dimension for baddbmm
+            blocks = [rows.flatten(0, -3) for rows in blocks]
         batched = blocks[0].ndim == 3
-        total = (torch.baddbmm if batched else torch.addmm)(average, blocks[0].mT, blocks[0], beta=decay, alpha=weight)
+        flat = average.reshape(-1, *average.shape[-2:]) if batched else average
+        total = (torch.baddbmm if batched else torch.addmm)(flat, blocks[0].mT, blocks[0], beta=decay, alpha=weight)
         for rows in blocks[1:]:
             (total.baddbmm_ if batched else total.addmm_)(rows.mT, rows, alpha=weight)
-        return total
+        return total.reshape(average.shape)
     total = None
     for rows in blocks:
         if bf16:

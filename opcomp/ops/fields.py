@@ -14,3 +14,6 @@ NonNegative = Annotated[float, Field(ge=0.0)]
 
 Count = Annotated[int, Field(ge=1, le=100_000)]
 """A number of iterations or steps, at least 1."""
+
+Size = Annotated[int, Field(ge=0, le=100_000)]
+"""A size that may be switched off with 0 (a block size)."""

@@ -165,7 +165,8 @@ class OpSpec:
     variadic: bool = False  # combinators taking two or more inputs
     lr: float | None = None  # the measured learning rate of an update whose scale it sets (opcomp.learning_rates)
     scale_of: int | None = None  # its output has the scale of this argument (by position): the lr is that one's
-    largest_side: Callable[[Any], int | None] | None = None  # the longest matrix-view side it keeps a factor of
+    factor_block: Callable[[Any], int] | None = None  # the longest matrix-view side whose factor it keeps whole;
+    # a longer side's factor ('left', 'right' buffers) is kept as diagonal blocks of this size (FactorForm)
     on_shards: str | None = None  # what it needs whole that FSDP2's shards do not hold (refused there at build)
     host_counted: bool = False  # counts its steps on the host (update/invert schedules): its family steps eagerly
     fused_adamw: frozenset[str] | None = None  # the options torch's fused AdamW expresses (opcomp.step.fused)

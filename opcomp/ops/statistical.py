@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from opcomp.ops.fields import Beta, Count, NonNegative, Positive
+from opcomp.ops.fields import Beta, Count, NonNegative, Positive, Size
 from opcomp.ops.registry import (
     Applies,
     Cost,
@@ -112,7 +112,15 @@ class DiagKfacOptions(LayerOptions):
 
 class FactorOptions(DiagKfacOptions):
     max_dim: Count = Field(
-        4096, description="factors of a larger dimension are kept as their diagonal (the size budget, O(d) memory)"
+        4096,
+        description="the size budget: a factor of a larger dimension d is kept as diagonal blocks of max_dim × "
+        "max_dim (O(max_dim·d) memory), and the build says so",
+    )
+    block: Size = Field(
+        0,
+        description="Block-KFAC: every factor longer than this is kept as diagonal blocks of block × block, full "
+        "statistics within a block and none between (O(block·d) memory; the last block is zero-padded); "
+        "0: only factors over max_dim",
     )
     bf16: bool = Field(
         False,
@@ -148,9 +156,12 @@ _FACTORS = (
     StateBuffer(
         "A",
         "in_factor",
-        "E[a aᵀ] of layer inputs (bias as an appended 1; its diagonal for an Embedding or above max_dim)",
+        "E[a aᵀ] of layer inputs (bias as an appended 1; its diagonal for an Embedding; diagonal blocks "
+        "(count, block, block) beyond block or max_dim)",
     ),
-    StateBuffer("G", "out_factor", "E[δ δᵀ] of output gradients, per example (its diagonal above max_dim)"),
+    StateBuffer(
+        "G", "out_factor", "E[δ δᵀ] of output gradients, per example (diagonal blocks beyond block or max_dim)"
+    ),
 )
 _EIGENBASES = (
     StateBuffer("Q_A", "in_factor", "eigenbasis of A (none when A is kept diagonal)"),
@@ -288,11 +299,6 @@ register(
 )
 
 
-FACTOR_SIDE_LIMIT = 8192
-"""The longest side of a matrix view whose full factor (side² floats) shampoo keeps: 256 MiB in fp32,
-Distributed Shampoo's default block size. A longer side is refused at build, with the parameter named."""
-
-
 class ShampooOptions(Options):
     beta: float = Field(
         1.0,
@@ -304,28 +310,34 @@ class ShampooOptions(Options):
     exponent: Count = Field(2, description="e of the roots −1/(2e): 2 gives two-sided Shampoo's L^(−1/4) G R^(−1/4)")
     update_every: Count = Field(1, description="steps between factor updates")
     invert_every: Count = Field(1, description="steps between root computations")
+    max_dim: Count = Field(
+        8192,
+        description="a side longer than this keeps its factor as diagonal blocks of max_dim × max_dim (full "
+        "statistics within a block, none between; O(max_dim·side) memory), and the build says so",
+    )
 
 
 register(
     OpSpec(
         name="shampoo",
         on_shards="Kronecker factors of whole matrices",
-        largest_side=lambda options: FACTOR_SIDE_LIMIT,
+        factor_block=lambda options: options.max_dim,
         kind=Kind.STATISTICAL,
         options=ShampooOptions,
         host_counted=True,
         state=(
-            StateBuffer("L", "left", "left factor: sum (or EMA) of G Gᵀ"),
-            StateBuffer("R", "right", "right factor: sum (or EMA) of Gᵀ G"),
-            StateBuffer("L_root", "left", "(L + eps·I)^(−1/(2e)), as of the last root step"),
-            StateBuffer("R_root", "right", "(R + eps·I)^(−1/(2e)), as of the last root step"),
+            StateBuffer("L", "left", "left factor: sum (or EMA) of G Gᵀ (diagonal blocks over max_dim)"),
+            StateBuffer("R", "right", "right factor: sum (or EMA) of Gᵀ G (diagonal blocks over max_dim)"),
+            StateBuffer("L_root", "left", "(L + eps·I)^(−1/(2e)), as of the last root step (per block)"),
+            StateBuffer("R_root", "right", "(R + eps·I)^(−1/(2e)), as of the last root step (per block)"),
             StateBuffer("diag", "param", "sum (or EMA) of g² (1-D)", nonnegative=True),
             _STEP,
         ),
         summary="Shampoo (Gupta et al. 2018): Kronecker factors of the gradient's own matrix view",
         formula="matrix view G (m × n): L ← beta·L + G Gᵀ, R ← beta·R + Gᵀ G (beta = 1: sums; beta < 1: the new "
         "term times 1 − beta) every update_every steps; u = (L + eps·I)^(−1/(2e)) G (R + eps·I)^(−1/(2e)), the "
-        "roots by eigendecomposition every invert_every steps; 1-D: d ← beta·d + g², u = g ⊙ (d + eps)^(−1/2)",
+        "roots by eigendecomposition every invert_every steps; a side over max_dim keeps its factor's diagonal blocks "
+        "(each block rooted alone); 1-D: d ← beta·d + g², u = g ⊙ (d + eps)^(−1/2)",
     )
 )
 
