@@ -156,22 +156,23 @@ def soap(ctx: Ctx, x: list[Tensor]) -> list[Tensor]:
             soap_factors(node, index, value, sides, o.shampoo_beta)
             out.append(torch.zeros_like(value))
             continue
-        left, right = (node.entries[index].get(name) for name in ("Q_L", "Q_R"))
-        grad = matrix_view(value) if value.ndim >= 2 else value
-        first, second = node.buffer(index, "exp_avg"), node.buffer(index, "exp_avg_sq")
-        first.lerp_(value, 1.0 - o.b1)
-        second_view = matrix_view(second) if value.ndim >= 2 else second
-        second_view.lerp_(rotated(grad, left, right).square(), 1.0 - o.b2)
-        ratio = rotated(matrix_view(first) if value.ndim >= 2 else first, left, right) / (second_view.sqrt() + o.eps)
+        entry = node.entries[index]
+        left, right = entry.get("Q_L"), entry.get("Q_R")
+        view = matrix_view if value.ndim >= 2 else (lambda tensor: tensor)
+        first, second = view(node.buffer(index, "exp_avg_rotated")), view(node.buffer(index, "exp_avg_sq"))
+        turned = rotated(view(value), left, right)  # G' = Q_Lᵀ G Q_R, read by both moments
+        first.lerp_(turned, 1.0 - o.b1)
+        second.lerp_(turned.square(), 1.0 - o.b2)
         scale = (1.0 - o.b2**step) ** 0.5 / (1.0 - o.b1**step)
-        direction = rotated(ratio, left, right, back=True).reshape(value.shape) * scale
+        direction = rotated(first / (second.sqrt() + o.eps), left, right, back=True).reshape(value.shape) * scale
         out.append(direction + o.wd * ctx.bucket.working_params[index] if o.wd else direction)
         soap_factors(node, index, value, sides, o.shampoo_beta)
-        if step % o.precondition_frequency == 0:
+        if step % o.precondition_frequency == 0 and (left is not None or right is not None):
+            moment = rotated(first, left, right, back=True)  # m in the parameter's basis, for the new one
             for name, factor_name, dim in (("Q_L", "L", 0), ("Q_R", "R", 1)):
-                if name in node.entries[index]:
-                    entry = node.entries[index]
-                    entry[name].copy_(power_iterated(entry[factor_name], entry[name], second_view, dim))
+                if name in entry:
+                    entry[name].copy_(power_iterated(entry[factor_name], entry[name], second, dim))
+            first.copy_(rotated(moment, entry.get("Q_L"), entry.get("Q_R")))
     return out
 
 

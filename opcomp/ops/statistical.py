@@ -361,7 +361,7 @@ register(
         options=SoapOptions,
         host_counted=True,
         state=(
-            StateBuffer("exp_avg", "param", "first moment, in the parameter's own basis"),
+            StateBuffer("exp_avg_rotated", "param", "first moment, in the eigenbasis"),
             StateBuffer("exp_avg_sq", "param", "second moment, in the eigenbasis", nonnegative=True),
             StateBuffer("L", "left", "EMA of G Gᵀ"),
             StateBuffer("R", "right", "EMA of Gᵀ G"),
@@ -371,9 +371,10 @@ register(
         ),
         summary="SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's factors",
         formula="matrix view G: the first step only starts L, R (EMAs of G Gᵀ, Gᵀ G with shampoo_beta) and their "
-        "eigenbases Q_L, Q_R (eigh, descending); then G' = Q_Lᵀ G Q_R, m ← b1·m + (1−b1)·G, "
-        "v ← b2·v + (1−b2)·G'², u = √(1−b2ᵗ)/(1−b1ᵗ) · Q_L ((Q_Lᵀ m Q_R)/(√v + eps)) Q_Rᵀ + wd·p; after the update "
+        "eigenbases Q_L, Q_R (eigh, descending); then G' = Q_Lᵀ G Q_R, m' ← b1·m' + (1−b1)·G', "
+        "v ← b2·v + (1−b2)·G'², u = √(1−b2ᵗ)/(1−b1ᵗ) · Q_L (m'/(√v + eps)) Q_Rᵀ + wd·p; after the update "
         "L, R take G, and every precondition_frequency steps Q ← qr(S·Q) (one power iteration, v's rows and "
-        "columns reordered with the eigenvalues); 1-D parameters and sides over max_dim are not rotated",
+        "columns reordered with the eigenvalues) and m' is rotated into the new basis (Q_newᵀ Q_old m' Q_oldᵀ "
+        "Q_new); 1-D parameters and sides over max_dim are not rotated",
     )
 )
