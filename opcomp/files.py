@@ -30,9 +30,9 @@ def read_text(path: str, option: str) -> str:
         raise OpcompError(f"cannot read {option} {path}: {error.strerror}") from None
 
 
-def load_callable(spec: str, option: str) -> Callable:
-    """MODULE:FUNCTION -> the function, checked to take no arguments; an OpcompError naming ``option``
-    and the fix otherwise."""
+def load_callable(spec: str, option: str, check_arguments: bool = True) -> Callable:
+    """MODULE:FUNCTION -> the function, checked to take no arguments (unless not ``check_arguments``:
+    a class the caller calls with its own); an OpcompError naming ``option`` and the fix otherwise."""
     module_name, colon, name = spec.partition(":")
     if not colon or not module_name or not name:
         raise OpcompError(f"{option} takes MODULE:FUNCTION, e.g. opcomp.comparison.models:cnn; got {spec!r}")
@@ -54,6 +54,8 @@ def load_callable(spec: str, option: str) -> Callable:
     function = getattr(module, name, None)
     if not callable(function):
         raise OpcompError(f"{option}: {module_name!r} has no {name!r} to call")
+    if not check_arguments:
+        return function
     try:
         inspect.signature(function).bind()
     except TypeError:

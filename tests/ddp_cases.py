@@ -37,7 +37,9 @@ PRESETS = [
 ]
 SPARSE_UPDATES = "muon[hidden](ekfac[update_every=2, invert_every=2](g)) | 0.1 * adamw(g)"
 """Steps without statistics or refresh, between steps with them."""
-GRADIENT_STATISTICS = "graft(shampoo[update_every=2, max_dim=5], adam) + soap[precondition_frequency=2] + adafactor[b1=0.9]"
+GRADIENT_STATISTICS = (
+    "graft(shampoo[update_every=2, max_dim=5], adam) + soap[precondition_frequency=2] + adafactor[b1=0.9]"
+)
 """The gradient-statistics family in one expression (each rank computes them from the averaged gradient)."""
 BLOCKS = "muon[hidden](ekfac[block=4](g)) + kfac[block=3, damping_mode=exact](g) | 0.1 * adamw(g)"
 """Block-KFAC: factors in blocks (last ones padded), their decompositions split by owner across ranks."""

@@ -19,7 +19,8 @@ def test_compare_writes_one_report_with_table_and_plots_embedded(tmp_path, capsy
     out = tmp_path / "run"
     assert main(["compare", "fog", "adamw", "sam_sgd", "--task", "digits", "--steps", "6", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| optimizer | lr | validation loss | test loss | test accuracy | steps to accuracy ≥ 0.9 |" in printed
+    header = "| optimizer | lr | validation loss | test loss | test accuracy | vs best | steps to accuracy ≥ 0.9 |"
+    assert header in printed
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "digits" and results["settings"]["steps"] == 6 and results["seeds"] == [0]
     assert [r["optimizer"] for r in results["runs"]] == ["fog", "adamw", "sam_sgd"]

@@ -48,8 +48,9 @@ def peers(model: nn.Module) -> dict[str, Callable[[], torch.optim.Optimizer]]:
     }
 
 
-def rows(kind: str, device: str, skip: set[str]) -> dict[str, Callable[[], None]]:
-    """Row name -> one training step of that row's optimizer on its own copy of the model."""
+def rows(kind: str, device: str, skip: set[str], failed: dict[str, str]) -> dict[str, Callable[[], None]]:
+    """Row name -> one training step of that row's optimizer on its own copy of the model; a row
+    whose first steps raise goes into ``failed`` with its error instead."""
     make, loss = task(kind, device=device)
     built: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
     for name in OPCOMP:
@@ -64,16 +65,22 @@ def rows(kind: str, device: str, skip: set[str]) -> dict[str, Callable[[], None]
     for name, (model, factory) in factories.items():
         built[name] = (model, factory())
     steps = {name: (lambda m=model, o=opt: training_step(m, o, loss)) for name, (model, opt) in built.items()}
-    for step in steps.values():  # state made, kernels compiled
-        step()
-        step()
+    for name, step in list(steps.items()):  # state made, kernels compiled
+        try:
+            step()
+            step()
+        except Exception as error:  # a library that cannot step this model: its row says so
+            first = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
+            failed[name] = f"{type(error).__name__}: {first}"
+            del steps[name]
     return steps
 
 
 def table(kind: str, device: str, rounds: int, skip: set[str]) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        samples = interleaved(rows(kind, device, skip), rounds, device, alternate=True)
+        failed: dict[str, str] = {}
+        samples = interleaved(rows(kind, device, skip, failed), rounds, device, alternate=True)
     medians = {name: statistics.median(times) * 1e3 for name, times in samples.items()}
     adamw, muon = medians.get("torch AdamW fused"), medians.get("opcomp muon_adamw")
     lines = [f"**{kind}** ({device}, median of {rounds} interleaved rounds)", ""]
@@ -82,6 +89,7 @@ def table(kind: str, device: str, rounds: int, skip: set[str]) -> str:
         versus_adamw = f"{value / adamw:.2f}" if adamw else "—"
         versus_muon = f"{value / muon:.2f}" if muon else "—"
         lines.append(f"| {name} | {value:.1f} | {versus_adamw} | {versus_muon} |")
+    lines += [f"| {name} | failed: {error} | — | — |" for name, error in failed.items()]
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from opcomp.comparison.results import Run, Settings, Tuning
+from opcomp.comparison.ties import Verdict, verdict
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Comparison:
     seeds: list[int]
     runs: list[Run]
     tuning: list[Tuning] = field(default_factory=list)
+    foreign: dict[str, float] = field(default_factory=dict)  # class entries: the lr each sets itself
 
     def runs_of(self, optimizer: str) -> list[Run]:
         return [r for r in self.runs if r.optimizer == optimizer]
@@ -87,14 +89,28 @@ def summary(comparison: Comparison, optimizer: str) -> dict:
     }
 
 
+def judged(comparison: Comparison) -> Verdict | None:
+    """Which optimizers the seeds cannot tell from the best on the test metric (:mod:`.ties`)."""
+    values = {o: [r.test_metric for r in comparison.runs_of(o) if r.finished] for o in comparison.optimizers}
+    return verdict(values, higher_is_better=comparison.metric == "accuracy")
+
+
+def step_costs(comparison: Comparison) -> dict[str, float]:
+    """Each optimizer's median ms per step over the fastest one's."""
+    medians = {o: statistics.median([r.ms_per_step for r in comparison.runs_of(o)]) for o in comparison.optimizers}
+    fastest = min((m for m in medians.values() if m > 0), default=0.0)
+    return {o: m / fastest if fastest else math.nan for o, m in medians.items()}
+
+
 def table(comparison: Comparison) -> str:
     metric, target = comparison.metric, comparison.target
     goal = "—" if target is None else f"{metric} {'≥' if metric == 'accuracy' else '≤'} {target:g}"
     digits = 4 if metric == "accuracy" else 3
+    decided, costs = judged(comparison), step_costs(comparison)
     lines = [
-        f"| optimizer | lr | validation loss | test loss | test {metric} | steps to {goal} | seconds to target | "
-        "ms / step | state MB | passes / step |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| optimizer | lr | validation loss | test loss | test {metric} | vs best | steps to {goal} | "
+        "seconds to target | ms / step | × fastest step | state MB | passes / step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for optimizer in comparison.optimizers:
         runs = comparison.runs_of(optimizer)
@@ -111,7 +127,8 @@ def table(comparison: Comparison) -> str:
         lines.append(
             f"| {name} | {runs[0].lr:.3g} | {spread([r.validation_loss for r in finished])} | "
             f"{spread([r.test_loss for r in finished])} | {spread([r.test_metric for r in finished], digits)} | "
-            f"{steps} | {seconds} | {spread([r.ms_per_step for r in runs], 1)} | {runs[0].state_mb:.2f} | "
+            f"{decided.mark(optimizer) if decided and finished else '—'} | {steps} | {seconds} | "
+            f"{spread([r.ms_per_step for r in runs], 1)} | {costs[optimizer]:.2f} | {runs[0].state_mb:.2f} | "
             f"{runs[0].passes} |"
         )
     return "\n".join(lines)
@@ -196,18 +213,35 @@ def plot(comparison: Comparison, out: Path) -> list[Path]:
 
 def markdown(comparison: Comparison, pictures: list[Path]) -> str:
     s = comparison.settings
-    tuned = "tuned on the first seed's validation loss" if comparison.tuning else "as given or recommended"
+    tuned = (
+        "tuned on the first seed's validation loss"
+        if comparison.tuning
+        else "NOT tuned: each as given or recommended. An untuned comparison favours whoever's default lr "
+        "happens to fit this task and model; run with --tune before reading a ranking into it"
+    )
+    decided = judged(comparison)
     lines = [
         f"# {comparison.task}: {', '.join(comparison.optimizers)}",
+        "",
+        decided.sentence(comparison.metric) if decided else "No run finished.",
         "",
         f"{s.steps} steps, {s.schedule} schedule with {s.warmup_steps} warm-up steps, seeds "
         f"{', '.join(map(str, comparison.seeds))}, on {s.device}; learning rates {tuned}. Validation data "
         "comes from the training data; the test set was scored once, after training. Columns with ± are the "
-        "mean and standard deviation over seeds; time excludes validation.",
+        'mean and standard deviation over seeds; time excludes validation. "vs best": tied where Welch\'s '
+        "t-test over seeds does not separate an optimizer's test metric from the best one's at 95%; "
+        '"× fastest step": the median step time over the fastest entry\'s.',
         "",
         comparison.table(),
         "",
     ]
+    if comparison.foreign:
+        own = ", ".join(f"{name} {lr:g}" for name, lr in comparison.foreign.items())
+        lines += [
+            f"Optimizer classes start from the lr each sets itself (its default, or the lr= given): {own}; "
+            "the schedule scales it through their param groups' lr, as an LR scheduler does.",
+            "",
+        ]
     if comparison.tuning:
         lines += ["## Learning rates tried", "", tuning_table(comparison), ""]
     if not plots_available():

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from opcomp.comparison.entries import Entry, entry
 from opcomp.comparison.footprint import passes_on, state_bytes
 from opcomp.comparison.report import Comparison
 from opcomp.comparison.results import Run, Settings, Tuning
@@ -50,22 +51,43 @@ def lr_factor(schedule: str, warmup: int, steps: int) -> Callable[[int], float]:
     return factor
 
 
-def train(task: Task, expression: str, lr: float, seed: int, settings: Settings, progress=None) -> Run:
-    """One optimizer on the task: seeded model and batches, ``settings.steps`` closure steps under
-    the schedule, the validation set scored ``EVALUATIONS`` times (not counted as training time)."""
+def stepper(task: Task, chosen: Entry, model, opt) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """One training step on a batch, returning its loss: opcomp's ``opt.step(closure)`` (which
+    runs its own backward, and probes re-evaluate), or torch.optim's zero_grad, backward, step."""
+    if chosen.is_opcomp:
+        return lambda x, y: float(opt.step(lambda: task.loss(model, x, y)))
+
+    def step(x, y) -> float:
+        opt.zero_grad()
+        loss = task.loss(model, x, y)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+def train(task: Task, optimizer, lr: float, seed: int, settings: Settings, progress=None) -> Run:
+    """One optimizer (an :func:`~opcomp.comparison.entries.entry`) on the task: seeded model and
+    batches, ``settings.steps`` steps under the schedule (set through the optimizer's param groups,
+    as an LR scheduler does), the validation set scored ``EVALUATIONS`` times (not counted as
+    training time)."""
     device, steps = settings.device, settings.steps
+    chosen = entry(optimizer)
     model = task.seeded_model(seed).to(device)
-    opt = task.build(expression, model, lr=lr)
+    opt = task.build(chosen.name, model, lr=lr) if chosen.is_opcomp else chosen.build(model, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(settings.schedule, settings.warmup_steps, steps))
     generator = torch.Generator().manual_seed(seed + 1)
     validation = tuple(t.to(device) for t in task.validation)
-    run = Run(expression, lr, seed, steps, passes=passes_on(expression, model))
+    passes = passes_on(chosen.name, model) if chosen.is_opcomp else "1 forward, 1 backward"
+    run = Run(chosen.name, lr, seed, steps, passes=passes)
+    step_on = stepper(task, chosen, model, opt)
     log_every, evaluate_every = max(1, steps // 60), max(1, steps // EVALUATIONS)
     total, count, spent = 0.0, 0, 0.0
     for step in range(1, steps + 1):
         x, y = (t.to(device) for t in task.batch(generator))
         start = time.perf_counter()
-        loss = float(opt.step(lambda: task.loss(model, x, y)))  # noqa: B023 - used within the iteration
+        loss = step_on(x, y)
         scheduler.step()
         spent += time.perf_counter() - start
         if progress is not None:
@@ -95,7 +117,7 @@ def train(task: Task, expression: str, lr: float, seed: int, settings: Settings,
 
 
 def tune(
-    task: Task, expression: str, center: float, seed: int, settings: Settings, progress=None, extensions: int = 4
+    task: Task, expression, center: float, seed: int, settings: Settings, progress=None, extensions: int = 4
 ) -> tuple[Tuning, Run]:
     """The lr with the lowest final validation loss over the full budget, among center × {1/3, 1, 3}
     and, while the best lies on the grid's edge, up to ``extensions`` more steps of 3 past it.
@@ -103,11 +125,11 @@ def tune(
     runs = trials(task, expression, center, seed, settings, progress, extensions)
     best = min(runs, key=lambda k: runs[k].score)
     tried = [(runs[k].lr, runs[k].score) for k in sorted(runs)]
-    return Tuning(expression, runs[best].lr, tried), runs[best]
+    return Tuning(entry(expression).name, runs[best].lr, tried), runs[best]
 
 
 def trials(
-    task: Task, expression: str, center: float, seed: int, settings: Settings, progress=None, extensions: int = 4
+    task: Task, expression, center: float, seed: int, settings: Settings, progress=None, extensions: int = 4
 ) -> dict[int, Run]:
     """Runs at center × 3^k by k, from k = -1, 0, 1, extended past the edge holding the best."""
     runs: dict[int, Run] = {}
@@ -140,6 +162,9 @@ def compare(
 ) -> Comparison:
     """Train each optimizer on ``task`` for ``steps`` steps, once per seed.
 
+    ``optimizers``: presets, expressions, rule files, optimizer classes by import path
+    (``"torch.optim.AdamW"``, ``"heavyball.SOAP[precondition_frequency=10]"``) or ``(name,
+    factory)`` pairs with ``factory(params) -> Optimizer`` (:mod:`opcomp.comparison.entries`).
     ``task``: a :class:`~opcomp.comparison.tasks.Task`, a built-in task's name, ``"module:function"``
     (a function returning a Task) or ``"text:PATH"``. Each optimizer runs at ``lr``, or its
     recommended lr, or with ``tune_lr`` the best of a grid around that (chosen on the first seed's
@@ -162,24 +187,28 @@ def compare(
     if target is not None:
         task = replace(task, target=target)
     settings = Settings(steps, schedule, warmup, device)
-    optimizers = list(optimizers or DEFAULT_OPTIMIZERS)
-    bar = _progress(len(optimizers) * len(seeds) * steps)
+    entries = [entry(optimizer) for optimizer in (optimizers or DEFAULT_OPTIMIZERS)]
+    # every class entry imports and takes the model's parameters before anything trains
+    foreign = {e.name: e.own_lr(task.seeded_model(seeds[0])) for e in entries if not e.is_opcomp}
+    bar = _progress(len(entries) * len(seeds) * steps)
     runs, tunings = [], []
-    for expression in optimizers:
+    for chosen in entries:
+        expression = chosen.name
         if bar is not None:
             bar.set_description(expression)
-        rate, first = lr if lr is not None else recommended_lr(expression), None
+        default = recommended_lr(expression) if chosen.is_opcomp else foreign[expression]
+        rate, first = lr if lr is not None else default, None
         if tune_lr:
-            tuning, first = tune(task, expression, rate, seeds[0], settings, bar)
+            tuning, first = tune(task, chosen, rate, seeds[0], settings, bar)
             tunings.append(tuning)
             rate = tuning.chosen
         for seed in seeds:
             runs.append(
-                first if first is not None and seed == seeds[0] else train(task, expression, rate, seed, settings, bar)
+                first if first is not None and seed == seeds[0] else train(task, chosen, rate, seed, settings, bar)
             )
     if bar is not None:
         bar.close()
-    return Comparison(task.name, task.metric, task.target, settings, list(seeds), runs, tunings)
+    return Comparison(task.name, task.metric, task.target, settings, list(seeds), runs, tunings, foreign)
 
 
 def _progress(total: int):
@@ -261,7 +290,10 @@ def main(argv: list[str] | None = None) -> str:
 
     parser = argparse.ArgumentParser(prog="opcomp compare", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "optimizers", nargs="*", help="presets or expressions (default: the seven of the research notes)"
+        "optimizers",
+        nargs="*",
+        help="presets, expressions, rule files or optimizer classes: torch.optim.AdamW, "
+        "heavyball.SOAP[precondition_frequency=10], my_module:MyOptimizer (default: the seven of the research notes)",
     )
     parser.add_argument(
         "--task", default="digits", help=f"{', '.join(sorted(TASKS))}, module:function (a Task) or text:PATH"

@@ -1,0 +1,105 @@
+"""`opcomp compare` with any optimizer class beside opcomp's expressions: class paths with keyword
+arguments, user classes from the current directory, (name, factory) pairs, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+import opcomp
+from opcomp.cli import main
+from opcomp.comparison.entries import entry
+from opcomp.comparison.runs import lr_factor
+
+USER_MODULE = '''
+import torch
+
+
+class PlainSGD(torch.optim.Optimizer):
+    """p ← p − lr·g, the least an optimizer class can be."""
+
+    def __init__(self, params, lr=0.05):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+
+class Refuses(torch.optim.Optimizer):
+    def __init__(self, params, lr=0.1):
+        raise ValueError("this optimizer takes no convolutions")
+
+
+NotAnOptimizer = dict
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "my_optimizers.py").write_text(textwrap.dedent(USER_MODULE))
+    monkeypatch.chdir(tmp_path)
+    yield "my_optimizers"
+
+
+def test_a_run_mixes_an_expression_a_torch_class_and_a_users_class(user_module, tmp_path, capsys):
+    out = tmp_path / "mixed"
+    entries = ["fog", "torch.optim.AdamW", "my_optimizers:PlainSGD", "torch.optim.SGD[lr=0.02, momentum=0.9]"]
+    assert main(["compare", *entries, "--task", "digits", "--steps", "6", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    runs = {run["optimizer"]: run for run in results["runs"]}
+    assert list(runs) == entries
+    assert [runs[name]["lr"] for name in entries] == [0.03, 0.001, 0.05, 0.02]  # each one's own
+    for run in runs.values():
+        assert run["finished"] and run["history"][-1][0] == 6
+    assert runs["torch.optim.AdamW"]["passes"] == "1 forward, 1 backward"
+    report = (out / "report.md").read_text()
+    assert "Optimizer classes start from the lr each sets itself" in report
+    assert "torch.optim.AdamW 0.001" in report and "NOT tuned" in report
+
+
+class Recorder(torch.optim.SGD):
+    """SGD that writes down its group's lr at every step."""
+
+    seen: list[float] = []
+
+    def step(self, closure=None):
+        Recorder.seen.append(self.param_groups[0]["lr"])
+        return super().step(closure)
+
+
+def test_the_schedule_runs_through_the_class_groups_lr_and_a_factory_is_an_entry():
+    Recorder.seen = []
+    comparison = opcomp.compare([("recorder", lambda params: Recorder(params, lr=0.1))], task="digits", steps=10)
+    factor = lr_factor("cosine", 10 // 20, 10)
+    assert Recorder.seen == pytest.approx([0.1 * factor(t) for t in range(10)])
+    assert comparison.runs[0].optimizer == "recorder" and comparison.runs[0].lr == 0.1
+
+
+@pytest.mark.parametrize(
+    "spec, said",
+    [
+        ("my_optimizers:NotAnOptimizer", "my_optimizers:NotAnOptimizer is not a torch.optim.Optimizer class"),
+        ("torch.optim.NoSuchOptimizer", "'torch.optim' has no 'NoSuchOptimizer'"),
+        ("missing_module:Lion", "cannot import 'missing_module'"),
+        ("heavyball.SOAP[precondition_frequency=]", "keyword=literal pairs"),
+        ("my_optimizers:Refuses", "my_optimizers:Refuses raised ValueError: this optimizer takes no convolutions"),
+    ],
+)
+def test_an_entry_that_is_not_an_optimizer_gets_one_line_naming_it(user_module, spec, said):
+    with pytest.raises(opcomp.OpcompError, match=None) as raised:
+        opcomp.compare([spec], task="digits", steps=2)
+    message = str(raised.value)
+    assert said in message and "\n" not in message, message
+
+
+def test_opcomp_expressions_are_never_taken_for_classes():
+    for text in ("fog", "0.1 * adamw(g)", "muon[hidden](g) | adamw", "kfac[damping=1e-3](g)", "adaptive.toml"):
+        assert entry(text).is_opcomp, text
+    assert not entry("torch.optim.AdamW").is_opcomp
