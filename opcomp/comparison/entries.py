@@ -89,18 +89,10 @@ def entry(spec) -> Entry:
 def optimizer_class(path: str, spec: str) -> type:
     """The class at ``path`` (``a.b.C`` or ``module:C``), checked to be a torch.optim.Optimizer."""
     module, _, name = path.rpartition(".") if ":" not in path else path.partition(":")
-    found = load_class(f"{module}:{name}", spec)
+    found = load_callable(f"{module}:{name}", f"compare entry {spec!r}", check_arguments=False)
     if not (inspect.isclass(found) and issubclass(found, torch.optim.Optimizer)):
         raise OpcompError(f"compare: {spec} is not a torch.optim.Optimizer class ({type(found).__name__})")
     return found
-
-
-def load_class(spec: str, entry_text: str):
-    """``module:name`` imported (the current directory first); a one-line error naming the entry."""
-    try:
-        return load_callable(spec, f"compare entry {entry_text!r}", check_arguments=False)
-    except OpcompError as error:
-        raise OpcompError(error.message) from None
 
 
 def keyword_arguments(text: str, spec: str) -> dict:

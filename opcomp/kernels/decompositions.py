@@ -140,12 +140,6 @@ def pi_split(a: Tensor, g: Tensor, damping: float, a_form: FactorForm, g_form: F
     return pi * root, root / pi
 
 
-def product(left: Tensor, right: Tensor, bf16: bool) -> Tensor:
-    """left @ right; with ``bf16``, the product of their bfloat16 roundings, left in bfloat16 (the
-    caller returns to the working precision once, after its last product)."""
-    return left.bfloat16() @ right.bfloat16() if bf16 else left @ right
-
-
 def low(value: Tensor, form: FactorForm, bf16: bool) -> Tensor:
     """A product's operand as the product takes it: rounded to bfloat16 with ``bf16`` (not a diagonal's)."""
     return value.bfloat16() if bf16 and not form.diagonal else value

@@ -26,6 +26,7 @@ from opcomp.kernels.decompositions import (
     eigen_shapes,
     eigens,
     inverse_shapes,
+    low,
     pi_split,
     preconditioned_layers,
 )
@@ -78,17 +79,19 @@ class Refresh:
 def in_eigenbasis(layer: LayerSlot, matrix: Tensor, scale: Tensor, damping: float, bf16: bool = False) -> Tensor:
     """Q_G ((Q_Gᵀ X Q_A) ⊘ (scale + λ)) Q_Aᵀ, a missing Q being the identity, a Q in blocks
     rotating each block."""
-    q_g, q_a = layer.state.get("Q_G"), layer.state.get("Q_A")
+    q_g, q_a = layer.state.get("Q_G"), layer.state.get("Q_A")  # present only for a form that is not diagonal
     a_form, g_form = layer.forms
-
-    def low(value: Tensor) -> Tensor:
-        return value.bfloat16() if bf16 else value
-
-    rotated = matrix if q_g is None else left_times(low(q_g), low(matrix), g_form, transposed=True)
-    rotated = rotated if q_a is None else right_times(low(rotated), low(q_a), a_form)
+    rotated = matrix
+    if q_g is not None:
+        rotated = left_times(low(q_g, g_form, bf16), low(rotated, g_form, bf16), g_form, transposed=True)
+    if q_a is not None:
+        rotated = right_times(low(rotated, a_form, bf16), low(q_a, a_form, bf16), a_form)
     rotated = rotated / (scale + damping)
-    rotated = rotated if q_g is None else left_times(low(q_g), low(rotated), g_form)
-    return (rotated if q_a is None else right_times(low(rotated), low(q_a), a_form, transposed=True)).to(matrix.dtype)
+    if q_g is not None:
+        rotated = left_times(low(q_g, g_form, bf16), low(rotated, g_form, bf16), g_form)
+    if q_a is not None:
+        rotated = right_times(low(rotated, a_form, bf16), low(q_a, a_form, bf16), a_form, transposed=True)
+    return rotated.to(matrix.dtype)
 
 
 def kronecker_eigenvalues(layer: LayerSlot) -> Tensor:
