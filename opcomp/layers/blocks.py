@@ -16,6 +16,13 @@ from torch.nn import functional as F
 from opcomp.layers.shapes import FactorForm
 
 
+def in_blocks(values: Tensor, form: FactorForm, dim: int = -1) -> Tensor:
+    """``values`` with dimension ``dim`` (the factor's side) zero-padded to whole blocks and split
+    into (count, block)."""
+    padding = [0, 0] * (-dim - 1) + [0, form.padded - form.side]
+    return F.pad(values, padding).unflatten(dim, (form.count, form.block))
+
+
 def rows_times(rows: Tensor, q: Tensor, form: FactorForm, transposed: bool = False) -> Tensor:
     """rows Q (or rows Qᵀ): rows (…, [groups,] side) by a factor of ``form`` per group, q
     (side, side), ([groups,] count, block, block) or a diagonal ([groups,] side)."""
@@ -24,7 +31,7 @@ def rows_times(rows: Tensor, q: Tensor, form: FactorForm, transposed: bool = Fal
     matrix = q.mT if transposed else q
     if form.dense:
         return rows @ matrix if q.ndim == 2 else torch.einsum("...ki,kij->...kj", rows, matrix)
-    padded = F.pad(rows, (0, form.padded - form.side)).unflatten(-1, (form.count, form.block))
+    padded = in_blocks(rows, form)
     inner = q.ndim - 1  # [groups,] count, block: the trailing dimensions the blocks act along
     flat = padded.reshape(-1, *padded.shape[padded.ndim - inner :])  # (rows, [groups,] count, block)
     products = flat.movedim(0, -2) @ matrix  # ([groups,] count, rows, block): one batched product
@@ -53,7 +60,7 @@ def gram_layout(rows: Tensor, form: FactorForm) -> Tensor:
     """Rows (n, [groups,] side) laid out for one batched gram per block: ([groups,] [count,] n,
     block), the last block zero-padded; a whole factor's rows as (n, side) or (groups, n, side)."""
     if form.blocked:
-        rows = F.pad(rows, (0, form.padded - form.side)).unflatten(-1, (form.count, form.block))
+        rows = in_blocks(rows, form)
     return rows.movedim(0, -2) if rows.ndim > 2 else rows
 
 
@@ -92,13 +99,12 @@ def side_grams(matrices: Tensor, left: FactorForm, right: FactorForm) -> tuple[T
     """G Gᵀ and Gᵀ G of a batch of matrices (…, m, n), each kept in its form: whole, or the
     diagonal blocks of ``left`` along the rows, of ``right`` along the columns (padding zero)."""
     if left.blocked:
-        rows = F.pad(matrices, (0, 0, 0, left.padded - left.side)).unflatten(-2, (left.count, left.block))
+        rows = in_blocks(matrices, left, dim=-2)  # (…, count, block, n)
         left_gram = rows @ rows.mT  # (…, count, block, block)
     else:
         left_gram = matrices @ matrices.mT
     if right.blocked:
-        columns = F.pad(matrices, (0, right.padded - right.side)).unflatten(-1, (right.count, right.block))
-        columns = columns.movedim(-2, -3)  # (…, count, m, block)
+        columns = in_blocks(matrices, right).movedim(-2, -3)  # (…, count, m, block)
         right_gram = columns.mT @ columns
     else:
         right_gram = matrices.mT @ matrices
