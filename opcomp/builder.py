@@ -16,7 +16,7 @@ from opcomp.graph import build_graph
 from opcomp.lang.ast import Call, Expr, Name, Option
 from opcomp.lang.parser import parse
 from opcomp.layers.statistics import Reduction
-from opcomp.learning_rates import DEFAULT_LR, recommended_lr
+from opcomp.learning_rates import DEFAULT_LR, model_kind, recommended_lr
 from opcomp.optimizer import Optimizer
 from opcomp.prediction import Output
 from opcomp.resolve import canonicalize, option_expr
@@ -119,9 +119,10 @@ def build(
                 "opcomp.build('rules.toml', model), and put options in the file"
             )
         rules = load_rules(expr)
-        params, expr = rule_groups(rules, params, names, owners, lr, namespace), rules.file.default.use
+        params = rule_groups(rules, params, names, owners, lr, namespace, model_kind(model))
+        expr = rules.file.default.use
     else:
-        expr, lr = with_options(expr, options), recommended_lr(expr, namespace) if lr is None else lr
+        expr, lr = with_options(expr, options), recommended_lr(expr, namespace, model_kind(model)) if lr is None else lr
     if warmup and compile == "off":
         raise OpcompError("warmup=True compiles the step at build, and compile='off' never compiles: drop one")
     optimizer = Optimizer(
@@ -154,7 +155,7 @@ def build(
     return optimizer
 
 
-def rule_groups(rules: Rules, params, names, owners, lr, namespace: Namespace) -> list[dict]:
+def rule_groups(rules: Rules, params, names, owners, lr, namespace: Namespace, kind: str) -> list[dict]:
     """One param group per rule that matched, in rule order; each ``use`` is checked up front."""
     choices = [(f"rule {i}", rule) for i, rule in enumerate(rules.file.rule, 1)] + [("default", rules.file.default)]
     checked: dict[tuple, Expr] = {}  # rules that say the same are read once: thousands of rules stay cheap
@@ -169,7 +170,7 @@ def rule_groups(rules: Rules, params, names, owners, lr, namespace: Namespace) -
         module = owners.get(id(param), (None, None))[0]
         assigned = rules.assign(names.get(id(param), ""), param, module)
         choice = assigned.choice
-        base = recommended_lr(choice.use, namespace) if lr is None else lr
+        base = recommended_lr(choice.use, namespace, kind) if lr is None else lr
         group = groups.setdefault(
             assigned.label,
             {"params": [], "expr": expressions[assigned.label], "lr": base * choice.lr_scale, "rule": assigned.label},

@@ -43,6 +43,11 @@ class Note:
         value = self.fields.get("lr")
         return float(value) if value is not None else None
 
+    def lr_for(self, kind: str) -> float | None:
+        """The ``# lr_<kind>:`` rate where the note has one (``# lr_transformer: 0.003``), else ``# lr:``."""
+        value = self.fields.get(f"lr_{kind}")
+        return float(value) if value is not None else self.lr
+
 
 def note_above(source: str, line: int) -> Note:
     """The contiguous '#' comment lines ending right above 1-based ``line``."""
@@ -62,7 +67,7 @@ def note_above(source: str, line: int) -> Note:
     return Note(" ".join(prose).strip(), MappingProxyType(fields))
 
 
-NOTE_FIELDS = ("lr", "seed")
+NOTE_FIELDS = ("lr", "lr_transformer", "seed")
 
 
 @dataclass(frozen=True)
@@ -109,20 +114,22 @@ EMPTY = Namespace(MappingProxyType({}))
 
 
 def _check_note(definition: Definition, note: Note) -> None:
-    """A ``# lr:`` line is the recommended learning rate: a positive number, said where it is written."""
-    value = note.fields.get("lr")
-    if value is None:
-        return
-    try:
-        lr = float(value)
-    except ValueError:
-        lr = math.nan
-    if not (math.isfinite(lr) and lr > 0):
-        raise DefinitionError(
-            f"'# lr: {value}' above '{definition.name}' is not a learning rate: write one positive number, "
-            "e.g. '# lr: 0.03' (a comment of its own goes on another line)",
-            definition.span,
-        )
+    """A ``# lr:`` (or ``# lr_transformer:``) line is a recommended learning rate: a positive number,
+    said where it is written."""
+    for key in ("lr", "lr_transformer"):
+        value = note.fields.get(key)
+        if value is None:
+            continue
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = math.nan
+        if not (math.isfinite(lr) and lr > 0):
+            raise DefinitionError(
+                f"'# {key}: {value}' above '{definition.name}' is not a learning rate: write one positive number, "
+                f"e.g. '# {key}: 0.03' (a comment of its own goes on another line)",
+                definition.span,
+            )
 
 
 def _check(definition: Definition, table: Mapping[str, Definition]) -> None:

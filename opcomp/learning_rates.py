@@ -8,9 +8,16 @@ through constant factors, and into the first branch of ``|``.
 A sum of updates has no single scale and gets :data:`DEFAULT_LR`. Every value is measured: full
 300-step runs on three tasks, chosen by validation loss (``python -m opcomp.bench.sweep``;
 docs/presets.md has the table).
+
+The rate may depend on what the model is (:func:`model_kind`): Adam's scale that suits a small CNN
+or MLP (0.03) is three to ten times too large for a transformer, so Adam-scaled presets and
+operators carry a second rate for transformers (``# lr_transformer:``, a spec's
+``transformer_lr``), measured on the built-in text tasks.
 """
 
 from __future__ import annotations
+
+from torch import nn
 
 from opcomp.definitions import Namespace, presets
 from opcomp.errors import OpcompError
@@ -19,36 +26,49 @@ from opcomp.lang.parser import parse
 from opcomp.ops import REGISTRY
 
 DEFAULT_LR = 1e-3
+DEFAULT, TRANSFORMER = "default", "transformer"  # the kinds of model a rate can depend on
 
 
-def recommended_lr(expr: str | Expr, namespace: Namespace | None = None) -> float:
-    """The recommended learning rate of ``expr`` (see the module's docstring), else 1e-3;
-    ``namespace``: the presets by default."""
+def model_kind(model: nn.Module | None) -> str:
+    """``"transformer"`` for a model with token embeddings or attention (an ``nn.Embedding``, an
+    ``nn.MultiheadAttention``, or a module whose class is named ``…Attention``, as Hugging Face's
+    are), else ``"default"`` (also without a model: a parameter list says nothing of its model)."""
+    if model is None:
+        return DEFAULT
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.MultiheadAttention)) or "Attention" in type(module).__name__:
+            return TRANSFORMER
+    return DEFAULT
+
+
+def recommended_lr(expr: str | Expr, namespace: Namespace | None = None, kind: str = DEFAULT) -> float:
+    """The recommended learning rate of ``expr`` on a model of ``kind`` (see the module's
+    docstring), else 1e-3; ``namespace``: the presets by default."""
     namespace = presets() if namespace is None else namespace
     try:
         tree = parse(expr) if isinstance(expr, str) else expr
     except OpcompError:
         return DEFAULT_LR  # the optimizer reports the mistake where it lowers the expression
-    lr = _scale_setter(tree, namespace)
+    lr = _scale_setter(tree, namespace, kind)
     return DEFAULT_LR if lr is None else lr
 
 
-def _scale_setter(tree: Expr, namespace: Namespace) -> float | None:
+def _scale_setter(tree: Expr, namespace: Namespace, kind: str) -> float | None:
     if isinstance(tree, (Name, Call)):
         arguments = tree.args if isinstance(tree, Call) else ()
         if tree.name in namespace and not arguments:
-            return namespace.note(tree.name).lr
+            return namespace.note(tree.name).lr_for(kind)
         spec = REGISTRY.get(tree.name)
         if spec is None:
             return None
         if spec.scale_of is not None:
-            return _scale_setter(arguments[spec.scale_of], namespace) if arguments else REGISTRY["g"].lr
-        return spec.lr
+            return _scale_setter(arguments[spec.scale_of], namespace, kind) if arguments else REGISTRY["g"].lr
+        return spec.transformer_lr if kind == TRANSFORMER and spec.transformer_lr is not None else spec.lr
     if isinstance(tree, Fallback):
-        return _scale_setter(tree.branches[0], namespace)
+        return _scale_setter(tree.branches[0], namespace, kind)
     if isinstance(tree, Neg):
-        return _scale_setter(tree.operand, namespace)
+        return _scale_setter(tree.operand, namespace, kind)
     if isinstance(tree, Product):
         updates = [f for f in tree.factors if not isinstance(f, Num)]
-        return _scale_setter(updates[0], namespace) if len(updates) == 1 else None
+        return _scale_setter(updates[0], namespace, kind) if len(updates) == 1 else None
     return None

@@ -4,7 +4,7 @@
 
 For every preset and task: :func:`opcomp.bench.sweep.train_ratio` (the validation loss after
 ``--steps`` steps over before, same seeded model and batches) at the
-preset's ``# lr:`` times each factor. Below 1 it trained; above 1 or nan, it did not.
+preset's recommended lr for the task's kind of model times each factor. Below 1 it trained; above 1 or nan, it did not.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 
 import opcomp
 from opcomp.bench.sweep import task_named, train_ratio
-from opcomp.learning_rates import recommended_lr
+from opcomp.learning_rates import model_kind, recommended_lr
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     print("| preset | lr | task | " + " | ".join(f"× {f:g}" for f in args.factors) + " |")
     print("| --- | --- | --- |" + " --- |" * len(args.factors))
     for name in names:
-        lr = recommended_lr(name, namespace)
         for task_name, task in tasks.items():
+            lr = recommended_lr(name, namespace, model_kind(task.seeded_model(0)))
             ratios = [train_ratio(task, name, lr * factor, args.steps) for factor in args.factors]
             cells = " | ".join(f"{r:.3f}" for r in ratios)
             print(f"| {name} | {lr:g} | {task_name} | {cells} |", flush=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from opcomp.comparison.results import Run, Settings, Tuning
 from opcomp.comparison.ties import Verdict, verdict
+from opcomp.learning_rates import DEFAULT, TRANSFORMER
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Comparison:
     runs: list[Run]
     tuning: list[Tuning] = field(default_factory=list)
     foreign: dict[str, float] = field(default_factory=dict)  # class entries: the lr each sets itself
+    kind: str = DEFAULT  # the model's kind, which picks the recommended rates (learning_rates.model_kind)
 
     def runs_of(self, optimizer: str) -> list[Run]:
         return [r for r in self.runs if r.optimizer == optimizer]
@@ -219,6 +221,8 @@ def markdown(comparison: Comparison, pictures: list[Path]) -> str:
         else "NOT tuned: each as given or recommended. An untuned comparison favours whoever's default lr "
         "happens to fit this task and model; run with --tune before reading a ranking into it"
     )
+    if comparison.kind == TRANSFORMER:
+        tuned += " (opcomp's recommended rates are its transformer rates: the model has token embeddings or attention)"
     decided = judged(comparison)
     lines = [
         f"# {comparison.task}: {', '.join(comparison.optimizers)}",

@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from opcomp.comparison.entries import Entry, entry
 from opcomp.comparison.footprint import passes_on, state_bytes
@@ -29,7 +30,7 @@ from opcomp.comparison.report import Comparison
 from opcomp.comparison.results import Run, Settings, Tuning
 from opcomp.comparison.tasks import Task
 from opcomp.errors import OpcompError
-from opcomp.learning_rates import recommended_lr
+from opcomp.learning_rates import model_kind, recommended_lr
 
 DEFAULT_OPTIMIZERS = ["fog", "diagfog", "f3eo", "fs_adarmsuon", "adagnoema", "muon_adamw", "adamw"]
 SCHEDULES = ("cosine", "constant")
@@ -116,6 +117,12 @@ def train(task: Task, optimizer, lr: float, seed: int, settings: Settings, progr
     return run
 
 
+def starting_lr(chosen: Entry, model: nn.Module) -> float:
+    """The lr an entry runs at untuned (and the centre of its tuning grid): an expression's
+    recommended lr for this kind of model, a class's own default."""
+    return recommended_lr(chosen.name, kind=model_kind(model)) if chosen.is_opcomp else chosen.own_lr(model)
+
+
 def tune(
     task: Task, expression, center: float, seed: int, settings: Settings, progress=None, extensions: int = 4
 ) -> tuple[Tuning, Run]:
@@ -188,16 +195,16 @@ def compare(
         task = replace(task, target=target)
     settings = Settings(steps, schedule, warmup, device)
     entries = [entry(optimizer) for optimizer in (optimizers or DEFAULT_OPTIMIZERS)]
-    # every class entry imports and takes the model's parameters before anything trains
-    foreign = {e.name: e.own_lr(task.seeded_model(seeds[0])) for e in entries if not e.is_opcomp}
+    model = task.seeded_model(seeds[0])
+    starts = {e.name: starting_lr(e, model) for e in entries}  # every class entry is refused or not before training
+    foreign = {e.name: starts[e.name] for e in entries if not e.is_opcomp}
     bar = _progress(len(entries) * len(seeds) * steps)
     runs, tunings = [], []
     for chosen in entries:
         expression = chosen.name
         if bar is not None:
             bar.set_description(expression)
-        default = recommended_lr(expression) if chosen.is_opcomp else foreign[expression]
-        rate, first = lr if lr is not None else default, None
+        rate, first = lr if lr is not None else starts[expression], None
         if tune_lr:
             tuning, first = tune(task, chosen, rate, seeds[0], settings, bar)
             tunings.append(tuning)
@@ -208,7 +215,8 @@ def compare(
             )
     if bar is not None:
         bar.close()
-    return Comparison(task.name, task.metric, task.target, settings, list(seeds), runs, tunings, foreign)
+    kind = model_kind(model)
+    return Comparison(task.name, task.metric, task.target, settings, list(seeds), runs, tunings, foreign, kind)
 
 
 def _progress(total: int):

@@ -43,6 +43,7 @@ register(
     OpSpec(
         name="adam",
         lr=0.03,  # adamw's: the same update scale
+        transformer_lr=0.003,
         fused_adamw=frozenset({"b1", "b2", "eps"}),
         aliases=("adarms",),
         kind=Kind.STATISTICAL,
@@ -58,6 +59,7 @@ register(
     OpSpec(
         name="adamw",
         lr=0.03,
+        transformer_lr=0.003,  # 0.0033 tuned on the Bible, 0.009 on help text (docs/presets.md)
         fused_adamw=frozenset({"b1", "b2", "eps", "wd"}),
         kind=Kind.STATISTICAL,
         options=AdamWOptions,
@@ -280,6 +282,7 @@ register(
     OpSpec(
         name="adafactor",
         lr=0.03,  # 0.027 measured (python -m opcomp.bench.sweep adafactor), as adamw's
+        transformer_lr=0.003,
         on_shards="row and column means of whole matrices",
         kind=Kind.STATISTICAL,
         options=AdafactorOptions,
@@ -356,6 +359,7 @@ register(
     OpSpec(
         name="soap",
         lr=0.01,  # 0.009 measured (python -m opcomp.bench.sweep soap)
+        transformer_lr=0.003,
         on_shards="eigenbases of whole matrices",
         kind=Kind.STATISTICAL,
         options=SoapOptions,
