@@ -80,17 +80,25 @@ def sweep(expression: str, tasks: dict[str, Task], settings: Settings) -> tuple[
     return center * 3.0**chosen, runs
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("expressions", nargs="*", help="presets or expressions (default: every preset)")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), help="task or task:model")
+def arguments(argv: list[str] | None, doc: str, tasks, out: str) -> argparse.Namespace:
+    """What the lr benches take: optimizers (``entries``; default every preset), ``--tasks``,
+    ``--steps``, ``--out``. Coverage notices are silenced: the runs are many and the models small."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("entries", nargs="*", help="presets, expressions or optimizer classes (default: every preset)")
+    parser.add_argument("--tasks", nargs="+", default=list(tasks), help="task or task:model")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--out", default="sweep.json")
+    parser.add_argument("--out", default=out)
     args = parser.parse_args(argv)
     import opcomp
 
     warnings.filterwarnings("ignore", category=opcomp.OpcompWarning)
-    expressions = args.expressions or sorted(opcomp.presets().names())
+    args.entries = args.entries or sorted(opcomp.presets().names())
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments(argv, __doc__, TASKS, "sweep.json")
+    expressions = args.entries
     tasks = {spec: task_named(spec) for spec in args.tasks}
     settings = Settings(steps=args.steps)
     out = Path(args.out)
