@@ -103,3 +103,20 @@ def test_opcomp_expressions_are_never_taken_for_classes():
     for text in ("fog", "0.1 * adamw(g)", "muon[hidden](g) | adamw", "kfac[damping=1e-3](g)", "adaptive.toml"):
         assert entry(text).is_opcomp, text
     assert not entry("torch.optim.AdamW").is_opcomp
+
+
+def test_state_bytes_counts_tensors_kept_in_lists_once_each():
+    """heavyball keeps SOAP's eigenbases in lists: a report that skipped them would understate its state."""
+    from opcomp.comparison.footprint import state_bytes
+
+    class Nested(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {"lr": 0.1})
+            shared = torch.zeros(3)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self.state[p] = {"m": torch.zeros(4), "Q": [torch.zeros(2, 2), (torch.zeros(5),)], "a": shared}
+                    self.state[p]["b"] = shared  # the same tensor twice: counted once
+
+    opt = Nested([torch.nn.Parameter(torch.zeros(1))])
+    assert state_bytes(opt) == 4 * (4 + 4 + 5 + 3)

@@ -20,11 +20,20 @@ from opcomp.optimizer import Optimizer
 
 
 def state_bytes(opt: Optimizer) -> int:
+    """The bytes of every tensor in ``opt.state``, however nested (heavyball keeps SOAP's
+    eigenbases in lists), each tensor counted once."""
+    seen: set[int] = set()
+
     def size(value) -> int:
         if isinstance(value, Tensor):
+            if id(value) in seen:
+                return 0
+            seen.add(id(value))
             return value.numel() * value.element_size()
         if isinstance(value, dict):
             return sum(size(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(size(v) for v in value)
         return 0
 
     return sum(size(entries) for entries in opt.state.values())
