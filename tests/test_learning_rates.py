@@ -106,11 +106,16 @@ def test_compare_starts_each_expression_at_its_rate_for_the_tasks_model_and_says
 
 
 def test_the_lr_check_decides_a_flagged_row_on_the_mean_over_three_seeds():
-    from opcomp.bench.lr_check import UNFAIR, line, worse
+    from opcomp.bench.lr_check import UNFAIR, line, summary, worse
 
     row = {"entry": "adamw", "task": "digits", "recommended": 0.03, "tuned": 0.01, "tried": [[0.01, 1.0], [0.03, 1.2]]}
     assert worse(row) == pytest.approx(0.2) and worse(row) > UNFAIR and "**> 10%**" in line(row)
+    assert summary([row], ["adamw", "soap"], ["digits", "mnist"])[2:] == [
+        "| adamw | **0.03 → 0.01, +20%** | — |",
+        "| soap | — | — |",
+    ]
     row["seeds"] = [[0.03, [1.0, 1.1]], [0.01, [1.1, 1.2]]]  # seeds 1 and 2 favour the recommended lr
     assert worse(row) == pytest.approx(1.1 / 1.1 - 1) and "> 10%" not in line(row) and "(3 seeds)" in line(row)
+    assert summary([row], ["adamw"], ["digits"])[2] == "| adamw | 0.03 → 0.01, +0%³ |"
     diverged = {**row, "tried": [[0.01, 1.0], [0.03, float("inf")]], "seeds": []}
     assert worse(diverged) == float("inf")

@@ -72,6 +72,24 @@ def line(row: dict) -> str:
     return f"| {row['entry']} | {row['task']} | {row['recommended']:.3g} | {row['tuned']:.3g} | {verdict} | {tried} |"
 
 
+def cell(row: dict | None) -> str:
+    """``recommended → tuned, gap`` for the summary table; bold where the gap is over 10%."""
+    if row is None:
+        return "—"
+    gap = worse(row)
+    text = f"{row['recommended']:.3g} → {row['tuned']:.3g}, {gap:+.0%}" + ("³" if "seeds" in row else "")
+    return f"**{text}**" if gap > UNFAIR else text
+
+
+def summary(rows: list[dict], entries: list[str], tasks: list[str]) -> list[str]:
+    """One line per entry, one cell per task (³: decided on three seeds)."""
+    lines = ["| optimizer | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
+    for name in entries:
+        found = {r["task"]: r for r in rows if r["entry"] == name}
+        lines.append(f"| {name} | " + " | ".join(cell(found.get(task)) for task in tasks) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     args = arguments(argv, __doc__, TASKS, "lr_check.json")
     entries = args.entries
@@ -91,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
                 confirm(done[0], Settings(steps=args.steps))
                 out.write_text(json.dumps(rows, indent=1))
             print(line(done[0]), flush=True)
+    print()
+    print("recommended lr → tuned lr, the recommended one's validation loss over the tuned one's")
+    print("\n".join(summary(rows, [entry(spec).name for spec in entries], args.tasks)))
 
 
 if __name__ == "__main__":
