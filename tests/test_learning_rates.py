@@ -119,3 +119,5 @@ def test_the_lr_check_decides_a_flagged_row_on_the_mean_over_three_seeds():
     assert summary([row], ["adamw"], ["digits"])[2] == "| adamw | 0.03 → 0.01, +0%³ |"
     diverged = {**row, "tried": [[0.01, 1.0], [0.03, float("inf")]], "seeds": []}
     assert worse(diverged) == float("inf")
+    tuned_diverged = {**row, "seeds": [[0.03, [1.0, 1.1]], [0.01, [float("inf"), 1.2]]]}
+    assert worse(tuned_diverged) == -float("inf") and "the tuned lr diverged on another seed" in line(tuned_diverged)

@@ -58,9 +58,16 @@ def losses(row: dict) -> tuple[float, float]:
 
 
 def worse(row: dict) -> float:
-    """How much the recommended lr's final validation loss exceeds the tuned one's (inf: it diverged)."""
+    """How much the recommended lr's final validation loss exceeds the tuned one's: inf where the
+    recommended lr diverged, -inf where only the tuned one did (on a confirming seed)."""
     recommended, tuned = losses(row)
-    return recommended / tuned - 1 if math.isfinite(recommended) else math.inf
+    if not math.isfinite(recommended):
+        return math.inf
+    return recommended / tuned - 1 if math.isfinite(tuned) else -math.inf
+
+
+def gap_text(gap: float, digits: int) -> str:
+    return "the tuned lr diverged on another seed" if gap == -math.inf else f"{gap:+.{digits}%}"
 
 
 def line(row: dict) -> str:
@@ -68,7 +75,7 @@ def line(row: dict) -> str:
     tried = ", ".join(
         f"{lr:.3g}: {loss:.4f}" if math.isfinite(loss) else f"{lr:.3g}: diverged" for lr, loss in row["tried"]
     )
-    verdict = f"{gap:+.1%}" + (" **> 10%**" if gap > UNFAIR else "") + (" (3 seeds)" if "seeds" in row else "")
+    verdict = gap_text(gap, 1) + (" **> 10%**" if gap > UNFAIR else "") + (" (3 seeds)" if "seeds" in row else "")
     return f"| {row['entry']} | {row['task']} | {row['recommended']:.3g} | {row['tuned']:.3g} | {verdict} | {tried} |"
 
 
@@ -77,7 +84,7 @@ def cell(row: dict | None) -> str:
     if row is None:
         return "—"
     gap = worse(row)
-    text = f"{row['recommended']:.3g} → {row['tuned']:.3g}, {gap:+.0%}" + ("³" if "seeds" in row else "")
+    text = f"{row['recommended']:.3g} → {row['tuned']:.3g}, {gap_text(gap, 0)}" + ("³" if "seeds" in row else "")
     return f"**{text}**" if gap > UNFAIR else text
 
 

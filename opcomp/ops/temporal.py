@@ -60,7 +60,7 @@ class LionOptions(Options):
 register(
     OpSpec(
         name="lion",
-        lr=0.001,
+        lr=0.003,  # 0.001 before: 184% worse than tuned on MNIST over three seeds (docs/presets.md)
         kind=Kind.TEMPORAL,
         options=LionOptions,
         state=(StateBuffer("exp_avg", "param", "momentum"),),
