@@ -66,12 +66,12 @@ def host_syncs(expression: str, model: nn.Module, loss: Callable[[nn.Module], to
 
 
 def sync_rows() -> list[str]:
+    from opcomp.comparison import models
+
     torch.manual_seed(0)
     x, y = torch.randn(256, 784, device="cuda"), torch.randint(0, 10, (256,), device="cuda")
     rows = []
     for expression in SYNC_EXPRESSIONS:
-        from opcomp.comparison import models
-
         model = models.mlp(784, 512, 10).cuda()
         counts = host_syncs(expression, model, lambda m: nn.functional.cross_entropy(m(x), y))
         rows.append(f"| {expression} | {', '.join(map(str, counts))} |")
