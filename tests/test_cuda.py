@@ -110,7 +110,7 @@ def test_the_gpu_check_says_plainly_that_there_is_no_cuda_device(capsys, tmp_pat
 @pytest.mark.parametrize("expression", ["adamw", "fog"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_state_saved_with_dcp_resumes_bit_for_bit(device, expression, tmp_path):
-    straight, opt = model(device), None
+    straight = model(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = opcomp.build(expression, straight, lr=0.01)
