@@ -12,6 +12,11 @@ model's forward ends and backpropagate them to the recorded layer outputs (one e
 ``autograd.grad(..., retain_graph=True)``), which gives the output gradients of the Monte Carlo
 Fisher; the user's backward then runs on the retained graph as usual.
 
+Under torch.compile the hooks call :mod:`opcomp.capture_ops` instead, which the compiled graph
+keeps whole; the Monte Carlo Fisher's extra backward cannot run inside a compiled graph, so a
+capture with a likelihood keeps its eager hooks, which break the graph at each hooked layer (said
+once, when torch.compile first traces them).
+
 The hooks hold the capture weakly and go when it does: an optimizer that is dropped (or closed)
 leaves nothing behind on the model.
 """
@@ -28,6 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+import opcomp.capture_ops as capture_ops
 from opcomp.autograd import differentiate
 from opcomp.errors import OpcompError, OpcompNotice, warn
 from opcomp.prediction import Prediction
@@ -73,19 +79,27 @@ class Capture:
     _layout_checked: bool = False
     _forward_id: int | None = None  # the model forward running now
     _forwards: itertools.count = field(default_factory=itertools.count)
+    _slots: dict[int, nn.Module] = field(default_factory=dict)  # what compiled graphs call the layers
+    _pending: dict[int, Entry] = field(default_factory=dict)  # compiled records awaiting their gradient
+    _tickets: itertools.count = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
         this = weakref.ref(self)
+        self.number = capture_ops.register(self)
         for module in self.modules:
             self._hook(module)
-        self.handles.append(self.model.register_forward_pre_hook(weakly(this, Capture._model_starts)))
-        self.handles.append(self.model.register_forward_hook(weakly(this, Capture._model_ends)))
+        traceable = self.likelihood is None
+        self.handles.append(self.model.register_forward_pre_hook(model_hook(this, self.number, True, traceable)))
+        self.handles.append(self.model.register_forward_hook(model_hook(this, self.number, False, traceable)))
         weakref.finalize(self, remove_hooks, self.handles)  # the list itself: hooks added later go too
         forget_compiled_code()
 
     def _hook(self, module: nn.Module) -> None:
         self.entries[module] = []
-        self.layer_handles[module] = module.register_forward_hook(weakly(weakref.ref(self), Capture._forward))
+        slot = len(self._slots)
+        self._slots[slot] = module
+        hook = layer_hook(weakref.ref(self), self.number, slot, self.likelihood is None)
+        self.layer_handles[module] = module.register_forward_hook(hook)
         self.handles.append(self.layer_handles[module])
 
     def retarget(self, modules: list[nn.Module], records: dict[nn.Module, tuple[Tensor, Tensor]]) -> None:
@@ -110,6 +124,29 @@ class Capture:
     def _model_starts(self, model: nn.Module, args: tuple) -> None:
         if model is self.model:  # not a copy of it (copy.deepcopy copies hooks too)
             self._forward_id = next(self._forwards)
+
+    # -- what compiled graphs record, through opcomp.capture_ops -----------------------------------
+
+    def model_forward(self, model: int, starts: bool) -> None:
+        if model == id(self.model):
+            self._forward_id = next(self._forwards) if starts else None
+
+    def record_input(self, slot: int, layer: int, layer_input: Tensor) -> int:
+        """Keeps a copy of a layer's input when armed; the ticket its gradient comes back with."""
+        module = self._slots.get(slot)
+        if not self.armed or module is None or id(module) != layer or module not in self.entries:
+            return -1
+        forward = self._forward_id if self._forward_id is not None else next(self._forwards)
+        entry = Entry(layer_input.detach().clone(), forward)
+        self.entries[module].append(entry)
+        ticket = next(self._tickets)
+        self._pending[ticket] = entry
+        return ticket
+
+    def record_grad(self, ticket: int, grad: Tensor) -> None:
+        entry = self._pending.pop(ticket, None)
+        if entry is not None:
+            entry.grad = grad.detach().clone()
 
     def _forward(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         entries = self.entries.get(module)  # None: a deep copy of a captured layer, which is not ours
@@ -167,13 +204,16 @@ class Capture:
         """The finished entries of ``module`` (those a backward reached); the record is cleared."""
         if self.layout_error is not None:
             raise OpcompError(self.layout_error)
-        entries = [e for e in self.entries[module] if e.grad is not None]
+        recorded = self.entries[module]
         self.entries[module] = []
-        return entries
+        gone = {id(e) for e in recorded}  # no gradient comes for them now
+        self._pending = {t: e for t, e in self._pending.items() if id(e) not in gone}
+        return [e for e in recorded if e.grad is not None]
 
     def clear(self) -> None:
         for module in self.entries:
             self.entries[module] = []
+        self._pending.clear()
 
     @contextmanager
     def disarmed(self):
@@ -216,6 +256,57 @@ def forget_compiled_code() -> bool:
         OpcompNotice,
     )
     return True
+
+
+def layer_hook(target: weakref.ref, number: int, slot: int, traceable: bool):
+    """A layer's forward hook: the eager capture, or under torch.compile (``traceable``) the op
+    that records from inside the compiled graph."""
+
+    def hook(module: nn.Module, args: tuple, output):
+        if torch.compiler.is_compiling():
+            if not traceable:
+                _breaks_compiled_graphs()
+            elif torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad and args:
+                recorded, _ = torch.ops.opcomp.layer_output(output, args[0], number, slot, id(module))
+                return recorded
+            else:
+                return None
+        live = target()
+        return None if live is None else live._forward(module, args, output)
+
+    return hook
+
+
+def model_hook(target: weakref.ref, number: int, starts: bool, traceable: bool):
+    """The model's forward pre-hook (``starts``) or forward hook, eager or compiled as :func:`layer_hook`.
+    Two functions, not one with a flag: compiled, each keeps its own graph."""
+
+    def pre_hook(model: nn.Module, args: tuple):
+        if torch.compiler.is_compiling() and traceable:
+            torch.ops.opcomp.model_forward(number, id(model), True)
+            return None
+        live = target()
+        return None if live is None else live._model_starts(model, args)
+
+    def hook(model: nn.Module, args: tuple, output):
+        if torch.compiler.is_compiling() and traceable:
+            torch.ops.opcomp.model_forward(number, id(model), False)
+            return None
+        live = target()
+        return None if live is None else live._model_ends(model, args, output)
+
+    return pre_hook if starts else hook
+
+
+@torch.compiler.disable
+def _breaks_compiled_graphs() -> None:
+    """Once: a capture that samples labels (fisher=mc) runs eagerly between compiled graphs."""
+    warn(
+        "opcomp: fisher=mc samples labels with an extra backward from the model's output to each captured "
+        "layer's output, which cannot run inside a compiled graph: torch.compile breaks its graph at every "
+        "captured layer (`python -m opcomp.bench.graph_breaks` counts them); fisher=empirical traces whole",
+        OpcompNotice,
+    )
 
 
 def weakly(target: weakref.ref, method, compiled: bool = True):

@@ -33,6 +33,7 @@ ROOMS = [
             "opcomp.distributed",
             "opcomp.finite",
             "opcomp.capture",
+            "opcomp.capture_ops",
             "opcomp.state",
             "opcomp.autograd",
             "opcomp.quiet",

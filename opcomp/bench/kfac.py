@@ -46,6 +46,7 @@ CONFIGURATIONS = {
     "fog_amortized (update_every=10, invert_every=100)": "fog_amortized",
     "fog_amortized[bf16]": "fog_amortized[bf16]",
     "diagfog": "diagfog",
+    "ekfac_sgd": "ekfac_sgd",
 }
 
 
