@@ -56,17 +56,21 @@ def test_ekfac_scale_is_the_mean_square_of_rotated_per_example_gradients(name):
         torch.testing.assert_close(state["scale"], expected, rtol=1e-9, atol=1e-14)
 
 
-def test_ekfac_scale_of_convs_without_a_bias_column_is_the_mean_square_of_rotated_weight_gradients():
-    """Convolutions whose rotated patches are taken as convolutions with Q_A's columns as kernels,
-    with no bias column to add: against per-example weight gradients from torch.func."""
+@pytest.mark.parametrize("channels", [(3, 3), (20, 6)])
+def test_ekfac_scale_of_convs_without_a_bias_column_is_the_mean_square_of_rotated_weight_gradients(channels):
+    """Convolutions with no bias column to add, against per-example weight gradients from
+    torch.func. With fewer output channels than positions (3 channels on 16, then on 4
+    positions) each example's gradient is summed over its positions, then rotated by Q_A; with
+    more (20 and 6), the patches are rotated first, as convolutions with Q_A's columns as kernels."""
     torch.manual_seed(0)
+    first, second = channels
     model = nn.Sequential(
-        nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=1, bias=False),
+        nn.Conv2d(2, first, kernel_size=3, stride=2, padding=1, bias=False),
         nn.ReLU(),
-        nn.Conv2d(3, 4, kernel_size=2, dilation=2, bias=False),
+        nn.Conv2d(first, second, kernel_size=2, dilation=2, bias=False),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        nn.Linear(4, shapes.CLASSES),
+        nn.Linear(second, shapes.CLASSES),
     ).double()
     x, y = shapes.batch("strided_conv", 24)
     opt = opcomp.build("ekfac[invert_every=1](g) | g", model, lr=0.0)

@@ -1,6 +1,7 @@
 """What layer statistics cost: hooks, factor updates and inversions, beside a plain Muon step.
 
     python -m opcomp.bench.kfac [--model mlp|transformer|resnet] [--steps 30] [--device cuda] [--vocabulary 96]
+                                [--without-muon]
 
 Each row is a full training step (forward, backward, opt.step) on the same model and batch,
 rows interleaved round by round; medians in milliseconds (a step that refreshes inverses is
@@ -12,6 +13,8 @@ step followed by them, timed as one row: what fog costs in fp32 with nothing els
 of fog's step alone: the capture hooks (forward + backward, armed against disarmed), one
 batched refresh of every factor inverse, and ``opt.step`` deciding its checks on the host
 against keeping them on the device, as it does on CUDA (forced here on whatever device runs).
+``--without-muon`` times the same statistics with Muon's orthogonalisation left out, against an
+adamw step (:data:`WITHOUT_MUON`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from opcomp.bench.step import interleaved, synchronize
 from opcomp.comparison import models
 from opcomp.comparison.report import table_cell
 from opcomp.kernels.kfac import invert_factored
+from opcomp.layers.shapes import FactorForm
 
 CONFIGURATIONS = {
     "muon(g) | adamw": "muon_adamw",
@@ -50,10 +54,20 @@ CONFIGURATIONS = {
 }
 
 
-FLOOR = (
-    "fog's matrix products alone",
-    "muon(g) | adamw, then fog's matrix products (fog's floor in fp32)",
-)
+WITHOUT_MUON = {
+    "adamw": "adamw",
+    "kfac(g) | adamw": "kfac(g) | adamw",
+    "kfac[update_every=10, invert_every=100](g) | adamw": "kfac[update_every=10, invert_every=100](g) | adamw",
+    "diag_kfac(g) | adamw": "diag_kfac(g) | adamw",
+    "momentum(g)": "momentum(g)",
+    "ekfac_sgd": "ekfac_sgd",
+}
+"""The presets' statistics without Muon (``--without-muon``): on a CPU whose bfloat16 products are
+slow, Muon's iteration is most of every Muon step and hides what the statistics cost."""
+
+
+def floor_labels(baseline: str) -> tuple[str, str]:
+    return "fog's matrix products alone", f"{baseline}, then fog's matrix products (fog's floor in fp32)"
 
 
 def task(kind: str, seed: int = 0, device: str = "cpu", vocabulary: int = 96):
@@ -119,6 +133,11 @@ def fog_products(model: nn.Module, opt: torch.optim.Optimizer, loss) -> Callable
     return products
 
 
+def form(factor: torch.Tensor) -> FactorForm:
+    """How a factor is kept, read from its shape (these models' factors are whole or diagonal)."""
+    return FactorForm(factor.shape[-1], 1 if factor.ndim == 1 else None)
+
+
 def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1e3
 
@@ -129,37 +148,44 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--vocabulary", type=int, default=96, help="the transformer's tokens")
+    parser.add_argument("--without-muon", action="store_true", help="time the statistics alone (WITHOUT_MUON)")
     args = parser.parse_args(argv)
     make, loss = task(args.model, device=args.device, vocabulary=args.vocabulary)
+    configurations, base, fog = (
+        (WITHOUT_MUON, "adamw", "kfac(g) | adamw")
+        if args.without_muon
+        else (CONFIGURATIONS, "muon(g) | adamw", "fog, invert_every=10")
+    )
     runs = {}
-    for label, expression in CONFIGURATIONS.items():
+    for label, expression in configurations.items():
         torch.manual_seed(0)
         model = make()
         runs[label] = (model, opcomp.build(expression, model, lr=0.01))
     for model, opt in runs.values():  # warm up: state, first factors and inverses
         training_step(model, opt, loss)
-    products = fog_products(*runs["fog, invert_every=10"], loss)
-    baseline_run = runs["muon(g) | adamw"]
+    products = fog_products(*runs[fog], loss)
+    baseline_run = runs[base]
     rows = {
         label: (lambda model=model, opt=opt: training_step(model, opt, loss)) for label, (model, opt) in runs.items()
     }
-    rows[FLOOR[0]] = products
-    rows[FLOOR[1]] = lambda: (training_step(*baseline_run, loss), products())
+    alone, floor = floor_labels(base)
+    rows[alone] = products
+    rows[floor] = lambda: (training_step(*baseline_run, loss), products())
     samples = interleaved(rows, args.steps, args.device)
     count = sum(p.numel() for p in next(iter(runs.values()))[0].parameters())
     print(
         f"model {args.model} ({count / 1e6:.2f}M parameters), median of {args.steps} steps, "
         f"{torch.get_num_threads()} threads, device {args.device}"
     )
-    baseline = median_ms(samples["muon(g) | adamw"])
-    mean_baseline = statistics.mean(samples["muon(g) | adamw"])
-    print("| optimizer | ms / training step (median) | × muon(g) \\| adamw | mean, refreshes included: × |")
+    baseline = median_ms(samples[base])
+    mean_baseline = statistics.mean(samples[base])
+    print(f"| optimizer | ms / training step (median) | × {table_cell(base)} | mean, refreshes included: × |")
     print("| --- | --- | --- | --- |")
     for label, values in samples.items():
         ratio, mean_ratio = median_ms(values) / baseline, statistics.mean(values) / mean_baseline
         print(f"| {table_cell(label)} | {median_ms(values):.1f} | {ratio:.2f} | {mean_ratio:.2f} |")
 
-    model, opt = runs["fog, invert_every=10"]
+    model, opt = runs[fog]
     armed, disarmed = [], []
     for _ in range(args.steps):
         for flag, bucket in ((True, armed), (False, disarmed)):
@@ -177,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         for key, entry in state.items()
         if key.startswith("kfac[") and "A_inv" in entry
     ]
-    slots = [SimpleNamespace(state=entry, dense=lambda factor: factor.ndim == 2) for entry in layers]  # no groups here
+    slots = [SimpleNamespace(state=entry, forms=(form(entry["A"]), form(entry["G"]))) for entry in layers]
     inversions = []
     for _ in range(args.steps):
         synchronize(args.device)

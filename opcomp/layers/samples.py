@@ -82,16 +82,28 @@ class ConvSample(Sample):
 
     @cached_property
     def a(self) -> Tensor:
+        return self.patches(0, len(self.inputs))
+
+    def patches(self, start: int, stop: int) -> Tensor:
+        """``a`` of examples ``start`` to ``stop``: a chunked product unfolds a few at a time."""
         module = self.module
         patches = F.unfold(
-            self.inputs,
+            self.inputs[start:stop],
             module.kernel_size,
             dilation=module.dilation,
             padding=conv_padding(module),
             stride=module.stride,
         )
-        # (N, positions, C·kh·kw), grouped (N, positions, groups, C/groups·kh·kw)
+        # (n, positions, C·kh·kw), grouped (n, positions, groups, C/groups·kh·kw)
         return with_bias_column(self._by_group(patches.transpose(1, 2)), self.columns)
+
+    def positions(self) -> int:
+        return self.grad.shape[2] * self.grad.shape[3]
+
+    @property
+    def width(self) -> int:
+        """Columns of ``a``: a patch (of one group), and the bias's 1 when it is folded in."""
+        return self.module.weight[0].numel() + (self.columns == "weight+bias")
 
     @cached_property
     def d(self) -> Tensor:

@@ -13,7 +13,7 @@ from opcomp.capture import Capture, Entry
 from opcomp.distributed import DataParallel
 from opcomp.layers.blocks import gram_layout, rows_times
 from opcomp.layers.kinds import kind_of
-from opcomp.layers.samples import Sample, squares
+from opcomp.layers.samples import ConvSample, Sample, squares
 from opcomp.layers.shapes import Columns, FactorForm
 from opcomp.precision import working_dtype
 
@@ -76,8 +76,10 @@ class Statistics:
         total = None
         for sample in self.samples:
             d = sample.d if q_g is None else rows_times(sample.d, q_g, g_form)
-            a = sample.rotated_a(q_a, a_form)
-            if d.ndim == 4:  # a grouped conv: (N, S, groups, ·), one block per group
+            a = None if rotates_after_summing(sample, d) else sample.rotated_a(q_a, a_form)
+            if a is None:
+                part = summed_then_rotated(sample, d, q_a, a_form)
+            elif d.ndim == 4:  # a grouped conv: (N, S, groups, ·), one block per group
                 chunk = max(1, CHUNK // max(1, d.shape[2] * d.shape[3] * a.shape[3]))
                 part = sum(
                     squares(torch.einsum("nsko,nski->nkoi", d[i : i + chunk], a[i : i + chunk])).sum(0)
@@ -105,6 +107,30 @@ class Statistics:
             summed = torch.zeros(len(pairs), d.shape[1], dtype=d.dtype, device=d.device).index_add_(0, which, d)
             total.index_add_(0, pairs % self.vocabulary, summed.square())
         return total.T / self._g_count
+
+
+def rotates_after_summing(sample, d: Tensor) -> bool:
+    """Whether a conv's per-example gradients are cheaper rotated by Q_A after summing over the
+    positions (∇W_n Q_A: out·in² per example) than with the patches rotated at every position
+    ((a Q_A)_s: positions·in² per example, one conv): when the output has fewer channels than
+    positions, as early layers of a CNN do."""
+    return (
+        isinstance(sample, ConvSample) and d.ndim == 3 and sample.columns != "bias" and d.shape[2] < sample.positions()
+    )
+
+
+def summed_then_rotated(sample: ConvSample, d: Tensor, q_a: Tensor | None, a_form: FactorForm) -> Tensor:
+    """Σ_n ((d_nᵀ a_n) Q_A)² for rotated output gradients ``d`` (N, S, out), a few examples at a
+    time (their unfolded patches held only meanwhile)."""
+    chunk = max(1, CHUNK // max(1, d.shape[1] * sample.width))
+    total = None
+    for start in range(0, len(d), chunk):
+        gradients = d[start : start + chunk].mT @ sample.patches(start, start + chunk)  # (n, out, in)
+        if q_a is not None:
+            gradients = rows_times(gradients, q_a, a_form)
+        part = squares(gradients).sum(0)
+        total = part if total is None else total.add_(part)
+    return total
 
 
 def mean_square(blocks: list[Tensor], count: float) -> Tensor:
