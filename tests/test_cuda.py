@@ -150,3 +150,27 @@ def test_a_compiled_step_agrees_with_the_eager_one(device, expression):
             step(net, opt, number)
     for a, b, a0 in zip(eager.parameters(), compiled.parameters(), start):
         assert torch.linalg.vector_norm(a - b) <= 1e-5 * torch.linalg.vector_norm(a - a0)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("device", [CUDA])  # on the CPU: tests/test_compiled_capture.py
+def test_a_compiled_model_feeds_kfac_as_its_eager_twin(device):
+    """The capture's custom ops on CUDA (their ticket is a CPU tensor): a model compiled with
+    aot_eager steps ``kfac(g) | g`` as its eager twin, to the rounding of CUDA's kernels, with
+    no graph break."""
+    from torch._dynamo.utils import counters
+
+    eager, traced = model(device), model(device)
+    optimizers = [opcomp.build("kfac(g) | g", eager, lr=1e-2), opcomp.build("kfac(g) | g", traced, lr=1e-2)]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(traced, backend="aot_eager")
+    for number in range(3):
+        step(eager, optimizers[0], number)
+        x, y = batch(device, number)
+        optimizers[1].zero_grad()
+        F.cross_entropy(compiled(x), y).backward()
+        optimizers[1].step()
+    assert sum(counters["graph_break"].values()) == 0
+    for a, b in zip(eager.parameters(), traced.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
