@@ -24,6 +24,10 @@ import torch
 import torch.fx
 from torch import Tensor
 
+UNCAPTURABLE = (torch.Tag.cudagraph_unsafe,)
+"""A CUDA graph replays kernels without running Python: the ops' records would silently stop, so
+``mode="reduce-overhead"`` leaves them out of its CUDA graphs."""
+
 _captures: dict[int, weakref.ref] = {}
 _numbers = itertools.count()
 
@@ -41,7 +45,7 @@ def _found(number: int):
     return None if ref is None else ref()
 
 
-@torch.library.custom_op("opcomp::layer_output", mutates_args=())
+@torch.library.custom_op("opcomp::layer_output", mutates_args=(), tags=UNCAPTURABLE)
 def layer_output(output: Tensor, layer_input: Tensor, capture: int, slot: int, layer: int) -> tuple[Tensor, Tensor]:
     """The layer's output, copied, and a ticket (-1: nothing recorded) that its backward brings
     back to :func:`layer_grad`; records the input when the capture is armed."""
@@ -55,7 +59,7 @@ def _(output: Tensor, layer_input: Tensor, capture: int, slot: int, layer: int) 
     return torch.empty_like(output), torch.empty((), dtype=torch.int64)
 
 
-@torch.library.custom_op("opcomp::layer_grad", mutates_args=())
+@torch.library.custom_op("opcomp::layer_grad", mutates_args=(), tags=UNCAPTURABLE)
 def layer_grad(grad: Tensor, ticket: Tensor, capture: int) -> None:
     """Records the gradient that reached the output :func:`layer_output` gave ``ticket``."""
     found = _found(capture)
@@ -69,7 +73,7 @@ def _(grad: Tensor, ticket: Tensor, capture: int) -> None:
     return None
 
 
-@torch.library.custom_op("opcomp::model_forward", mutates_args=())
+@torch.library.custom_op("opcomp::model_forward", mutates_args=(), tags=UNCAPTURABLE)
 def model_forward(capture: int, model: int, starts: bool) -> None:
     """A forward of the model starts (or ends)."""
     found = _found(capture)
