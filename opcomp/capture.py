@@ -266,7 +266,7 @@ def layer_hook(target: weakref.ref, number: int, slot: int, traceable: bool):
         if torch.compiler.is_compiling():
             if not traceable:
                 _breaks_compiled_graphs()
-            elif torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad and args:
+            elif torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
                 recorded, _ = torch.ops.opcomp.layer_output(output, args[0], number, slot, id(module))
                 return recorded
             else:
