@@ -119,3 +119,40 @@ def test_a_capture_that_samples_labels_breaks_the_graph_and_says_so():
     train(twin, twin, eager_opt, batches, loss, 2)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b)
+
+
+class ClassifierFirst(nn.Module):
+    """The classifier registered before the body: the head guessed before any forward is wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(16, 4)
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+
+def test_a_layer_hooked_when_the_head_settles_is_recorded_by_code_compiled_before():
+    """A compiled forward, then the model's first eager forward settles the head and hooks a layer
+    the guess had left out: the compiled code traced before must not run on without its hook."""
+    torch.manual_seed(0)
+    model = ClassifierFirst()
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(8, 8), torch.randint(0, 4, (8,))
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", opcomp.OpcompWarning)
+        compiled_opt, eager_opt = opcomp.build("fog", model), opcomp.build("fog", twin)
+        compiled = torch.compile(model, backend="aot_eager")
+        compiled(x)  # traced while body.2 is guessed to be the head, so not captured
+        model(x)  # settles the head: body.2 is hidden after all, and hooked
+        twin(x)
+    for _ in range(3):
+        for run, opt in ((compiled, compiled_opt), (twin, eager_opt)):
+            opt.zero_grad()
+            F.cross_entropy(run(x), y).backward()
+            opt.step()
+    assert compiled_opt.assignments()["body.2.weight"] == eager_opt.assignments()["body.2.weight"] != "0.1 × adamw"
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), name
