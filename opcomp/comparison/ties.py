@@ -32,6 +32,8 @@ def critical_t(freedom: float) -> float:
 
 def welch_tied(a: list[float], b: list[float]) -> bool:
     """Whether Welch's t-test at 95% fails to separate the means of ``a`` and ``b`` (two or more each)."""
+    if len(set(a)) == 1 and len(set(b)) == 1:  # no spread: equal values tie, and fmean's rounding must
+        return a[0] == b[0]  # not part them (the mean of [0.1] * 3 is not the mean of [0.1] * 2)
     mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
     var_a, var_b = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
     if var_a + var_b == 0:
