@@ -63,7 +63,8 @@ class ConvSample(Sample):
     reduced rows (what KFAC and diagonal KFAC read) come without unfolding the input: each entry
     of a patch averaged over the output positions is :func:`patch_means`, and d summed over them
     a sum over the gradient's spatial dimensions; EKFAC's patches rotated by Q_A are a
-    convolution (:meth:`rotated_a`).
+    convolution (:meth:`rotated_a`), or, with fewer output channels than positions, a few
+    examples' patches at a time (:meth:`patches`) multiply their gradients before the rotation.
     The unfolded (N, S, in) patches, a copy kernel-size times the input's, are made only when
     asked for: a layer called twice in one forward, EKFAC with A kept diagonal."""
 
@@ -97,6 +98,7 @@ class ConvSample(Sample):
         # (n, positions, C·kh·kw), grouped (n, positions, groups, C/groups·kh·kw)
         return with_bias_column(self._by_group(patches.transpose(1, 2)), self.columns)
 
+    @property
     def positions(self) -> int:
         return self.grad.shape[2] * self.grad.shape[3]
 

@@ -114,9 +114,7 @@ def rotates_after_summing(sample, d: Tensor) -> bool:
     positions (∇W_n Q_A: out·in² per example) than with the patches rotated at every position
     ((a Q_A)_s: positions·in² per example, one conv): when the output has fewer channels than
     positions, as early layers of a CNN do."""
-    return (
-        isinstance(sample, ConvSample) and d.ndim == 3 and sample.columns != "bias" and d.shape[2] < sample.positions()
-    )
+    return isinstance(sample, ConvSample) and d.ndim == 3 and sample.columns != "bias" and d.shape[2] < sample.positions
 
 
 def summed_then_rotated(sample: ConvSample, d: Tensor, q_a: Tensor | None, a_form: FactorForm) -> Tensor:
