@@ -262,6 +262,8 @@ def layer_hook(target: weakref.ref, number: int, slot: int, traceable: bool):
     """A layer's forward hook: the eager capture, or under torch.compile (``traceable``) the op
     that records from inside the compiled graph."""
 
+    eager = weakly(target, Capture._forward)
+
     def hook(module: nn.Module, args: tuple, output):
         if torch.compiler.is_compiling():
             if not traceable:
@@ -271,8 +273,7 @@ def layer_hook(target: weakref.ref, number: int, slot: int, traceable: bool):
                 return recorded
             else:
                 return None
-        live = target()
-        return None if live is None else live._forward(module, args, output)
+        return eager(module, args, output)
 
     return hook
 
@@ -281,19 +282,19 @@ def model_hook(target: weakref.ref, number: int, starts: bool, traceable: bool):
     """The model's forward pre-hook (``starts``) or forward hook, eager or compiled as :func:`layer_hook`.
     Two functions, not one with a flag: compiled, each keeps its own graph."""
 
+    eager = weakly(target, Capture._model_starts if starts else Capture._model_ends)
+
     def pre_hook(model: nn.Module, args: tuple):
         if torch.compiler.is_compiling() and traceable:
             torch.ops.opcomp.model_forward(number, id(model), True)
             return None
-        live = target()
-        return None if live is None else live._model_starts(model, args)
+        return eager(model, args)
 
     def hook(model: nn.Module, args: tuple, output):
         if torch.compiler.is_compiling() and traceable:
             torch.ops.opcomp.model_forward(number, id(model), False)
             return None
-        live = target()
-        return None if live is None else live._model_ends(model, args, output)
+        return eager(model, args, output)
 
     return pre_hook if starts else hook
 
