@@ -3,7 +3,8 @@
 - ``mlp``: Linear → Tanh → Linear on (N, 5) inputs, logits (N, 3);
 - ``strided_conv``: a stride-2 padded Conv2d, a dilated Conv2d, average pooling and a Linear head;
 - ``token_model``: Embedding → Linear → Tanh → Linear over sequences, logits laid out (N, C, T) as
-  ``F.cross_entropy`` takes them (the loss averages N·T tokens).
+  ``F.cross_entropy`` takes them (the loss averages N·T tokens);
+- :class:`ClassifierFirst`: an MLP on (N, 8) whose head is registered before its body.
 """
 
 from __future__ import annotations
@@ -24,6 +25,22 @@ class TokenModel(nn.Module):
 
     def forward(self, tokens):
         return self.head(torch.tanh(self.hidden(self.embed(tokens)))).transpose(1, 2)  # (N, C, T)
+
+
+class ClassifierFirst(nn.Module):
+    """The classifier registered before the body (``classifier_first``): registration order
+    guesses the wrong output head, which the model's first forward corrects."""
+
+    def __init__(self, hidden: int = 16, classes: int = 4, classifier_first: bool = True) -> None:
+        super().__init__()
+        if classifier_first:
+            self.classifier = nn.Linear(hidden, classes)
+        self.body = nn.Sequential(nn.Linear(8, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
+        if not classifier_first:
+            self.classifier = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
 
 
 def mlp() -> nn.Module:

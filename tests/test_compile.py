@@ -12,6 +12,7 @@ import torch
 from device_reads import counted_reads
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from shapes import ClassifierFirst
 from torch import nn
 from torch._dynamo.utils import counters
 
@@ -240,18 +241,6 @@ def test_a_model_compiled_and_run_before_the_build_feeds_fog_as_its_eager_twin(f
     assert opt.skipped_steps == 0
     for a, b in zip(model.parameters(), eager.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-class ClassifierFirst(nn.Module):
-    """The classifier registered before the body: registration order guesses the wrong head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.classifier = nn.Linear(16, 4)
-        self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
-
-    def forward(self, x):
-        return self.classifier(self.body(x))
 
 
 def test_a_model_compiled_from_its_first_forward_keeps_the_guessed_head_and_a_late_eager_forward_says_so():

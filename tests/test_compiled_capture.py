@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.utils.checkpoint
+from shapes import ClassifierFirst
 from torch import nn
 from torch._dynamo.utils import counters
 from torch.nn import functional as F
@@ -119,18 +120,6 @@ def test_a_capture_that_samples_labels_breaks_the_graph_and_says_so():
     train(twin, twin, eager_opt, batches, loss, 2)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b)
-
-
-class ClassifierFirst(nn.Module):
-    """The classifier registered before the body: the head guessed before any forward is wrong."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.classifier = nn.Linear(16, 4)
-        self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
-
-    def forward(self, x):
-        return self.classifier(self.body(x))
 
 
 def test_a_layer_hooked_when_the_head_settles_is_recorded_by_code_compiled_before():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shapes import ClassifierFirst
 from torch import nn
 from torch.nn import functional as F
 
@@ -82,24 +83,9 @@ def test_explain_lists_every_fallen_back_parameter_with_its_reason_and_names_uns
     assert "fell back: 1-D parameters" in rows["hidden.bias"]
 
 
-class ClassifierFirst(nn.Module):
-    """The classifier is registered before the body: registration order names the wrong head."""
-
-    def __init__(self, classifier_first: bool = True) -> None:
-        super().__init__()
-        if classifier_first:
-            self.classifier = nn.Linear(32, 5)
-        self.body = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh())
-        if not classifier_first:
-            self.classifier = nn.Linear(32, 5)
-
-    def forward(self, x):
-        return self.classifier(self.body(x))
-
-
 def twins():
     torch.manual_seed(0)
-    model, reference = ClassifierFirst(), ClassifierFirst(classifier_first=False)
+    model, reference = ClassifierFirst(32, 5), ClassifierFirst(32, 5, classifier_first=False)
     reference.load_state_dict(model.state_dict())
     generator = torch.Generator().manual_seed(1)
     return model, reference, torch.randn(64, 8, generator=generator), torch.randint(0, 5, (64,), generator=generator)
@@ -134,7 +120,7 @@ def test_a_state_loaded_before_the_first_forward_follows_the_settled_head_withou
     opt = opcomp.build("fog", model)
     steps(model, opt, x, y, 2)
     saved = copy.deepcopy(opt.state_dict())
-    resumed_model = ClassifierFirst()
+    resumed_model = ClassifierFirst(32, 5)
     resumed_model.load_state_dict(model.state_dict())
     resumed = opcomp.build("fog", resumed_model)
     with warnings.catch_warnings():
