@@ -25,8 +25,9 @@ import torch.fx
 from torch import Tensor
 
 UNCAPTURABLE = (torch.Tag.cudagraph_unsafe,)
-"""A CUDA graph replays kernels without running Python: the ops' records would silently stop, so
-``mode="reduce-overhead"`` leaves them out of its CUDA graphs."""
+"""A CUDA graph replays kernels without running Python, so the ops' records would silently stop:
+the tag asks torch.compile's CUDA graphs (``mode="reduce-overhead"``) not to capture them (not yet
+checked on a GPU)."""
 
 _captures: dict[int, weakref.ref] = {}
 _numbers = itertools.count()

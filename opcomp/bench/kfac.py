@@ -135,7 +135,8 @@ def fog_products(model: nn.Module, opt: torch.optim.Optimizer, loss) -> Callable
 
 def form(factor: torch.Tensor) -> FactorForm:
     """How a factor is kept, read from its shape (these models' factors are whole or diagonal)."""
-    return FactorForm(factor.shape[-1], 1 if factor.ndim == 1 else None)
+    side = factor.shape[-1]
+    return FactorForm.diagonal_of(side) if factor.ndim == 1 else FactorForm(side)
 
 
 def median_ms(samples: list[float]) -> float:
