@@ -5,8 +5,9 @@
 For the convolutions of the small ResNet on 64 images of 32×32 (``bench.kfac --model resnet``)
 and of ResNet-18 on 32 images of 224×224: ``F.unfold(x).mean(2)`` (what the statistics did
 before), a convolution of each channel with a kernel of ones the output's size, and
-:func:`~opcomp.layers.samples.patch_means` (two thin products with 0/1 tap selectors), medians
-in milliseconds, rows interleaved, with the largest difference from the unfolded means.
+:func:`~opcomp.layers.samples.patch_means` in both its forms (two thin products with 0/1 tap
+selectors, or one with their Kronecker product) and as it chooses between them, medians in
+milliseconds, rows interleaved, with the largest difference from the unfolded means.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from opcomp.bench.step import synchronize
-from opcomp.layers.samples import patch_means
+from opcomp.layers.samples import patch_means, selectors, tap_sums_in_one, tap_sums_in_two
 
 # (images, channels, side, kernel, stride, padding): the small ResNet's every distinct conv, ResNet-18's some
 SHAPES = {
@@ -59,6 +60,14 @@ def ones_kernel(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return sums[:, 0, :kh, :kw].reshape(n, -1) / (out_h * out_w)
 
 
+def two_products(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    return tap_sums_in_two(x, conv) / selectors(x, conv)[2]
+
+
+def one_product(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    return tap_sums_in_one(x, conv) / selectors(x, conv)[2]
+
+
 def median_ms(run, repeats: int, device: str) -> float:
     samples = []
     for _ in range(repeats):
@@ -75,14 +84,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    ways = {"unfold, mean": unfolded, "ones kernel": ones_kernel, "patch_means": patch_means}
+    ways = {
+        "unfold, mean": unfolded,
+        "ones kernel": ones_kernel,
+        "two products": two_products,
+        "one product": one_product,
+        "patch_means": patch_means,
+    }
     print(f"{torch.get_num_threads()} threads, device {args.device}, median of {args.repeats}")
     print()
     print(
         "| model | images, channels, side, kernel/stride/padding | unfold + mean ms | ones kernel ms | "
-        "patch_means ms | unfold ÷ patch_means | largest difference |"
+        "two products ms | one product ms | patch_means ms | unfold ÷ patch_means | largest difference |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for model, shapes in SHAPES.items():
         for images, channels, side, kernel, stride, padding in shapes:
             conv = nn.Conv2d(channels, 8, kernel, stride=stride, padding=padding).to(args.device)
@@ -96,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
             difference = (patch_means(x, conv) - unfolded(x, conv)).abs().max().item()
             print(
                 f"| {model} | {images}, {channels}, {side}, {kernel}/{stride}/{padding} | {ms['unfold, mean']:.2f} | "
-                f"{ms['ones kernel']:.2f} | {ms['patch_means']:.2f} | "
+                f"{ms['ones kernel']:.2f} | {ms['two products']:.2f} | {ms['one product']:.2f} | "
+                f"{ms['patch_means']:.2f} | "
                 f"{ms['unfold, mean'] / ms['patch_means']:.1f} | {difference:.1e} |"
             )
 

@@ -152,16 +152,53 @@ def patch_means(inputs: Tensor, module: nn.Conv2d) -> Tensor:
     conv is, offset by (i, j) times its dilation. The grid is a product of a row grid and a
     column grid, so the sums are R_hᵀ X R_w per example and channel, R a 0/1 matrix that marks
     which input rows (columns) each kernel offset reads (:func:`tap_selector`; padding reads
-    zeros, so it has no rows). Two thin products that read the input once: on CPU 9–103 times
+    zeros, so it has no rows). On a small map they are one product with R_h ⊗ R_w
+    (:data:`ONE_PRODUCT`), else two thin ones; either reads the input once: on CPU 9–103 times
     faster than unfolding on ResNet shapes (``python -m opcomp.bench.patches``,
     docs/performance.md); the same values up to rounding."""
     n, c, h, w = inputs.shape
-    padding = _pair(conv_padding(module))
-    geometry = (module.kernel_size, module.stride, padding, module.dilation)
+    rows, columns, positions = selectors(inputs, module)
+    one = h * w * rows.shape[1] * columns.shape[1]
+    if one <= ONE_PRODUCT[0] and n * c * one <= ONE_PRODUCT[1]:
+        return tap_sums_in_one(inputs, module) / positions
+    return tap_sums_in_two(inputs, module) / positions
+
+
+ONE_PRODUCT = (1 << 16, 1 << 24)
+"""Entries of R_h ⊗ R_w, and multiply-adds of X by it, up to which the tap sums are that one
+product: on small maps the two thin products cost their launches more than their arithmetic (on
+the small ResNet's maps of 2² to 32² one product takes 0.4–0.7 of the time, on ResNet-18's 7²
+and 14² 0.6–0.8), and on large ones the Kronecker product's kh·kw multiply-adds per input value
+cost more than two passes (ResNet-18's 56², 3×3: 1.2–1.8 times as long); ``python -m
+opcomp.bench.patches`` (AMD EPYC, 2 threads)."""
+
+
+def selectors(inputs: Tensor, module: nn.Conv2d) -> tuple[Tensor, Tensor, int]:
+    """R_h, R_w (:func:`tap_selector`) of the conv's geometry on ``inputs``, and its output positions."""
+    h, w = inputs.shape[-2:]
+    geometry = (module.kernel_size, module.stride, _pair(conv_padding(module)), module.dilation)
     rows, out_h = tap_selector(h, *(dim[0] for dim in geometry), inputs.dtype, inputs.device)
     columns, out_w = tap_selector(w, *(dim[1] for dim in geometry), inputs.dtype, inputs.device)
-    sums = rows.T @ (inputs @ columns)  # (N, C, kh, kw)
-    return sums.reshape(n, -1) / (out_h * out_w)
+    return rows, columns, out_h * out_w
+
+
+def tap_sums_in_two(inputs: Tensor, module: nn.Conv2d) -> Tensor:
+    """Σ over each kernel offset's grid, (N, C·kh·kw): R_hᵀ (X R_w), two thin products."""
+    rows, columns, _ = selectors(inputs, module)
+    return (rows.T @ (inputs @ columns)).reshape(len(inputs), -1)
+
+
+def tap_sums_in_one(inputs: Tensor, module: nn.Conv2d) -> Tensor:
+    """The same sums as one product, X (N, C, h·w) by R_h ⊗ R_w (h·w, kh·kw)."""
+    n, c, h, w = inputs.shape
+    rows, columns, _ = selectors(inputs, module)
+    return (inputs.reshape(n, c, h * w) @ kronecker(rows, columns)).reshape(n, -1)
+
+
+@lru_cache(maxsize=256)
+def kronecker(rows: Tensor, columns: Tensor) -> Tensor:
+    """R_h ⊗ R_w, kept beside the selectors it is made of (themselves kept per geometry)."""
+    return torch.kron(rows, columns)
 
 
 @lru_cache(maxsize=256)
