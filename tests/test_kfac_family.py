@@ -466,9 +466,9 @@ def test_patch_means_are_the_unfolded_patches_averaged_over_positions(
     kernel, stride, dilation, padding, extra, examples, channels
 ):
     """For any geometry whose output is not empty: what KFAC's A reads of a Conv2d, the tap sums
-    formed by two thin products with the 0/1 selectors or by one with their Kronecker product,
-    equals ``F.unfold``'s patches averaged over positions."""
-    from opcomp.layers.samples import patch_means, selectors, tap_sums_in_one, tap_sums_in_two
+    formed by one product with the 0/1 selectors' Kronecker product or from sums over the
+    strides' phases and the borders, equals ``F.unfold``'s patches averaged over positions."""
+    from opcomp.layers.samples import patch_means, selectors, tap_sums_by_phases, tap_sums_in_one
 
     conv = nn.Conv2d(channels, 2, kernel, stride=stride, dilation=dilation, padding=padding)
     reach = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
@@ -477,19 +477,25 @@ def test_patch_means_are_the_unfolded_patches_averaged_over_positions(
     expected = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).mean(2)
     positions = selectors(x, conv)[2]
     torch.testing.assert_close(patch_means(x, conv), expected, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(tap_sums_in_two(x, conv) / positions, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(tap_sums_by_phases(x, conv) / positions, expected, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(tap_sums_in_one(x, conv) / positions, expected, rtol=1e-12, atol=1e-14)
 
 
-def test_patch_means_take_two_thin_products_on_a_large_map():
-    """Past :data:`ONE_PRODUCT` the means come from the two thin products, and agree with unfolding."""
+def test_patch_means_take_the_phases_on_a_large_map_and_one_product_on_a_small_one():
+    """Past :data:`ONE_PRODUCT` the means come from the phase sums, below it from the one product;
+    both agree with unfolding (a strided map whose size is not a multiple of the stride)."""
     from opcomp.layers import samples
 
     conv = nn.Conv2d(2, 2, 3, stride=2, padding=1)
-    x = torch.randn(2, 2, 90, 91, dtype=torch.float64)  # 90·91·3·3 entries in R_h ⊗ R_w: past 2^16
-    expected = F.unfold(x, 3, padding=1, stride=2).mean(2)
-    with patch.object(samples, "tap_sums_in_one", side_effect=AssertionError("one product on a large map")):
-        torch.testing.assert_close(samples.patch_means(x, conv), expected, rtol=1e-12, atol=1e-14)
+    for side, used, unused in (
+        (33, "tap_sums_by_phases", "tap_sums_in_one"),
+        (5, "tap_sums_in_one", "tap_sums_by_phases"),
+    ):
+        x = torch.randn(2, 2, side, side + 2, dtype=torch.float64)
+        expected = F.unfold(x, 3, padding=1, stride=2).mean(2)
+        with patch.object(samples, unused, side_effect=AssertionError(f"{unused} on a {side}-high map")):
+            torch.testing.assert_close(samples.patch_means(x, conv), expected, rtol=1e-12, atol=1e-14)
+        assert used  # the other form ran: the one patched out raises
 
 
 def test_overflowing_layer_statistics_skip_the_step_and_change_nothing():

@@ -1,6 +1,6 @@
 """What layer statistics cost: hooks, factor updates and inversions, beside a plain Muon step.
 
-    python -m opcomp.bench.kfac [--model mlp|transformer|resnet] [--steps 30] [--device cuda] [--vocabulary 96]
+    python -m opcomp.bench.kfac [--model mlp|transformer|resnet|cnn] [--steps 30] [--device cuda] [--vocabulary 96]
                                 [--without-muon]
 
 Each row is a full training step (forward, backward, opt.step) on the same model and batch,
@@ -72,24 +72,41 @@ def floor_labels(baseline: str) -> tuple[str, str]:
 
 def task(kind: str, seed: int = 0, device: str = "cpu", vocabulary: int = 96):
     """A model factory and one fixed batch with its loss, on ``device``: the MLP on 256 examples,
-    the small ResNet (strided and 1×1 convolutions, batch norm) on 64 images of 32×32, the
-    transformer on 16 sequences, whose ``vocabulary`` sizes its embedding and head (fog steps
-    them with AdamW)."""
+    the small ResNet (strided and 1×1 convolutions, batch norm) or the plain CNN (:func:`plain_cnn`)
+    on 64 images of 32×32, the transformer on 16 sequences, whose ``vocabulary`` sizes its
+    embedding and head (fog steps them with AdamW)."""
     generator = torch.Generator().manual_seed(seed)
     if kind == "mlp":
         x = torch.randn(256, 784, generator=generator).to(device)
         y = torch.randint(0, 10, (256,), generator=generator).to(device)
         return (lambda: models.mlp(784, 512, 10).to(device)), (lambda m: F.cross_entropy(m(x), y))
-    if kind == "resnet":
+    if kind in ("resnet", "cnn"):
         images = torch.randn(64, 3, 32, 32, generator=generator).to(device)
         labels = torch.randint(0, 10, (64,), generator=generator).to(device)
-        return (lambda: models.small_resnet().to(device)), (lambda m: F.cross_entropy(m(images), labels))
+        model = models.small_resnet if kind == "resnet" else plain_cnn
+        return (lambda: model().to(device)), (lambda m: F.cross_entropy(m(images), labels))
     tokens = torch.randint(0, vocabulary, (16, 64), generator=generator).to(device)
 
     def loss(model: nn.Module) -> torch.Tensor:
         return F.cross_entropy(model(tokens[:, :-1]).reshape(-1, vocabulary), tokens[:, 1:].reshape(-1))
 
     return (lambda: models.CharTransformer(vocabulary, width=128, heads=4, depth=2, length=64).to(device)), loss
+
+
+def plain_cnn() -> nn.Module:
+    """Three 3×3 convolutions 3 → 32 → 64 → 64 (the last two strided) on 32×32 images, global
+    average pooling and a linear classifier: a plain CNN beside the ResNet (no batch norm, no shortcut)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
 
 
 def training_step(model: nn.Module, opt: torch.optim.Optimizer, loss) -> None:
@@ -145,7 +162,7 @@ def median_ms(samples: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["mlp", "transformer", "resnet"], default="mlp")
+    parser.add_argument("--model", choices=["mlp", "transformer", "resnet", "cnn"], default="mlp")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--vocabulary", type=int, default=96, help="the transformer's tokens")

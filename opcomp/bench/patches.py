@@ -2,11 +2,12 @@
 
     python -m opcomp.bench.patches [--repeats 20] [--device cpu]
 
-For the convolutions of the small ResNet on 64 images of 32×32 (``bench.kfac --model resnet``)
-and of ResNet-18 on 32 images of 224×224: ``F.unfold(x).mean(2)`` (what the statistics did
-before), a convolution of each channel with a kernel of ones the output's size, and
-:func:`~opcomp.layers.samples.patch_means` in both its forms (two thin products with 0/1 tap
-selectors, or one with their Kronecker product) and as it chooses between them, medians in
+For the convolutions of the small ResNet and the plain CNN on 64 images of 32×32 (``bench.kfac
+--model resnet``, ``--model cnn``) and of ResNet-18 on 32 images of 224×224:
+``F.unfold(x).mean(2)`` (what the statistics did first), a convolution of each channel with a
+kernel of ones the output's size, two thin products with the 0/1 tap selectors (R_hᵀ (X R_w)), and
+:func:`~opcomp.layers.samples.patch_means` in both its forms (one product with the selectors'
+Kronecker product, or sums over the strides' phases) and as it chooses between them, medians in
 milliseconds, rows interleaved, with the largest difference from the unfolded means.
 """
 
@@ -21,9 +22,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from opcomp.bench.step import synchronize
-from opcomp.layers.samples import patch_means, selectors, tap_sums_in_one, tap_sums_in_two
+from opcomp.layers.samples import patch_means, selectors, tap_sums_by_phases, tap_sums_in_one
 
-# (images, channels, side, kernel, stride, padding): the small ResNet's every distinct conv, ResNet-18's some
+# (images, channels, side, kernel, stride, padding): the small ResNet's and the plain CNN's every distinct conv
+# (bench.kfac), ResNet-18's some
 SHAPES = {
     "small ResNet, 64 × 32²": [
         (64, 3, 32, 7, 2, 3),
@@ -34,6 +36,11 @@ SHAPES = {
         (64, 64, 4, 3, 2, 1),
         (64, 64, 4, 1, 2, 0),
         (64, 128, 2, 3, 1, 1),
+    ],
+    "plain CNN, 64 × 32²": [
+        (64, 3, 32, 3, 1, 1),
+        (64, 32, 32, 3, 2, 1),
+        (64, 64, 16, 3, 2, 1),
     ],
     "ResNet-18, 32 × 224²": [
         (32, 3, 224, 7, 2, 3),
@@ -61,11 +68,17 @@ def ones_kernel(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 
 def two_products(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    return tap_sums_in_two(x, conv) / selectors(x, conv)[2]
+    """R_hᵀ (X R_w): the selectors' two thin products, reading the input as kw-wide rows."""
+    rows, columns, positions = selectors(x, conv)
+    return (rows.T @ (x @ columns)).reshape(len(x), -1) / positions
 
 
 def one_product(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return tap_sums_in_one(x, conv) / selectors(x, conv)[2]
+
+
+def by_phases(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    return tap_sums_by_phases(x, conv) / selectors(x, conv)[2]
 
 
 def median_ms(run, repeats: int, device: str) -> float:
@@ -89,15 +102,16 @@ def main(argv: list[str] | None = None) -> None:
         "ones kernel": ones_kernel,
         "two products": two_products,
         "one product": one_product,
+        "phases": by_phases,
         "patch_means": patch_means,
     }
     print(f"{torch.get_num_threads()} threads, device {args.device}, median of {args.repeats}")
     print()
     print(
         "| model | images, channels, side, kernel/stride/padding | unfold + mean ms | ones kernel ms | "
-        "two products ms | one product ms | patch_means ms | unfold ÷ patch_means | largest difference |"
+        "two products ms | one product ms | phases ms | patch_means ms | unfold ÷ patch_means | largest difference |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for model, shapes in SHAPES.items():
         for images, channels, side, kernel, stride, padding in shapes:
             conv = nn.Conv2d(channels, 8, kernel, stride=stride, padding=padding).to(args.device)
@@ -111,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             difference = (patch_means(x, conv) - unfolded(x, conv)).abs().max().item()
             print(
                 f"| {model} | {images}, {channels}, {side}, {kernel}/{stride}/{padding} | {ms['unfold, mean']:.2f} | "
-                f"{ms['ones kernel']:.2f} | {ms['two products']:.2f} | {ms['one product']:.2f} | "
+                f"{ms['ones kernel']:.2f} | {ms['two products']:.2f} | {ms['one product']:.2f} | {ms['phases']:.2f} | "
                 f"{ms['patch_means']:.2f} | "
                 f"{ms['unfold, mean'] / ms['patch_means']:.1f} | {difference:.1e} |"
             )

@@ -85,8 +85,9 @@ class ConvSample(Sample):
     def a(self) -> Tensor:
         return self.patches(0, len(self.inputs))
 
-    def patches(self, start: int, stop: int) -> Tensor:
-        """``a`` of examples ``start`` to ``stop``: a chunked product unfolds a few at a time."""
+    def patches(self, start: int, stop: int, bias: bool = True) -> Tensor:
+        """``a`` of examples ``start`` to ``stop``: a chunked product unfolds a few at a time;
+        without ``bias``, the patches alone (no column of ones appended)."""
         module = self.module
         patches = F.unfold(
             self.inputs[start:stop],
@@ -96,7 +97,7 @@ class ConvSample(Sample):
             stride=module.stride,
         )
         # (n, positions, C·kh·kw), grouped (n, positions, groups, C/groups·kh·kw)
-        return with_bias_column(self._by_group(patches.transpose(1, 2)), self.columns)
+        return with_bias_column(self._by_group(patches.transpose(1, 2)), self.columns if bias else "weight")
 
     @property
     def positions(self) -> int:
@@ -153,51 +154,97 @@ def patch_means(inputs: Tensor, module: nn.Conv2d) -> Tensor:
     column grid, so the sums are R_hᵀ X R_w per example and channel, R a 0/1 matrix that marks
     which input rows (columns) each kernel offset reads (:func:`tap_selector`; padding reads
     zeros, so it has no rows). On a small map they are one product with R_h ⊗ R_w
-    (:data:`ONE_PRODUCT`), else two thin ones; either reads the input once: on CPU 9–103 times
-    faster than unfolding on ResNet shapes (``python -m opcomp.bench.patches``,
-    docs/performance.md); the same values up to rounding."""
-    n, c, h, w = inputs.shape
+    (:func:`tap_sums_in_one`, :data:`ONE_PRODUCT`), on a larger one sums over the strides' phases
+    (:func:`tap_sums_by_phases`), about one pass over the input; on CPU 9–100 times faster than
+    unfolding on ResNet shapes (``python -m opcomp.bench.patches``, docs/performance.md); the same
+    values up to rounding."""
+    h, w = inputs.shape[-2:]
     rows, columns, positions = selectors(inputs, module)
-    one = h * w * rows.shape[1] * columns.shape[1]
-    if one <= ONE_PRODUCT[0] and n * c * one <= ONE_PRODUCT[1]:
+    if h * w * rows.shape[1] * columns.shape[1] <= ONE_PRODUCT:
         return tap_sums_in_one(inputs, module) / positions
-    return tap_sums_in_two(inputs, module) / positions
+    return tap_sums_by_phases(inputs, module) / positions
 
 
-ONE_PRODUCT = (1 << 16, 1 << 24)
-"""Entries of R_h ⊗ R_w, and multiply-adds of X by it, up to which the tap sums are that one
-product: on small maps the two thin products cost their launches more than their arithmetic (on
-the small ResNet's maps of 2² to 32² one product takes 0.4–0.7 of the time, on ResNet-18's 7²
-and 14² 0.6–0.8), and on large ones the Kronecker product's kh·kw multiply-adds per input value
-cost more than two passes (ResNet-18's 56², 3×3: 1.2–1.8 times as long); ``python -m
-opcomp.bench.patches`` (AMD EPYC, 2 threads)."""
+ONE_PRODUCT = 1 << 10
+"""Entries of R_h ⊗ R_w up to which the tap sums are that one product: a small map's phase sums
+cost their dozen small ops more than the product's kh·kw multiply-adds per input value (on the
+small ResNet's 2² to 8² maps one product takes 0.1–0.7 of their time), a larger map's product
+costs more than their one pass (16² maps: 1.4 times their time, ResNet-18's 56²: 2.5–4.7 times);
+``python -m opcomp.bench.patches``, AMD EPYC."""
 
 
 def selectors(inputs: Tensor, module: nn.Conv2d) -> tuple[Tensor, Tensor, int]:
     """R_h, R_w (:func:`tap_selector`) of the conv's geometry on ``inputs``, and its output positions."""
     h, w = inputs.shape[-2:]
-    geometry = (module.kernel_size, module.stride, _pair(conv_padding(module)), module.dilation)
-    rows, out_h = tap_selector(h, *(dim[0] for dim in geometry), inputs.dtype, inputs.device)
-    columns, out_w = tap_selector(w, *(dim[1] for dim in geometry), inputs.dtype, inputs.device)
+    rows, out_h = tap_selector(h, *geometry(module, 0), inputs.dtype, inputs.device)
+    columns, out_w = tap_selector(w, *geometry(module, 1), inputs.dtype, inputs.device)
     return rows, columns, out_h * out_w
 
 
-def tap_sums_in_two(inputs: Tensor, module: nn.Conv2d) -> Tensor:
-    """Σ over each kernel offset's grid, (N, C·kh·kw): R_hᵀ (X R_w), two thin products."""
-    rows, columns, _ = selectors(inputs, module)
-    return (rows.T @ (inputs @ columns)).reshape(len(inputs), -1)
+def geometry(module: nn.Conv2d, dim: int) -> tuple[int, int, int, int]:
+    """Kernel, stride, padding and dilation of the conv along ``dim`` (0: rows, 1: columns)."""
+    return tuple(
+        value[dim] for value in (module.kernel_size, module.stride, _pair(conv_padding(module)), module.dilation)
+    )
 
 
 def tap_sums_in_one(inputs: Tensor, module: nn.Conv2d) -> Tensor:
-    """The same sums as one product, X (N, C, h·w) by R_h ⊗ R_w (h·w, kh·kw)."""
+    """Σ over each kernel offset's grid, (N, C·kh·kw), as one product: X (N, C, h·w) by R_h ⊗ R_w
+    (h·w, kh·kw)."""
     n, c, h, w = inputs.shape
     rows, columns, _ = selectors(inputs, module)
     return (inputs.reshape(n, c, h * w) @ kronecker(rows, columns)).reshape(n, -1)
 
 
+def tap_sums_by_phases(inputs: Tensor, module: nn.Conv2d) -> Tensor:
+    """The same sums from the strides' phases: with R = Π Φ + S Ψ along each dimension
+    (:func:`phase_split`), R_hᵀ X R_w = M_hᵀ K M_w for M = [Φ; Ψ] and the small core K = [Π_h
+    S_h]ᵀ X [Π_w S_w] (N, C, s_h + b_h, s_w + b_w): X summed by row phase and its few border rows
+    taken (long contiguous runs, the one pass over the input), then the same along the columns of
+    what is left. The thin products R_hᵀ (X R_w) read the input as kw-wide rows, at a small
+    product's poor rate: 2–4 times slower on maps of 16² and more."""
+    n, c, h, w = inputs.shape
+    (border_h, mix_h, whole_h), (border_w, mix_w, whole_w) = (
+        phase_split(size, *geometry(module, dim), inputs.dtype, inputs.device) for dim, size in ((0, h), (1, w))
+    )
+    stride_h, stride_w = module.stride
+    rows = torch.cat([phase_sums(inputs, 2, whole_h, stride_h), inputs.index_select(2, border_h)], 2)
+    core = torch.cat([phase_sums(rows, 3, whole_w, stride_w), rows.index_select(3, border_w)], 3)
+    return (core.reshape(n, c, -1) @ kronecker(mix_h, mix_w)).reshape(n, -1)
+
+
+def phase_sums(values: Tensor, dim: int, whole: int, stride: int) -> Tensor:
+    """Σ over the first ``whole`` positions of ``dim`` (a multiple of ``stride``) by phase
+    (position mod stride): that dimension becomes ``stride`` long."""
+    return values.narrow(dim, 0, whole).unflatten(dim, (whole // stride, stride)).sum(dim)
+
+
+@lru_cache(maxsize=256)
+def phase_split(
+    size: int, kernel: int, stride: int, padding: int, dilation: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor, int]:
+    """R (:func:`tap_selector`) as Π Φ + S Ψ along one dimension. Π (size, stride) marks each of the
+    first ``whole`` positions (size rounded down to whole strides) by its phase; Φ (stride, kernel)
+    each offset's phase, the one every position of its grid has; S picks the few positions where R
+    and Π Φ differ (the padding's side of a grid, past a grid's end, past ``whole``) and Ψ is R − Π Φ
+    there. Returns S's positions, [Φ; Ψ] and ``whole``; kept per geometry, dtype and device."""
+    selector, _ = tap_selector(size, kernel, stride, padding, dilation, dtype, torch.device("cpu"))
+    whole = size - size % stride
+    phases = torch.zeros(stride, kernel, dtype=dtype)
+    for offset in range(kernel):
+        if selector[:, offset].any():
+            phases[(offset * dilation - padding) % stride, offset] = 1.0
+    spread = torch.zeros(size, stride, dtype=dtype)
+    spread[torch.arange(whole), torch.arange(whole) % stride] = 1.0
+    difference = selector - spread @ phases
+    border = difference.any(1).nonzero().flatten()
+    return border.to(device), torch.cat([phases, difference[border]]).to(device), whole
+
+
 @lru_cache(maxsize=256)
 def kronecker(rows: Tensor, columns: Tensor) -> Tensor:
-    """R_h ⊗ R_w, kept beside the selectors it is made of (themselves kept per geometry)."""
+    """R_h ⊗ R_w (or [Φ; Ψ]_h ⊗ [Φ; Ψ]_w), kept beside the matrices it is made of (themselves kept
+    per geometry)."""
     return torch.kron(rows, columns)
 
 

@@ -119,11 +119,16 @@ def rotates_after_summing(sample, d: Tensor) -> bool:
 
 def summed_then_rotated(sample: ConvSample, d: Tensor, q_a: Tensor | None, a_form: FactorForm) -> Tensor:
     """Σ_n ((d_nᵀ a_n) Q_A)² for rotated output gradients ``d`` (N, S, out), a few examples at a
-    time (their unfolded patches held only meanwhile)."""
+    time (their unfolded patches held only meanwhile). A folded bias's column of the gradients is
+    d summed over positions, appended to the product rather than a column of ones to the patches
+    (a copy out/positions the size)."""
     chunk = max(1, CHUNK // max(1, d.shape[1] * sample.width))
     total = None
     for start in range(0, len(d), chunk):
-        gradients = d[start : start + chunk].mT @ sample.patches(start, start + chunk)  # (n, out, in)
+        rows = d[start : start + chunk]
+        gradients = rows.mT @ sample.patches(start, start + chunk, bias=False)  # (n, out, in)
+        if sample.columns == "weight+bias":
+            gradients = torch.cat([gradients, rows.sum(1).unsqueeze(-1)], -1)
         if q_a is not None:
             gradients = rows_times(gradients, q_a, a_form)
         part = squares(gradients).sum(0)
