@@ -4,8 +4,9 @@
                                 [--without-muon]
 
 Each row is a full training step (forward, backward, opt.step) on the same model and batch,
-rows interleaved round by round; medians in milliseconds (a step that refreshes inverses is
-rarer than one in two, so the median is the step between refreshes), and the ratio of means,
+rows interleaved round by round, every other round in reverse order (so no row always follows
+the same one); medians in milliseconds (a step that refreshes inverses is rarer than one in two,
+so the median is the step between refreshes), and the ratio of means,
 which spreads the refreshes over the steps. Two more rows bound fog from below: its matrix
 products alone (each layer's factor grams, one per input read alike, and its two
 preconditioning products, on random rows of the shapes a step captures), and a muon_adamw
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     alone, floor = floor_labels(base)
     rows[alone] = products
     rows[floor] = lambda: (training_step(*baseline_run, loss), products())
-    samples = interleaved(rows, args.steps, args.device)
+    samples = interleaved(rows, args.steps, args.device, alternate=True)
     count = sum(p.numel() for p in next(iter(runs.values()))[0].parameters())
     print(
         f"model {args.model} ({count / 1e6:.2f}M parameters), median of {args.steps} steps, "

@@ -168,7 +168,7 @@ def patch_means(inputs: Tensor, module: nn.Conv2d) -> Tensor:
 ONE_PRODUCT = 1 << 10
 """Entries of R_h ⊗ R_w up to which the tap sums are that one product: a small map's phase sums
 cost their dozen small ops more than the product's kh·kw multiply-adds per input value (on the
-small ResNet's 2² to 8² maps one product takes 0.1–0.7 of their time), a larger map's product
+small ResNet's 2² to 8² maps one product takes 0.1–0.6 of their time), a larger map's product
 costs more than their one pass (16² maps: 1.4 times their time, ResNet-18's 56²: 2.5–4.7 times);
 ``python -m opcomp.bench.patches``, AMD EPYC."""
 
@@ -202,7 +202,7 @@ def tap_sums_by_phases(inputs: Tensor, module: nn.Conv2d) -> Tensor:
     S_h]ᵀ X [Π_w S_w] (N, C, s_h + b_h, s_w + b_w): X summed by row phase and its few border rows
     taken (long contiguous runs, the one pass over the input), then the same along the columns of
     what is left. The thin products R_hᵀ (X R_w) read the input as kw-wide rows, at a small
-    product's poor rate: 2–4 times slower on maps of 16² and more."""
+    product's poor rate: 1.3–4 times slower on maps of 16² and more."""
     n, c, h, w = inputs.shape
     (border_h, mix_h, whole_h), (border_w, mix_w, whole_w) = (
         phase_split(size, *geometry(module, dim), inputs.dtype, inputs.device) for dim, size in ((0, h), (1, w))
