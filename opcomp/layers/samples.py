@@ -208,8 +208,8 @@ def tap_sums_by_phases(inputs: Tensor, module: nn.Conv2d) -> Tensor:
         phase_split(size, *geometry(module, dim), inputs.dtype, inputs.device) for dim, size in ((0, h), (1, w))
     )
     stride_h, stride_w = module.stride
-    rows = torch.cat([phase_sums(inputs, 2, whole_h, stride_h), inputs.index_select(2, border_h)], 2)
-    core = torch.cat([phase_sums(rows, 3, whole_w, stride_w), rows.index_select(3, border_w)], 3)
+    by_row = torch.cat([phase_sums(inputs, 2, whole_h, stride_h), inputs.index_select(2, border_h)], 2)
+    core = torch.cat([phase_sums(by_row, 3, whole_w, stride_w), by_row.index_select(3, border_w)], 3)
     return (core.reshape(n, c, -1) @ kronecker(mix_h, mix_w)).reshape(n, -1)
 
 
