@@ -87,6 +87,37 @@ def test_ekfac_scale_of_convs_without_a_bias_column_is_the_mean_square_of_rotate
         torch.testing.assert_close(state["scale"], expected, rtol=1e-9, atol=1e-14)
 
 
+@pytest.mark.parametrize("channels", [(3, 3), (40, 20)])
+def test_ekfac_scale_of_convs_on_rectangular_maps_is_the_mean_square_of_rotated_gradients(channels):
+    """Maps taller than wide, kernels, strides and dilations that differ by dimension, biases
+    folded in, against per-example gradients from torch.func. With fewer output channels than
+    positions (3 on 6 × 5, then on 4 × 4) each example's gradient is summed, then rotated; with
+    more (40, 20) the patches are rotated first."""
+    torch.manual_seed(0)
+    first, second = channels
+    model = nn.Sequential(
+        nn.Conv2d(2, first, kernel_size=(3, 2), stride=(2, 1), padding=(1, 0)),
+        nn.ReLU(),
+        nn.Conv2d(first, second, kernel_size=2, dilation=(2, 1)),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(second, shapes.CLASSES),
+    ).double()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 2, 11, 6, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, shapes.CLASSES, (24,), generator=generator)
+    opt = opcomp.build("ekfac[invert_every=1](g) | g", model, lr=0.0)
+    shapes.loss(model, x, y).backward()
+    opt.step()
+    examples = per_example_gradients(model, lambda out, t: F.cross_entropy(out, t), x, y)
+    for name in ("0", "2"):
+        weight = model.get_submodule(name).weight
+        state = node_state(opt, weight, "ekfac")
+        vectors = block_vectors(examples, name).reshape(len(x), weight.shape[0], -1)
+        expected = (state["Q_G"].T @ vectors @ state["Q_A"]).square().mean(0)
+        torch.testing.assert_close(state["scale"], expected, rtol=1e-9, atol=1e-14)
+
+
 def test_ekfac_corrects_right_after_each_refresh_and_averages_in_between():
     model = shapes.make("strided_conv")
     batches = [shapes.batch("strided_conv", 24, seed=s) for s in range(3)]

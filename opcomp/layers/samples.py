@@ -85,9 +85,8 @@ class ConvSample(Sample):
     def a(self) -> Tensor:
         return self.patches(0, len(self.inputs))
 
-    def patches(self, start: int, stop: int, bias: bool = True) -> Tensor:
-        """``a`` of examples ``start`` to ``stop``: a chunked product unfolds a few at a time;
-        without ``bias``, the patches alone (no column of ones appended)."""
+    def patches(self, start: int, stop: int) -> Tensor:
+        """``a`` of examples ``start`` to ``stop``."""
         module = self.module
         patches = F.unfold(
             self.inputs[start:stop],
@@ -97,7 +96,7 @@ class ConvSample(Sample):
             stride=module.stride,
         )
         # (n, positions, C·kh·kw), grouped (n, positions, groups, C/groups·kh·kw)
-        return with_bias_column(self._by_group(patches.transpose(1, 2)), self.columns if bias else "weight")
+        return with_bias_column(self._by_group(patches.transpose(1, 2)), self.columns)
 
     @property
     def positions(self) -> int:
@@ -126,6 +125,25 @@ class ConvSample(Sample):
         examples, _, height, width = self.grad.shape
         return examples if reduce else examples * height * width
 
+    def example_gradients(self, d: Tensor, start: int, stop: int) -> Tensor:
+        """Σ_s d_ns a_nsᵀ, the weight gradient of each example ``start`` to ``stop`` (n, out, C·kh·kw),
+        for rows ``d`` (n, S, out) of those examples (rotated or not), without unfolding the patches:
+        the conv's own weight-gradient kernel, the examples as its groups. 0.3–0.9 of unfolding and
+        multiplying on the shapes timed, except 3 input channels (1.3; docs/performance.md)."""
+        module, inputs = self.module, self.inputs[start:stop]
+        examples, channels, height, width = inputs.shape
+        out = d.shape[2]
+        gradients = torch.nn.grad.conv2d_weight(
+            inputs.reshape(1, examples * channels, height, width),
+            (examples * out, *module.weight.shape[1:]),
+            d.mT.reshape(1, examples * out, *self.grad.shape[2:]),
+            module.stride,
+            conv_padding(module),
+            module.dilation,
+            groups=examples,
+        )
+        return gradients.reshape(examples, out, -1)
+
     def rotated_a(self, q: Tensor | None, form: FactorForm) -> Tensor:
         """a Q without unfolding: column j of a Q at every position is the conv of the input with
         column j of Q as its kernel (its last row as the bias, when a holds the bias's 1). A Q in
@@ -139,11 +157,6 @@ class ConvSample(Sample):
         bias = blocks[:, -1].reshape(-1) if folded else None
         out = F.conv2d(self.inputs, kernels, bias, module.stride, conv_padding(module), module.dilation, module.groups)
         return self._by_group(out.flatten(2).transpose(1, 2))
-
-
-def squares(values: Tensor) -> Tensor:
-    """values², as a product: ``square`` is ``pow``, five times slower on CPU."""
-    return values * values
 
 
 def patch_means(inputs: Tensor, module: nn.Conv2d) -> Tensor:

@@ -13,7 +13,7 @@ from opcomp.capture import Capture, Entry
 from opcomp.distributed import DataParallel
 from opcomp.layers.blocks import gram_layout, rows_times
 from opcomp.layers.kinds import kind_of
-from opcomp.layers.samples import ConvSample, Sample, squares
+from opcomp.layers.samples import ConvSample, Sample
 from opcomp.layers.shapes import Columns, FactorForm
 from opcomp.precision import working_dtype
 
@@ -82,7 +82,7 @@ class Statistics:
             elif d.ndim == 4:  # a grouped conv: (N, S, groups, ·), one block per group
                 chunk = max(1, CHUNK // max(1, d.shape[2] * d.shape[3] * a.shape[3]))
                 part = sum(
-                    squares(torch.einsum("nsko,nski->nkoi", d[i : i + chunk], a[i : i + chunk])).sum(0)
+                    squares_summed(torch.einsum("nsko,nski->nkoi", d[i : i + chunk], a[i : i + chunk]))
                     for i in range(0, len(d), chunk)
                 )
             elif d.shape[1] == 1:  # no sharing: Σ_n (d_n²)(a_n²)ᵀ in one product
@@ -90,7 +90,7 @@ class Statistics:
             else:
                 chunk = max(1, CHUNK // max(1, d.shape[2] * a.shape[2]))
                 part = sum(
-                    squares(torch.einsum("nso,nsi->noi", d[i : i + chunk], a[i : i + chunk])).sum(0)
+                    squares_summed(torch.einsum("nso,nsi->noi", d[i : i + chunk], a[i : i + chunk]))
                     for i in range(0, len(d), chunk)
                 )
             total = part if total is None else total + part
@@ -118,22 +118,28 @@ def rotates_after_summing(sample, d: Tensor) -> bool:
 
 
 def summed_then_rotated(sample: ConvSample, d: Tensor, q_a: Tensor | None, a_form: FactorForm) -> Tensor:
-    """Σ_n ((d_nᵀ a_n) Q_A)² for rotated output gradients ``d`` (N, S, out), a few examples at a
-    time (their unfolded patches held only meanwhile). A folded bias's column of the gradients is
-    d summed over positions, appended to the product rather than a column of ones to the patches
-    (a copy out/positions the size)."""
-    chunk = max(1, CHUNK // max(1, d.shape[1] * sample.width))
+    """Σ_n ((d_nᵀ a_n) Q_A)² for rotated output gradients ``d`` (N, S, out), CHUNK values of
+    per-example gradients at a time. A folded bias's column of the gradients is d summed over
+    positions, appended to them rather than a column of ones to the patches."""
+    chunk = max(1, CHUNK // max(1, d.shape[2] * sample.width))
     total = None
     for start in range(0, len(d), chunk):
         rows = d[start : start + chunk]
-        gradients = rows.mT @ sample.patches(start, start + chunk, bias=False)  # (n, out, in)
+        gradients = sample.example_gradients(rows, start, start + chunk)  # (n, out, in)
         if sample.columns == "weight+bias":
             gradients = torch.cat([gradients, rows.sum(1).unsqueeze(-1)], -1)
         if q_a is not None:
             gradients = rows_times(gradients, q_a, a_form)
-        part = squares(gradients).sum(0)
+        part = squares_summed(gradients)
         total = part if total is None else total.add_(part)
     return total
+
+
+def squares_summed(temporary: Tensor) -> Tensor:
+    """Σ_n x_n² over the first dimension, squared in place (``x * x``: pow is five times slower on
+    CPU): per-example gradients are a temporary, and a fresh product's pages cost more than the
+    product (1.38 against 0.54 ms for 64 × 64 × 577 here)."""
+    return temporary.mul_(temporary).sum(0)
 
 
 def mean_square(blocks: list[Tensor], count: float) -> Tensor:
