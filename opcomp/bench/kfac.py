@@ -10,7 +10,8 @@ so the median is the step between refreshes), and the ratio of means,
 which spreads the refreshes over the steps. Two more rows bound fog from below: its matrix
 products alone (each layer's factor grams, one per input read alike, and its two
 preconditioning products, on random rows of the shapes a step captures), and a muon_adamw
-step followed by them, timed as one row: what fog costs in fp32 with nothing else. Then parts
+step followed by them, timed as one row: what fog costs in fp32 with nothing else. One more
+does the same for ekfac_sgd: a momentum(g) step, then EKFAC's products (:mod:`opcomp.bench.floors`). Then parts
 of fog's step alone: the capture hooks (forward + backward, armed against disarmed), one
 batched refresh of every factor inverse, and ``opt.step`` deciding its checks on the host
 against keeping them on the device, as it does on CUDA (forced here on whatever device runs).
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
 from types import SimpleNamespace
 from unittest.mock import patch
 
@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 import opcomp
 import opcomp.step.transactional as transactional
+from opcomp.bench.floors import ekfac_products, fog_products, layer_shapes
 from opcomp.bench.step import interleaved, synchronize
 from opcomp.comparison import models
 from opcomp.comparison.report import table_cell
@@ -51,6 +52,7 @@ CONFIGURATIONS = {
     "fog_amortized (update_every=10, invert_every=100)": "fog_amortized",
     "fog_amortized[bf16]": "fog_amortized[bf16]",
     "diagfog": "diagfog",
+    "momentum(g)": "momentum(g)",
     "ekfac_sgd": "ekfac_sgd",
 }
 
@@ -69,6 +71,9 @@ slow, Muon's iteration is most of every Muon step and hides what the statistics 
 
 def floor_labels(baseline: str) -> tuple[str, str]:
     return "fog's matrix products alone", f"{baseline}, then fog's matrix products (fog's floor in fp32)"
+
+
+EKFAC_FLOOR = "momentum(g), then ekfac's matrix products (ekfac_sgd's floor in fp32)"
 
 
 def task(kind: str, seed: int = 0, device: str = "cpu", vocabulary: int = 96):
@@ -116,41 +121,6 @@ def training_step(model: nn.Module, opt: torch.optim.Optimizer, loss) -> None:
     opt.step()
 
 
-def fog_products(model: nn.Module, opt: torch.optim.Optimizer, loss) -> Callable[[], None]:
-    """A function that runs fog's matrix products alone, on random rows shaped as one recorded
-    forward and backward gives them: each distinct input's gram (A's width: a conv's patches, the
-    bias as an appended 1; a row per position of a Linear, per example of a Conv2d), each layer's
-    output-gradient gram, and G⁻¹ X A⁻¹ with the layer's inverses."""
-    opt.zero_grad()
-    loss(model).backward()
-    grams, preconditions, seen = [], [], set()
-    for module, entries in opt._capture.entries.items():
-        entry = next((e for e in entries if e.grad is not None), None)
-        state = next((v for k, v in opt.state[module.weight].items() if k.startswith("kfac[")), None)
-        if entry is None or state is None:
-            continue
-        g_inverse, a_inverse = state["G_inv"], state["A_inv"]
-        if isinstance(module, nn.Conv2d):
-            rows = entry.input.shape[0]
-        else:
-            rows = entry.input.numel() // entry.input.shape[-1]
-        if (entry.input.data_ptr(), len(a_inverse)) not in seen:
-            seen.add((entry.input.data_ptr(), len(a_inverse)))
-            grams.append(torch.randn(rows, len(a_inverse)).to(a_inverse))
-        grams.append(torch.randn(rows, len(g_inverse)).to(g_inverse))
-        preconditions.append((g_inverse, torch.randn(len(g_inverse), len(a_inverse)).to(a_inverse), a_inverse))
-    opt._capture.clear()
-    opt.zero_grad()
-
-    def products() -> None:
-        for rows in grams:
-            rows.T @ rows
-        for g_inverse, x, a_inverse in preconditions:
-            g_inverse @ x @ a_inverse
-
-    return products
-
-
 def form(factor: torch.Tensor) -> FactorForm:
     """How a factor is kept, read from its shape (these models' factors are whole or diagonal)."""
     side = factor.shape[-1]
@@ -182,14 +152,16 @@ def main(argv: list[str] | None = None) -> None:
         runs[label] = (model, opcomp.build(expression, model, lr=0.01))
     for model, opt in runs.values():  # warm up: state, first factors and inverses
         training_step(model, opt, loss)
-    products = fog_products(*runs[fog], loss)
-    baseline_run = runs[base]
+    products = fog_products(layer_shapes(*runs[fog], loss, "kfac["))
+    ekfac = ekfac_products(layer_shapes(*runs["ekfac_sgd"], loss, "ekfac["))
+    baseline_run, momentum_run = runs[base], runs["momentum(g)"]
     rows = {
         label: (lambda model=model, opt=opt: training_step(model, opt, loss)) for label, (model, opt) in runs.items()
     }
     alone, floor = floor_labels(base)
     rows[alone] = products
     rows[floor] = lambda: (training_step(*baseline_run, loss), products())
+    rows[EKFAC_FLOOR] = lambda: (training_step(*momentum_run, loss), ekfac())
     samples = interleaved(rows, args.steps, args.device, alternate=True)
     count = sum(p.numel() for p in next(iter(runs.values()))[0].parameters())
     print(

@@ -63,8 +63,8 @@ class ConvSample(Sample):
     reduced rows (what KFAC and diagonal KFAC read) come without unfolding the input: each entry
     of a patch averaged over the output positions is :func:`patch_means`, and d summed over them
     a sum over the gradient's spatial dimensions; EKFAC's patches rotated by Q_A are a
-    convolution (:meth:`rotated_a`), or, with fewer output channels than positions, a few
-    examples' patches at a time (:meth:`patches`) multiply their gradients before the rotation.
+    convolution (:meth:`rotated_a`), or, with fewer output channels than positions, each
+    example's gradient (:meth:`example_gradients`) is rotated instead.
     The unfolded (N, S, in) patches, a copy kernel-size times the input's, are made only when
     asked for: a layer called twice in one forward, EKFAC with A kept diagonal."""
 
@@ -128,8 +128,8 @@ class ConvSample(Sample):
     def example_gradients(self, d: Tensor, start: int, stop: int) -> Tensor:
         """Σ_s d_ns a_nsᵀ, the weight gradient of each example ``start`` to ``stop`` (n, out, C·kh·kw),
         for rows ``d`` (n, S, out) of those examples (rotated or not), without unfolding the patches:
-        the conv's own weight-gradient kernel, the examples as its groups. 0.3–0.9 of unfolding and
-        multiplying on the shapes timed, except 3 input channels (1.3; docs/performance.md)."""
+        the conv's own weight-gradient kernel, the examples as its groups: 0.44–1.0 the time of
+        unfolding and multiplying (``python -m opcomp.bench.example_gradients``)."""
         module, inputs = self.module, self.inputs[start:stop]
         examples, channels, height, width = inputs.shape
         out = d.shape[2]
