@@ -74,17 +74,7 @@ def test_ekfac_scale_of_convs_without_a_bias_column_is_the_mean_square_of_rotate
         nn.Flatten(),
         nn.Linear(second, shapes.CLASSES),
     ).double()
-    x, y = shapes.batch("strided_conv", 24)
-    opt = opcomp.build("ekfac[invert_every=1](g) | g", model, lr=0.0)
-    shapes.loss(model, x, y).backward()
-    opt.step()
-    examples = per_example_gradients(model, lambda out, t: F.cross_entropy(out, t), x, y)
-    for name in ("0", "2"):
-        weight = model.get_submodule(name).weight
-        state = node_state(opt, weight, "ekfac")
-        vectors = block_vectors(examples, name, with_bias=False).reshape(len(x), weight.shape[0], -1)
-        expected = (state["Q_G"].T @ vectors @ state["Q_A"]).square().mean(0)
-        torch.testing.assert_close(state["scale"], expected, rtol=1e-9, atol=1e-14)
+    assert_conv_scales_match_torch_func(model, *shapes.batch("strided_conv", 24), with_bias=False)
 
 
 @pytest.mark.parametrize("channels", [(3, 3), (40, 20)])
@@ -106,6 +96,11 @@ def test_ekfac_scale_of_convs_on_rectangular_maps_is_the_mean_square_of_rotated_
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(24, 2, 11, 6, generator=generator, dtype=torch.float64)
     y = torch.randint(0, shapes.CLASSES, (24,), generator=generator)
+    assert_conv_scales_match_torch_func(model, x, y, with_bias=True)
+
+
+def assert_conv_scales_match_torch_func(model: nn.Sequential, x, y, with_bias: bool) -> None:
+    """EKFAC's scale of the convs at 0 and 2 after one step, against per-example gradients."""
     opt = opcomp.build("ekfac[invert_every=1](g) | g", model, lr=0.0)
     shapes.loss(model, x, y).backward()
     opt.step()
@@ -113,7 +108,7 @@ def test_ekfac_scale_of_convs_on_rectangular_maps_is_the_mean_square_of_rotated_
     for name in ("0", "2"):
         weight = model.get_submodule(name).weight
         state = node_state(opt, weight, "ekfac")
-        vectors = block_vectors(examples, name).reshape(len(x), weight.shape[0], -1)
+        vectors = block_vectors(examples, name, with_bias=with_bias).reshape(len(x), weight.shape[0], -1)
         expected = (state["Q_G"].T @ vectors @ state["Q_A"]).square().mean(0)
         torch.testing.assert_close(state["scale"], expected, rtol=1e-9, atol=1e-14)
 
