@@ -12,7 +12,7 @@ share of ``--budget`` seconds (a part that runs out says so in its row and the r
 3. host synchronisations per step (after the first) for adamw, muon_adamw, fog and fog_amortized,
    as CUDA's debug mode counts them (:func:`host_syncs`);
 4. ``python -m opcomp.bench.step --shapes gpt2 --device cuda`` and ``python -m opcomp.bench.kfac
-   --device cuda`` on the MLP and the transformer, their tables as they print them.
+   --device cuda`` on the MLP, the transformer and the plain CNN, their tables as they print them.
 
 Without a CUDA device it says so and exits with status 2, writing nothing.
 """
@@ -36,6 +36,7 @@ BENCHES = (
     ("step, GPT-2 small shapes", ["opcomp.bench.step", "--shapes", "gpt2", "--expr", "adamw(g)", "muon(g)"]),
     ("kfac, MLP", ["opcomp.bench.kfac", "--model", "mlp"]),
     ("kfac, transformer", ["opcomp.bench.kfac", "--model", "transformer"]),
+    ("kfac, plain CNN", ["opcomp.bench.kfac", "--model", "cnn"]),
 )
 SYNC_EXPRESSIONS = ("adamw", "muon_adamw", "fog", "fog_amortized")
 
