@@ -126,8 +126,9 @@ class ConvSample(Sample):
         return examples if reduce else examples * height * width
 
     def example_gradients(self, d: Tensor, start: int, stop: int) -> Tensor:
-        """Σ_s d_ns a_nsᵀ, the weight gradient of each example ``start`` to ``stop`` (n, out, C·kh·kw),
-        for rows ``d`` (n, S, out) of those examples (rotated or not), without unfolding the patches:
+        """Σ_s d_ns a_nsᵀ, the weight gradient of each example ``start`` to ``stop`` (n, out, C·kh·kw)
+        of an ungrouped conv, for rows ``d`` (n, S, out) of those examples (rotated or not), without
+        unfolding the patches:
         the conv's own weight-gradient kernel, the examples as its groups: 0.44–1.0 the time of
         unfolding and multiplying (``python -m opcomp.bench.example_gradients``)."""
         module, inputs = self.module, self.inputs[start:stop]
