@@ -148,7 +148,8 @@ class ConvSample(Sample):
     def rotated_a(self, q: Tensor | None, form: FactorForm) -> Tensor:
         """a Q without unfolding: column j of a Q at every position is the conv of the input with
         column j of Q as its kernel (its last row as the bias, when a holds the bias's 1). A Q in
-        blocks rotates the unfolded patches block by block instead."""
+        blocks rotates the unfolded patches block by block instead. Channels last: the output comes
+        as (N, positions, in) directly, and the conv is faster so (docs/performance.md)."""
         if q is None or self.columns == "bias" or form.blocked:
             return super().rotated_a(q, form)
         module, folded = self.module, self.columns == "weight+bias"
@@ -156,8 +157,16 @@ class ConvSample(Sample):
         inputs = blocks.shape[1] - folded
         kernels = blocks[:, :inputs].mT.reshape(-1, *module.weight.shape[1:])
         bias = blocks[:, -1].reshape(-1) if folded else None
-        out = F.conv2d(self.inputs, kernels, bias, module.stride, conv_padding(module), module.dilation, module.groups)
-        return self._by_group(out.flatten(2).transpose(1, 2))
+        out = F.conv2d(
+            self.inputs.contiguous(memory_format=torch.channels_last),
+            kernels.contiguous(memory_format=torch.channels_last),
+            bias,
+            module.stride,
+            conv_padding(module),
+            module.dilation,
+            module.groups,
+        )
+        return self._by_group(out.permute(0, 2, 3, 1).flatten(1, 2))
 
 
 def patch_means(inputs: Tensor, module: nn.Conv2d) -> Tensor:
