@@ -45,9 +45,10 @@ def unfolded(sample: ConvSample, d: torch.Tensor) -> list[torch.Tensor]:
 
 def grouped(sample: ConvSample, d: torch.Tensor) -> list[torch.Tensor]:
     """The same, from the weight-gradient kernel, CHUNK values of gradients at a time (as EKFAC does)."""
+    columns = sample.grad.flatten(2)  # (N, out, S), as the conv laid them out and EKFAC rotates them
     chunk = max(1, CHUNK // max(1, d.shape[2] * sample.width))
     starts = range(0, len(d), chunk)
-    return [sample.example_gradients(d[start : start + chunk], start, start + chunk) for start in starts]
+    return [sample.example_gradients(columns[start : start + chunk], start, start + chunk) for start in starts]
 
 
 def main(argv: list[str] | None = None) -> None:

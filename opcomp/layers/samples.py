@@ -125,19 +125,19 @@ class ConvSample(Sample):
         examples, _, height, width = self.grad.shape
         return examples if reduce else examples * height * width
 
-    def example_gradients(self, d: Tensor, start: int, stop: int) -> Tensor:
+    def example_gradients(self, columns: Tensor, start: int, stop: int) -> Tensor:
         """Σ_s d_ns a_nsᵀ, the weight gradient of each example ``start`` to ``stop`` (n, out, C·kh·kw)
-        of an ungrouped conv, for rows ``d`` (n, S, out) of those examples (rotated or not), without
-        unfolding the patches:
+        of an ungrouped conv, for output gradients ``columns`` (n, out, S) of those examples (rotated
+        or not), without unfolding the patches:
         the conv's own weight-gradient kernel, the examples as its groups: 0.44–1.0 the time of
         unfolding and multiplying (``python -m opcomp.bench.example_gradients``)."""
         module, inputs = self.module, self.inputs[start:stop]
         examples, channels, height, width = inputs.shape
-        out = d.shape[2]
+        out = columns.shape[1]
         gradients = torch.nn.grad.conv2d_weight(
             inputs.reshape(1, examples * channels, height, width),
             (examples * out, *module.weight.shape[1:]),
-            d.mT.reshape(1, examples * out, *self.grad.shape[2:]),
+            columns.reshape(1, examples * out, *self.grad.shape[2:]),
             module.stride,
             conv_padding(module),
             module.dilation,

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from opcomp.capture import Capture, Entry
 from opcomp.distributed import DataParallel
-from opcomp.layers.blocks import gram_layout, rows_times
+from opcomp.layers.blocks import gram_layout, left_times, rows_times
 from opcomp.layers.kinds import kind_of
 from opcomp.layers.samples import ConvSample, Sample
 from opcomp.layers.shapes import Columns, FactorForm
@@ -75,11 +75,12 @@ class Statistics:
             return self._embedding_scale(q_g, g_form)
         total = None
         for sample in self.samples:
+            if rotates_after_summing(sample):
+                total = _added(total, summed_then_rotated(sample, q_g, g_form, q_a, a_form))
+                continue
             d = sample.d if q_g is None else rows_times(sample.d, q_g, g_form)
-            a = None if rotates_after_summing(sample, d) else sample.rotated_a(q_a, a_form)
-            if a is None:
-                part = summed_then_rotated(sample, d, q_a, a_form)
-            elif d.ndim == 4:  # a grouped conv: (N, S, groups, ·), one block per group
+            a = sample.rotated_a(q_a, a_form)
+            if d.ndim == 4:  # a grouped conv: (N, S, groups, ·), one block per group
                 chunk = max(1, CHUNK // max(1, d.shape[2] * d.shape[3] * a.shape[3]))
                 part = sum(
                     squares_summed(torch.einsum("nsko,nski->nkoi", d[i : i + chunk], a[i : i + chunk]))
@@ -93,7 +94,7 @@ class Statistics:
                     squares_summed(torch.einsum("nso,nsi->noi", d[i : i + chunk], a[i : i + chunk]))
                     for i in range(0, len(d), chunk)
                 )
-            total = part if total is None else total + part
+            total = _added(total, part)
         return total / self._g_count
 
     def _embedding_scale(self, q_g: Tensor | None, g_form: FactorForm) -> Tensor:
@@ -109,25 +110,39 @@ class Statistics:
         return total.T / self._g_count
 
 
-def rotates_after_summing(sample, d: Tensor) -> bool:
+def _added(total: Tensor | None, part: Tensor) -> Tensor:
+    return part if total is None else total + part
+
+
+def rotates_after_summing(sample: Sample) -> bool:
     """Whether a conv's per-example gradients are cheaper rotated by Q_A after summing over the
     positions (∇W_n Q_A: out·in² per example) than with the patches rotated at every position
     ((a Q_A)_s: positions·in² per example, one conv): when the output has fewer channels than
-    positions, as early layers of a CNN do."""
-    return isinstance(sample, ConvSample) and d.ndim == 3 and sample.columns != "bias" and d.shape[2] < sample.positions
+    positions, as early layers of a CNN do (an ungrouped conv whose weight is in A)."""
+    return (
+        isinstance(sample, ConvSample)
+        and sample.groups == 1
+        and sample.columns != "bias"
+        and sample.grad.shape[1] < sample.positions
+    )
 
 
-def summed_then_rotated(sample: ConvSample, d: Tensor, q_a: Tensor | None, a_form: FactorForm) -> Tensor:
-    """Σ_n ((d_nᵀ a_n) Q_A)² for rotated output gradients ``d`` (N, S, out), CHUNK values of
-    per-example gradients at a time. A folded bias's column of the gradients is d summed over
+def summed_then_rotated(
+    sample: ConvSample, q_g: Tensor | None, g_form: FactorForm, q_a: Tensor | None, a_form: FactorForm
+) -> Tensor:
+    """Σ_n (Q_Gᵀ (d_nᵀ a_n) Q_A)², CHUNK values of per-example gradients at a time. The output
+    gradients are rotated as the conv laid them out, (N, out, positions), which the weight-gradient
+    kernel reads without a copy. A folded bias's column of the gradients is d summed over
     positions, appended to them rather than a column of ones to the patches."""
-    chunk = max(1, CHUNK // max(1, d.shape[2] * sample.width))
+    columns = sample.grad.flatten(2)
+    columns = columns if q_g is None else left_times(q_g, columns, g_form, transposed=True)
+    chunk = max(1, CHUNK // max(1, columns.shape[1] * sample.width))
     total = None
-    for start in range(0, len(d), chunk):
-        rows = d[start : start + chunk]
-        gradients = sample.example_gradients(rows, start, start + chunk)  # (n, out, in)
+    for start in range(0, len(columns), chunk):
+        block = columns[start : start + chunk]
+        gradients = sample.example_gradients(block, start, start + chunk)  # (n, out, in)
         if sample.columns == "weight+bias":
-            gradients = torch.cat([gradients, rows.sum(1).unsqueeze(-1)], -1)
+            gradients = torch.cat([gradients, block.sum(2, keepdim=True)], -1)
         if q_a is not None:
             gradients = rows_times(gradients, q_a, a_form)
         part = squares_summed(gradients)
