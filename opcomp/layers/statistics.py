@@ -75,26 +75,9 @@ class Statistics:
             return self._embedding_scale(q_g, g_form)
         total = None
         for sample in self.samples:
-            if rotates_after_summing(sample):
-                total = _added(total, summed_then_rotated(sample, q_g, g_form, q_a, a_form))
-                continue
-            d = sample.d if q_g is None else rows_times(sample.d, q_g, g_form)
-            a = sample.rotated_a(q_a, a_form)
-            if d.ndim == 4:  # a grouped conv: (N, S, groups, ·), one block per group
-                chunk = max(1, CHUNK // max(1, d.shape[2] * d.shape[3] * a.shape[3]))
-                part = sum(
-                    squares_summed(torch.einsum("nsko,nski->nkoi", d[i : i + chunk], a[i : i + chunk]))
-                    for i in range(0, len(d), chunk)
-                )
-            elif d.shape[1] == 1:  # no sharing: Σ_n (d_n²)(a_n²)ᵀ in one product
-                part = (d[:, 0] * d[:, 0]).T @ (a[:, 0] * a[:, 0])
-            else:
-                chunk = max(1, CHUNK // max(1, d.shape[2] * a.shape[2]))
-                part = sum(
-                    squares_summed(torch.einsum("nso,nsi->noi", d[i : i + chunk], a[i : i + chunk]))
-                    for i in range(0, len(d), chunk)
-                )
-            total = _added(total, part)
+            scale = summed_then_rotated if rotates_after_summing(sample) else rotated_then_summed
+            part = scale(sample, q_g, g_form, q_a, a_form)
+            total = part if total is None else total + part
         return total / self._g_count
 
     def _embedding_scale(self, q_g: Tensor | None, g_form: FactorForm) -> Tensor:
@@ -110,10 +93,6 @@ class Statistics:
         return total.T / self._g_count
 
 
-def _added(total: Tensor | None, part: Tensor) -> Tensor:
-    return part if total is None else total + part
-
-
 def rotates_after_summing(sample: Sample) -> bool:
     """Whether a conv's per-example gradients are cheaper rotated by Q_A after summing over the
     positions (∇W_n Q_A: out·in² per example) than with the patches rotated at every position
@@ -124,6 +103,28 @@ def rotates_after_summing(sample: Sample) -> bool:
         and sample.groups == 1
         and sample.columns != "bias"
         and sample.grad.shape[1] < sample.positions
+    )
+
+
+def rotated_then_summed(
+    sample: Sample, q_g: Tensor | None, g_form: FactorForm, q_a: Tensor | None, a_form: FactorForm
+) -> Tensor:
+    """Σ_n ((d_n Q_G)ᵀ (a_n Q_A))²: the rows rotated at every position, then each example's
+    product over its positions, CHUNK values of per-example gradients at a time."""
+    d = sample.d if q_g is None else rows_times(sample.d, q_g, g_form)
+    a = sample.rotated_a(q_a, a_form)
+    if d.ndim == 4:  # a grouped conv: (N, S, groups, ·), one block per group
+        chunk = max(1, CHUNK // max(1, d.shape[2] * d.shape[3] * a.shape[3]))
+        return sum(
+            squares_summed(torch.einsum("nsko,nski->nkoi", d[i : i + chunk], a[i : i + chunk]))
+            for i in range(0, len(d), chunk)
+        )
+    if d.shape[1] == 1:  # no sharing: Σ_n (d_n²)(a_n²)ᵀ in one product
+        return (d[:, 0] * d[:, 0]).T @ (a[:, 0] * a[:, 0])
+    chunk = max(1, CHUNK // max(1, d.shape[2] * a.shape[2]))
+    return sum(
+        squares_summed(torch.einsum("nso,nsi->noi", d[i : i + chunk], a[i : i + chunk]))
+        for i in range(0, len(d), chunk)
     )
 
 
