@@ -18,7 +18,6 @@ import statistics
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from opcomp.bench.patches import median_ms
 from opcomp.layers.samples import ConvSample
@@ -34,13 +33,9 @@ SHAPES = {
 
 def unfolded(sample: ConvSample, d: torch.Tensor) -> list[torch.Tensor]:
     """d_nᵀ a_n with the patches of a few examples unfolded at a time (CHUNK values of patches)."""
-    conv = sample.module
     chunk = max(1, CHUNK // max(1, d.shape[1] * sample.width))
-    return [
-        d[start : start + chunk].mT
-        @ F.unfold(sample.inputs[start : start + chunk], conv.kernel_size, conv.dilation, conv.padding, conv.stride).mT
-        for start in range(0, len(d), chunk)
-    ]
+    starts = range(0, len(d), chunk)
+    return [d[start : start + chunk].mT @ sample.patches(start, start + chunk) for start in starts]
 
 
 def grouped(sample: ConvSample, d: torch.Tensor) -> list[torch.Tensor]:

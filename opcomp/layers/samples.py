@@ -128,9 +128,9 @@ class ConvSample(Sample):
     def example_gradients(self, columns: Tensor, start: int, stop: int) -> Tensor:
         """Σ_s d_ns a_nsᵀ, the weight gradient of each example ``start`` to ``stop`` (n, out, C·kh·kw)
         of an ungrouped conv, for output gradients ``columns`` (n, out, S) of those examples (rotated
-        or not), without unfolding the patches:
-        the conv's own weight-gradient kernel, the examples as its groups: 0.38–0.97 the time of
-        unfolding and multiplying (``python -m opcomp.bench.example_gradients``)."""
+        or not), without unfolding the patches: the conv's own weight-gradient kernel, the examples
+        as its groups. 0.38–0.97 the time of unfolding and multiplying
+        (``python -m opcomp.bench.example_gradients``)."""
         module, inputs = self.module, self.inputs[start:stop]
         examples, channels, height, width = inputs.shape
         out = columns.shape[1]
