@@ -5,7 +5,7 @@
 
 For each preset (a layer statistic, torch's fused AdamW, a probe that needs a closure): the model and
 optimizer state after 6 steps on a small conv net, and the parameters and optimizer state that version
-reaches after 6 more. tests/test_step_checkpoint.py loads it with today's opcomp and continues bit for bit.
+reaches after 6 more. tests/test_step_checkpoint.py loads it with today's opcomp and continues as that version did.
 """
 
 from __future__ import annotations
