@@ -7,6 +7,10 @@ statistics are due) and gradients are enabled, outside torch.func transforms, so
 functional probes cost nothing and leave the statistics alone. Each record notes which forward of
 the model it came from, so micro-batches of an accumulated step are told apart.
 
+A layer whose statistics read only what sums its positions (a Conv2d under KFAC) is summed as its
+gradient arrives (``Capture.summed``, a function per layer given by the optimizer): the record
+keeps those small matrices, and the input and the gradient go as they would without opcomp.
+
 With a likelihood, the capture can also sample labels from the model's own prediction when the
 model's forward ends and backpropagate them to the recorded layer outputs (one extra backward,
 ``autograd.grad(..., retain_graph=True)``), which gives the output gradients of the Monte Carlo
@@ -26,9 +30,10 @@ from __future__ import annotations
 import itertools
 import sys
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +44,9 @@ from opcomp.errors import OpcompError, OpcompNotice, warn
 from opcomp.prediction import Prediction
 
 Likelihood = Literal["categorical", "gaussian"]
+Summing = Callable[[Tensor, Tensor], Any]
+"""(input, output gradient) -> what a layer's statistics read of them, formed as the gradient
+arrives so that neither is held until the step (:mod:`opcomp.layers.summed`)."""
 
 LAYOUT_TOLERANCE = 1e-2
 """A cross-entropy's output gradient sums to zero over the class dimension; relative to its largest
@@ -49,11 +57,26 @@ entry, rounding leaves far less than this even over 50,000 bf16 classes."""
 class Entry:
     """One forward pass through one layer: its input, the output, and gradients that reached it."""
 
-    input: Tensor
+    input: Tensor | None  # None once summed
     forward: int  # which forward of the model (micro-batch) it belongs to
     output: Tensor | None = None
-    grad: Tensor | None = None  # of the loss the user backpropagated
+    grad: Tensor | None = None  # of the loss the user backpropagated; None once summed
     sampled: Tensor | None = None  # of the sampled-label loss (Monte Carlo Fisher)
+    summing: Summing | None = None  # what is kept of the input and the gradient (Capture.summed)
+    summed: Any = None  # what it kept; the input and the gradient are let go
+
+    def receive(self, grad: Tensor) -> None:
+        """The gradient reached the layer's output: kept, or summed at once with the input."""
+        if self.summing is None:
+            self.grad = grad
+            return
+        self.summed = self.summing(self.input, grad)
+        self.input = None
+
+    @property
+    def finished(self) -> bool:
+        """A backward reached it."""
+        return self.grad is not None or self.summed is not None
 
 
 @dataclass(eq=False)
@@ -72,6 +95,7 @@ class Capture:
     prediction: Prediction = field(default_factory=Prediction)  # where the prediction is in the model's output
     armed: bool = True
     sample: bool = False  # also record Monte Carlo Fisher gradients
+    summed: dict[nn.Module, Summing] = field(default_factory=dict)  # layers whose record is summed at the gradient
     entries: dict[nn.Module, list[Entry]] = field(default_factory=dict)
     handles: list = field(default_factory=list)
     layer_handles: dict[nn.Module, object] = field(default_factory=dict)
@@ -137,7 +161,7 @@ class Capture:
         if not self.armed or module is None or id(module) != layer or module not in self.entries:
             return -1
         forward = self._forward_id if self._forward_id is not None else next(self._forwards)
-        entry = Entry(layer_input.detach().clone(), forward)
+        entry = Entry(layer_input.detach().clone(), forward, summing=self._summing(module))
         self.entries[module].append(entry)
         ticket = next(self._tickets)
         self._pending[ticket] = entry
@@ -146,20 +170,25 @@ class Capture:
     def record_grad(self, ticket: int, grad: Tensor) -> None:
         entry = self._pending.pop(ticket, None)
         if entry is not None:
-            entry.grad = grad.detach().clone()
+            entry.receive(grad.detach() if entry.summing is not None else grad.detach().clone())
 
     def _forward(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         entries = self.entries.get(module)  # None: a deep copy of a captured layer, which is not ours
         if entries is None or not self._recording() or not isinstance(output, Tensor) or not output.requires_grad:
             return
         forward = self._forward_id if self._forward_id is not None else next(self._forwards)
-        entry = Entry(args[0].detach(), forward, output if self.sample else None)
+        entry = Entry(args[0].detach(), forward, output if self.sample else None, summing=self._summing(module))
         entries.append(entry)
 
         def keep(grad: Tensor) -> None:
-            entry.grad = grad.detach()
+            entry.receive(grad.detach())
 
         output.register_hook(keep)
+
+    def _summing(self, module: nn.Module) -> Summing | None:
+        """How the layer's record is summed as its gradient arrives, if it is: never while sampling
+        labels (the sampled gradients come first, and are kept whole)."""
+        return None if self.sample else self.summed.get(module)
 
     def _model_ends(self, model: nn.Module, args: tuple, output) -> None:
         if model is not self.model:
@@ -208,7 +237,7 @@ class Capture:
         self.entries[module] = []
         gone = {id(e) for e in recorded}  # no gradient comes for them now
         self._pending = {t: e for t, e in self._pending.items() if id(e) not in gone}
-        return [e for e in recorded if e.grad is not None]
+        return [e for e in recorded if e.finished]
 
     def clear(self) -> None:
         for module in self.entries:

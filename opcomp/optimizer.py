@@ -122,6 +122,8 @@ class Optimizer(torch.optim.Optimizer):
             )
         if modules and records is not None:
             self._capture.retarget(modules, records)
+        if modules:
+            self._capture.summed = self._plan.summed_at_capture()
         self._stepper.plan(self._plan, expressions)
         self._arm()
 

@@ -9,7 +9,7 @@ and device form a :class:`Bucket`, and each operator runs once per bucket per st
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -424,6 +424,14 @@ class Plan:
                         setattr(plan, info.role, param)
         self.layers = {key: list(layers.values()) for key, layers in plans.items()}
         return list(dict.fromkeys(layer.module for layer in self.all_layers()))
+
+    def summed_at_capture(self) -> dict[nn.Module, Callable]:
+        """The captured layers whose rows every node reads summed over positions (a Conv2d under
+        kfac or diag_kfac, not ekfac), and how: the capture sums them as their gradient arrives
+        (:mod:`opcomp.layers.summed`)."""
+        per_example = {layer.module for layer in self.all_layers() if layer.node.spec.per_example}
+        summing = {layer.module: layer.kind.summing(layer.module) for layer in self.all_layers()}
+        return {module: sums for module, sums in summing.items() if sums is not None and module not in per_example}
 
     # -- reading --------------------------------------------------------------------------------------
 

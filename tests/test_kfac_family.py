@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from unittest.mock import patch
 
 import pytest
@@ -476,6 +477,58 @@ def test_conv2d_factors_with_stride_dilation_and_padding_match_patches_taken_by_
     state = node_state(opt, conv.bias if columns == "bias" else conv.weight, "kfac")
     torch.testing.assert_close(state["A"], a.T @ a / 3)
     torch.testing.assert_close(state["G"], d.T @ d / 3)
+
+
+class ConvsSummedAtCapture(nn.Module):
+    """A strided conv with a bias, a grouped one without, and a 1×1 one called twice in a forward,
+    on maps of two sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.stem = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.grouped = nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False)
+        self.mix = nn.Conv2d(6, 6, 1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.grouped(torch.relu(self.stem(x))))
+        wide = torch.relu(self.mix(h))
+        narrow = torch.relu(self.mix(F.max_pool2d(wide, 2)))
+        return self.head(wide.mean((2, 3)) + narrow.mean((2, 3)))
+
+
+@pytest.mark.parametrize("operator", ["kfac", "diag_kfac"])
+def test_conv_rows_summed_as_the_gradient_arrives_give_the_factors_of_the_whole_sample(operator):
+    """Under kfac and diag_kfac a conv's input and output gradient are summed over positions in the
+    gradient hook and let go (ekfac keeps them: it reads every position); the factors equal those
+    from the whole sample, over two accumulated micro-batches, a grouped conv and a conv called twice."""
+    from opcomp.plan import Plan
+
+    expression = f"{operator}(g) | g"
+    x = torch.randn(2, 5, 3, 9, 9, generator=torch.Generator().manual_seed(6))
+    y = torch.tensor([[0, 1, 2, 0, 1], [2, 2, 1, 0, 0]])
+    states = []
+    for summing in (True, False):
+        model = ConvsSummedAtCapture()
+        with patch.object(Plan, "summed_at_capture", return_value={}) if not summing else nullcontext():
+            opt = opcomp.build(expression, model, lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            for batch, labels in zip(x, y):
+                (F.cross_entropy(model(batch), labels) / 2).backward()
+            entries = opt._capture.entries[model.mix] + opt._capture.entries[model.grouped]
+            assert len(entries) == 6
+            assert all((e.input is None and e.grad is None) == summing for e in entries)
+            opt.step()
+        states.append([node_state(opt, conv.weight, operator) for conv in (model.stem, model.grouped, model.mix)])
+    for summed, whole in zip(*states):
+        assert summed.keys() == whole.keys()
+        for name in summed:
+            torch.testing.assert_close(summed[name], whole[name], rtol=1e-5, atol=1e-7)
+    ekfac = opcomp.build("ekfac(g) | g", model := ConvsSummedAtCapture(), lr=0.1)
+    F.cross_entropy(model(x[0]), y[0]).backward()
+    assert all(e.grad is not None and e.summed is None for e in ekfac._capture.entries[model.stem])
 
 
 @settings(max_examples=40, deadline=None)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from opcomp.layers.summed import identity
+
 
 @dataclass
 class LayerShape:
@@ -38,15 +40,18 @@ def layer_shapes(model: nn.Module, opt: torch.optim.Optimizer, loss, node: str) 
     loss(model).backward()
     shapes = []
     for module, entries in opt._capture.entries.items():
-        entry = next((e for e in entries if e.grad is not None), None)
+        entry = next((e for e in entries if e.finished), None)
         state = next((v for k, v in opt.state[module.weight].items() if k.startswith(node)), None)
         if entry is None or state is None or not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
         conv = isinstance(module, nn.Conv2d)
         inputs, outputs = len(state["A"]), len(state["G"])
-        examples = entry.input.shape[0] if entry.input.ndim > 1 else 1
-        positions = entry.grad[0, 0].numel() if conv else entry.grad.numel() // (examples * outputs)
-        key = (entry.input.data_ptr(), inputs)
+        if entry.summed is not None:  # a conv summed at capture
+            examples, positions, key = entry.summed.examples, entry.summed.positions, (entry.summed.source, inputs)
+        else:
+            examples = entry.input.shape[0] if entry.input.ndim > 1 else 1
+            positions = entry.grad[0, 0].numel() if conv else entry.grad.numel() // (examples * outputs)
+            key = (identity(entry.input), inputs)
         shapes.append(LayerShape(conv, examples, positions, inputs, outputs, state, key))
     opt._capture.clear()
     opt.zero_grad()

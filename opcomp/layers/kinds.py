@@ -10,12 +10,15 @@ in :data:`KINDS`: its matrix X, its examples and its rows (:mod:`opcomp.layers.s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from opcomp.layers.samples import ConvSample, Sample, conv_padding, shared, with_bias_column
 from opcomp.layers.shapes import Columns
+from opcomp.layers.summed import ConvSums
 
 
 class LayerKind:
@@ -54,6 +57,11 @@ class LayerKind:
 
     def unsupported(self, module: nn.Module) -> str | None:
         """Why the statistics do not cover this layer's configuration, or None."""
+        return None
+
+    def summing(self, module: nn.Module) -> Callable[[Tensor, Tensor], object] | None:
+        """(input, output gradient) -> the rows summed over positions, where KFAC reads only those
+        and the capture may form them as the gradient arrives (:mod:`opcomp.layers.summed`)."""
         return None
 
     def sample(self, module: nn.Module, inputs: Tensor, grad: Tensor, columns: Columns, dtype: torch.dtype) -> Sample:
@@ -114,6 +122,9 @@ class Conv2d(LayerKind):
 
     def sample(self, module: nn.Module, inputs: Tensor, grad: Tensor, columns: Columns, dtype: torch.dtype) -> Sample:
         return ConvSample(module, inputs, grad, columns, dtype)
+
+    def summing(self, module: nn.Module) -> Callable[[Tensor, Tensor], object]:
+        return partial(ConvSums.of, module)
 
 
 class Embedding(LayerKind):

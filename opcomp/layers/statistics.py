@@ -12,9 +12,10 @@ from torch import Tensor, nn
 from opcomp.capture import Capture, Entry
 from opcomp.distributed import DataParallel
 from opcomp.layers.blocks import gram_layout, left_times, rows_times
-from opcomp.layers.kinds import kind_of
+from opcomp.layers.kinds import LayerKind, kind_of
 from opcomp.layers.samples import ConvSample, Sample
 from opcomp.layers.shapes import Columns, FactorForm
+from opcomp.layers.summed import SummedConvSample, identity, joined
 from opcomp.precision import working_dtype
 
 Reduction = Literal["mean", "sum"]
@@ -243,10 +244,13 @@ def statistics(
     forwards: dict[int, list[Entry]] = {}
     for entry in entries:
         forwards.setdefault(entry.forward, []).append(entry)
-    examples = sum(kind.examples(group[0].input) for group in forwards.values())
+    examples = sum(entry_examples(kind, group[0]) for group in forwards.values())
     scale = examples if reduction == "mean" and not sampled else 1
     samples = []
     for group in forwards.values():  # a layer called twice in one forward shares its weight over both calls
+        if group[0].summed is not None:  # summed at capture (Capture.summed): reduced rows only
+            samples.append(SummedConvSample(joined([e.summed for e in group]), columns))
+            continue
         parts = [kind.sample(module, e.input, e.sampled if sampled else e.grad, columns, dtype) for e in group]
         if len(parts) == 1:
             samples.append(parts[0])
@@ -258,6 +262,10 @@ def statistics(
     return Statistics(samples, examples, kind.reduce, vocabulary, scale, source)
 
 
+def entry_examples(kind: LayerKind, entry: Entry) -> int:
+    return entry.summed.examples if entry.summed is not None else kind.examples(entry.input)
+
+
 def inputs_key(module: nn.Module, entries: list[Entry]) -> tuple | None:
     """Which inputs a layer read, and how it takes its rows from them: layers that agree (a
     transformer's query, key and value projections, a gated MLP's gate and up) have one A, formed
@@ -267,9 +275,8 @@ def inputs_key(module: nn.Module, entries: list[Entry]) -> tuple | None:
     geometry = kind_of(module).geometry(module)
     read = []
     for entry in entries:
-        values = entry.input
-        if type(values) is not Tensor or values.is_inference():
+        source = entry.summed.source if entry.summed is not None else identity(entry.input)
+        if source is None:
             return None
-        place = (values.untyped_storage().data_ptr(), values.storage_offset(), values.shape, values.stride())
-        read.append((entry.forward, *place, values._version, values.dtype, values.device))
+        read.append((entry.forward, *source))
     return geometry, tuple(read)

@@ -157,6 +157,7 @@ class OpSpec:
     binds_gradient: bool = False  # its argument sees `g` as a probed gradient (sam)
     second_moment: SecondMoment | None = None  # a statistic a rebinding probe may read
     reads_gradient: bool = False  # needs the training backward (the raw gradient or its graph)
+    per_example: bool = False  # a layer node that reads each example's gradient at every position (EKFAC)
     replaces_state: bool = False  # its kernel stores new tensors, never writes into its buffers: a snapshot shares them
     cost: Cost = Cost()
     cost_when: Callable[[Any], Cost] | None = None  # the cost, when it depends on the options

@@ -224,6 +224,7 @@ register(
         needs=Needs(model=True),
         needs_when=_mc_needs,
         reads_gradient=True,
+        per_example=True,
         cost_when=_mc_cost,
         state=(
             *_FACTORS,
