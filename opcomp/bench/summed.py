@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 
 import opcomp
-from opcomp.bench.kfac import plain_cnn, task, training_step
+from opcomp.bench.kfac import plain_cnn, task, training_step, without_subnormals
 from opcomp.bench.step import interleaved
 from opcomp.comparison import models
 
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore", opcomp.OpcompWarning)
+    without_subnormals()  # as bench.kfac does
     make, loss = task(args.model, device=args.device)
     runs = {}
     for preset in args.presets:
