@@ -8,6 +8,7 @@ from unittest.mock import patch
 import pytest
 import shapes
 import torch
+import torch.utils.checkpoint
 from fisher import block_vectors, empirical_fisher, node_state, per_example_gradients
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -529,6 +530,38 @@ def test_conv_rows_summed_as_the_gradient_arrives_give_the_factors_of_the_whole_
     ekfac = opcomp.build("ekfac(g) | g", model := ConvsSummedAtCapture(), lr=0.1)
     F.cross_entropy(model(x[0]), y[0]).backward()
     assert all(e.grad is not None and e.summed is None for e in ekfac._capture.entries[model.stem])
+
+
+def test_conv_rows_summed_under_activation_checkpointing_equal_those_held_to_the_step():
+    """A checkpointed block runs its convs again in the backward: summing at the gradient still
+    gives the factors of the records held whole."""
+    from opcomp.plan import Plan
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.block = nn.Sequential(
+                nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)
+            )
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False).mean((2, 3)))
+
+    x, y = torch.randn(6, 3, 9, 9, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3, 0, 1])
+    factors = []
+    for summing in (True, False):
+        model = Checkpointed()
+        with patch.object(Plan, "summed_at_capture", return_value={}) if not summing else nullcontext():
+            opt = opcomp.build("kfac(g) | g", model, lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        factors.append([node_state(opt, model.block[i].weight, "kfac")[name] for i in (0, 2) for name in "AG"])
+    for summed, whole in zip(*factors):
+        torch.testing.assert_close(summed, whole, rtol=1e-5, atol=1e-7)
 
 
 @settings(max_examples=40, deadline=None)
