@@ -78,8 +78,7 @@ class ConvSample(Sample):
         return self.module.groups
 
     def _by_group(self, values: Tensor) -> Tensor:
-        """(…, groups·n) as (…, groups, n) for a grouped conv (channels are group-major); as is otherwise."""
-        return values if self.groups == 1 else values.unflatten(-1, (self.groups, -1))
+        return by_group(values, self.groups)
 
     @cached_property
     def a(self) -> Tensor:
@@ -284,6 +283,11 @@ def tap_selector(
         read = offset * dilation - padding + stride * torch.arange(out)
         selector[read[(read >= 0) & (read < size)], offset] = 1.0
     return selector.to(device), out
+
+
+def by_group(values: Tensor, groups: int) -> Tensor:
+    """(…, groups·n) as (…, groups, n) for a grouped conv (channels are group-major); as is otherwise."""
+    return values if groups == 1 else values.unflatten(-1, (groups, -1))
 
 
 def with_bias_column(a: Tensor, columns: Columns) -> Tensor:

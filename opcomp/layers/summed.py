@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from opcomp.layers.samples import ConvSample, Sample, patch_means, with_bias_column
+from opcomp.layers.samples import ConvSample, Sample, by_group, patch_means, with_bias_column
 from opcomp.layers.shapes import Columns
 from opcomp.precision import working_dtype
 
@@ -60,16 +60,12 @@ class SummedConvSample(Sample):
     def __init__(self, sums: ConvSums, columns: Columns):
         self.sums, self.columns = sums, columns
 
-    def _by_group(self, values: Tensor) -> Tensor:
-        groups = self.sums.module.groups
-        return values if groups == 1 else values.unflatten(-1, (groups, -1))
-
     def rows(self, side: str, reduce: bool) -> Tensor:
         if not reduce:
             raise ValueError("a conv sample summed at capture has no rows per position")
         if side == "d":
-            return self._by_group(self.sums.sums)
-        return with_bias_column(self._by_group(self.sums.means), self.columns)
+            return by_group(self.sums.sums, self.sums.module.groups)
+        return with_bias_column(by_group(self.sums.means, self.sums.module.groups), self.columns)
 
     def count(self, reduce: bool) -> int:
         return self.sums.examples
