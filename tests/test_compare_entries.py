@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import time
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ import torch
 import opcomp
 from opcomp.cli import main
 from opcomp.comparison.entries import entry
-from opcomp.comparison.runs import lr_factor
+from opcomp.comparison.report import markdown
+from opcomp.comparison.runs import lr_factor, warm_up
 
 USER_MODULE = '''
 import torch
@@ -120,3 +122,37 @@ def test_state_bytes_counts_tensors_kept_in_lists_once_each():
 
     opt = Nested([torch.nn.Parameter(torch.zeros(1))])
     assert state_bytes(opt) == 4 * (4 + 4 + 5 + 3)
+
+
+class CompilesFirst(torch.optim.SGD):
+    """SGD whose first step takes half a second, as a class that compiles its step on first call does."""
+
+    def step(self, closure=None):
+        if not self.state.get("warm"):
+            self.state["warm"] = True
+            time.sleep(0.5)
+        return super().step(closure)
+
+
+@pytest.mark.parametrize(
+    "durations, warm",
+    [
+        ([35.2, 85.0, 0.009, 0.034, 0.010, 0.031, 0.009], 2),  # heavyball's SOAP compiling, on a CPU
+        ([0.004] * 10, 0),
+        ([0.05, *([0.004] * 9), 0.05, *([0.004] * 9)], 1),  # a refresh every 10 steps: only the first is warm-up
+        ([1.0, 1.0, 1.0], 0),
+        ([9.0, 0.001], 0),  # too short to tell
+    ],
+)
+def test_warm_up_is_the_leading_steps_far_slower_than_the_median(durations, warm):
+    assert warm_up(durations) == warm
+
+
+def test_a_class_that_compiles_on_its_first_step_is_timed_after_it_and_the_report_says_so(tmp_path):
+    comparison = opcomp.compare([("compiles", lambda p: CompilesFirst(p, lr=0.1))], task="digits", steps=8)
+    run = comparison.runs[0]
+    assert run.warmup_steps == 1 and run.warmup_seconds >= 0.5
+    assert run.ms_per_step == pytest.approx((run.seconds - run.warmup_seconds) / 7 * 1e3)
+    assert run.seconds_to_target is None or run.seconds_to_target >= 0.5  # wall-clock keeps it
+    report = markdown(comparison, [])
+    assert "Warm-up, left out of ms / step" in report and "compiles, seed 0: 1 step in " in report

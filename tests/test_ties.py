@@ -89,3 +89,14 @@ def test_one_seed_says_it_cannot_separate_them():
     assert "NOT tuned" in report
     rows = [line.split(" | ") for line in table(made).splitlines()[2:]]
     assert [row[5] for row in rows] == ["best", "—"]
+
+
+def test_two_seeds_say_their_ties_may_be_too_few_seeds():
+    """0.90 against 0.35 ± 0.15 is no difference Welch's test can call on two seeds (t ≈ 5.3 against
+    12.7 at one degree of freedom): the line says how little such a tie means."""
+    made = comparison("accuracy", {"fog": [0.905, 0.900], "plain": [0.45, 0.24]})
+    first = markdown(made, []).splitlines()[2]
+    assert first.startswith("Best test accuracy: fog, tied with plain")
+    assert "these ties may be too few seeds rather than equal optimizers" in first
+    three = comparison("accuracy", {"fog": [0.905, 0.900, 0.903], "plain": [0.45, 0.24, 0.62]})
+    assert "too few seeds" not in markdown(three, []).splitlines()[2]

@@ -136,6 +136,23 @@ def table(comparison: Comparison) -> str:
     return "\n".join(lines)
 
 
+def warm_ups(comparison: Comparison) -> str | None:
+    """The runs whose first steps were warm-up (:func:`~opcomp.comparison.runs.warm_up`), in words;
+    None when none had any."""
+    slow = [run for run in comparison.runs if run.warmup_steps]
+    if not slow:
+        return None
+    each = "; ".join(
+        f"{run.optimizer}, seed {run.seed}: {run.warmup_steps} step{'s' * (run.warmup_steps > 1)} "
+        f"in {run.warmup_seconds:.1f} s"
+        for run in slow
+    )
+    return (
+        "Warm-up, left out of ms / step (first steps over 10 times the run's median step: a compilation "
+        f"or a first call's setup): {each}. Seconds to target and the wall-clock plot include it."
+    )
+
+
 def tuning_table(comparison: Comparison) -> str:
     """The learning rates tried per optimizer and their final validation losses (first seed)."""
     lines = ["| optimizer | lr: validation loss (chosen in bold) |", "| --- | --- |"]
@@ -234,11 +251,14 @@ def markdown(comparison: Comparison, pictures: list[Path]) -> str:
         "comes from the training data; the test set was scored once, after training. Columns with ± are the "
         'mean and standard deviation over seeds; time excludes validation. "vs best": tied where Welch\'s '
         "t-test over seeds does not separate an optimizer's test metric from the best one's at 95%; "
-        '"× fastest step": the median step time over the fastest entry\'s.',
+        '"ms / step": the mean step after warm-up; "× fastest step": its median over seeds, over the fastest '
+        "entry's.",
         "",
         comparison.table(),
         "",
     ]
+    if warm := warm_ups(comparison):
+        lines += [warm, ""]
     if comparison.foreign:
         own = ", ".join(f"{name} {lr:g}" for name, lr in comparison.foreign.items())
         lines += [

@@ -23,7 +23,9 @@ class Run:
     steps_to_target: int | None = None
     seconds_to_target: float | None = None
     seconds: float = 0.0
-    ms_per_step: float = 0.0
+    ms_per_step: float = 0.0  # the mean over the steps after warm-up
+    warmup_steps: int = 0  # leading steps far slower than the rest: compilation, first-call setup
+    warmup_seconds: float = 0.0  # what they took, counted in seconds and seconds to target
     state_mb: float = 0.0
     passes: str = ""
     finished: bool = True  # false when the loss stopped being finite

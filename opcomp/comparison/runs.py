@@ -15,6 +15,7 @@ From Python: ``opcomp.compare(["fog", "adamw"], task=my_task, steps=500, seeds=(
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -84,13 +85,14 @@ def train(task: Task, optimizer, lr: float, seed: int, settings: Settings, progr
     run = Run(chosen.name, lr, seed, steps, passes=passes)
     step_on = stepper(task, chosen, model, opt)
     log_every, evaluate_every = max(1, steps // 60), max(1, steps // EVALUATIONS)
-    total, count, spent = 0.0, 0, 0.0
+    total, count, spent, durations = 0.0, 0, 0.0, []
     for step in range(1, steps + 1):
         x, y = (t.to(device) for t in task.batch(generator))
         start = time.perf_counter()
         loss = step_on(x, y)
         scheduler.step()
-        spent += time.perf_counter() - start
+        durations.append(time.perf_counter() - start)
+        spent += durations[-1]
         if progress is not None:
             progress.update(1)
         if not math.isfinite(loss):
@@ -105,8 +107,9 @@ def train(task: Task, optimizer, lr: float, seed: int, settings: Settings, progr
             run.evaluations.append((step, spent, value_loss, value))
             if run.steps_to_target is None and task.reached(value):
                 run.steps_to_target, run.seconds_to_target = step, spent
-    done = run.history[-1][0] if run.history else 0
-    run.seconds, run.ms_per_step = spent, spent / max(done, 1) * 1e3
+    run.seconds, run.warmup_steps = spent, warm_up(durations)
+    steady = durations[run.warmup_steps :]
+    run.warmup_seconds, run.ms_per_step = sum(durations[: run.warmup_steps]), statistics.fmean(steady or [0.0]) * 1e3
     run.state_mb = state_bytes(opt) / 2**20
     if run.finished and run.evaluations:
         run.validation_loss, run.validation_metric = run.evaluations[-1][2:]
@@ -115,6 +118,24 @@ def train(task: Task, optimizer, lr: float, seed: int, settings: Settings, progr
     if run.finished and task.test is not None:
         run.test_loss, run.test_metric = task.score(model, tuple(t.to(device) for t in task.test))
     return run
+
+
+WARM_UP = 10.0
+"""A leading step this many times slower than the run's median step is warm-up (:func:`warm_up`)."""
+
+
+def warm_up(durations: list[float]) -> int:
+    """How many of the first steps are warm-up: each over :data:`WARM_UP` times the median step, as
+    a step that compiles is (heavyball's SOAP took 120 s for its first two steps on a CPU and 20 ms
+    for each after). ms / step is the mean over the steps after them, so a class that compiles on
+    its first call is not ranked by its compiler; a refresh every few steps (fog's inverses) stays
+    in it. The last step is never warm-up."""
+    if len(durations) < 3:
+        return 0
+    typical, count = statistics.median(durations), 0
+    while count < len(durations) - 1 and durations[count] > WARM_UP * typical:
+        count += 1
+    return count
 
 
 def starting_lr(chosen: Entry, model: nn.Module) -> float:

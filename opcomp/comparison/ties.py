@@ -49,6 +49,7 @@ class Verdict:
     best: str
     tied: list[str]
     separable: bool  # False with fewer than two seeds for the best or another
+    fewest: int = 2  # the fewest seeds any optimizer has
 
     def mark(self, optimizer: str) -> str:
         """The table's cell for ``optimizer``: best, tied with the best, or behind it."""
@@ -67,9 +68,16 @@ class Verdict:
             )
         if not self.tied:
             return f"Best test {metric}: {self.best}, ahead of every other (Welch's t-test over seeds, 95%)."
+        few = (
+            " With two seeds the test has about one degree of freedom and separates only differences"
+            " beyond 12.7 standard errors: these ties may be too few seeds rather than equal optimizers;"
+            " --seeds 0,1,2,3,4 tells more apart."
+            if self.fewest == 2
+            else ""
+        )
         return (
             f"Best test {metric}: {self.best}, tied with {', '.join(self.tied)} (Welch's t-test over seeds "
-            "does not separate them at 95%)."
+            f"does not separate them at 95%).{few}"
         )
 
 
@@ -83,4 +91,4 @@ def verdict(values: dict[str, list[float]], higher_is_better: bool) -> Verdict |
     best = min(values, key=lambda name: sign * statistics.fmean(values[name]))
     separable = all(len(vs) > 1 for vs in values.values())
     tied = [n for n, vs in values.items() if n != best and separable and welch_tied(values[best], vs)]
-    return Verdict(best, tied, separable)
+    return Verdict(best, tied, separable, min(len(vs) for vs in values.values()))
