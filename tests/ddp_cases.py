@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 import opcomp
 from opcomp.bench import ranks
+from opcomp.kernels import matrix
 
 STEPS = 3
 BATCH = 64  # every factor full rank: EKFAC's basis within a null space is arbitrary
@@ -96,6 +97,26 @@ def train(
     """The parameters after STEPS steps; when ``world`` > 1, each rank on its share under DDP or
     FSDP2 (``wrapper``, the parameters gathered whole at the end); ``shift``: the batch's examples
     rolled by that many places, summed in another order (what one process's rounding alone does)."""
+    with iterating_in_float32():
+        return trained(preset, model_name, loop, rank, world, shift, wrapper)
+
+
+@contextmanager
+def iterating_in_float32() -> Iterator[None]:
+    """Newton–Schulz in float32 for the runs compared with one process. In bfloat16 a difference at
+    float32's rounding (the batch's sums pooled over ranks) can cross a rounding step, and an
+    ill-conditioned step grows it: BLOCKS on the conv net under FSDP2 ended 6.8e-3 off one process
+    on an AMD EPYC with AVX-512 (states equal to 2.5e-7 after the second step, parameters 1.4e-4
+    apart), and 2e-7 with the iteration in float32."""
+    saved, matrix.ITERATION = matrix.ITERATION, torch.float32
+    try:
+        yield
+    finally:
+        matrix.ITERATION = saved
+
+
+def trained(preset: str, model_name: str, loop: str, rank: int, world: int, shift: int, wrapper: str):
+    """:func:`train` at the iteration's own precision."""
     model, opt = built(preset, model_name, world, wrapper)
     share = BATCH // world
     for step in range(STEPS):
@@ -128,7 +149,7 @@ def resumed(preset: str, rank: int, world: int, out_dir: Path) -> tuple[list[tor
 
     from opcomp.integrations.dcp import load_optimizer
 
-    straight = train(preset, "conv", "closure", rank, world, wrapper="fsdp2")
+    straight = trained(preset, "conv", "closure", rank, world, 0, "fsdp2")  # in bfloat16, as the resumed run
     share, checkpoint = BATCH // world, out_dir / f"checkpoint-{preset}"
 
     def step(model, opt, number):

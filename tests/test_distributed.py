@@ -22,10 +22,10 @@ def ranks(tmp_path_factory):
 @pytest.mark.parametrize("case", ddp_cases.cases(), ids="-".join)
 def test_ddp_steps_as_one_process_on_the_whole_batch(ranks, case):
     """Within float tolerance, or within what summing the batch in another order changes in one
-    process. Some steps are that sensitive: fs_adarmsuon divides the probed gradient by the raw
-    one's magnitude and orthogonalises in bfloat16, where a rounding-level change of its input can
-    move an entry across a bfloat16 step; on the conv net three orders of one batch end up to 1e-3
-    apart in one process, and which order shows it differs between CPUs, so each of three counts."""
+    process, with Newton–Schulz in float32 on both sides (``ddp_cases.iterating_in_float32``: in
+    bfloat16 a rounding-level change can cross a rounding step). Some steps are that sensitive
+    still: fs_adarmsuon divides the probed gradient by the raw one's magnitude, and mezo's
+    zeroth-order estimate is a difference of two losses (1e-4 of what they move, on an AMD EPYC)."""
     first, second = (rank["results"][case] for rank in ranks)
     assert all(torch.equal(a, b) for a, b in zip(first, second)), "the ranks' parameters differ"
     assert_as_one_process(first, case)
@@ -52,10 +52,9 @@ def assert_as_one_process(got: list[torch.Tensor], case: tuple) -> None:
 @pytest.mark.parametrize("case", ddp_cases.sharded_cases(), ids="-".join)
 def test_fsdp2_steps_as_one_process_on_the_whole_batch(ranks, case):
     """FSDP2 shards every layer; Newton–Schulz and KFAC see whole matrices, so the step is one
-    process's up to the order of its sums: to float precision, or — where bf16 Newton–Schulz
-    amplifies a rounding-level change, as fog on the conv net does on some CPUs (an AMD EPYC:
-    1.6e-4 off, exactly what reordering the batch moves one process) — within that process's own
-    rounding, as under DDP."""
+    process's up to the order of its sums: to float precision, with the iteration in float32 as
+    under DDP (in bfloat16, Block-KFAC's EKFAC on the conv net ended 6.8e-3 off on an AMD EPYC
+    with AVX-512: its rounding crossed a bfloat16 step that reordering the batch did not)."""
     first, second = (rank["sharded"][case] for rank in ranks)
     assert all(torch.equal(a, b) for a, b in zip(first, second)), "the ranks' gathered parameters differ"
     assert_as_one_process(first, case)

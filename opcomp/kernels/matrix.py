@@ -21,6 +21,11 @@ from opcomp.ops.structural import Coefficients
 COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NORM_EPS = 1e-7
 
+ITERATION = torch.bfloat16
+"""The precision the iteration runs in. tests/ddp_cases.py sets float32 around the runs it compares
+with one process: bfloat16 can round a difference at float32's rounding (a batch summed in another
+order) into a visible one, which an ill-conditioned step then grows."""
+
 POLAR_EXPRESS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -43,14 +48,15 @@ def schedule(coefficients: Coefficients, steps: int) -> list[tuple[float, float,
 
 
 def newton_schulz(matrices: Tensor, steps: int, coefficients: Coefficients = "jordan", gram: bool = False) -> Tensor:
-    """Approximate polar factors of a (n, rows, cols) batch; returns bfloat16 of the same shape.
+    """Approximate polar factors of a (n, rows, cols) batch; returns them in :data:`ITERATION`'s
+    precision (bfloat16), of the same shape.
 
     One batched iteration (``baddbmm``) on accelerators; on the CPU a loop of ``addmm`` per
     matrix, which this CPU's bfloat16 kernels run faster than the batched form (docs/performance.md).
     With ``gram``, matrices at least :data:`GRAM_MIN_ASPECT` times wider than tall (and not tiny:
     :data:`GRAM_MIN_ROWS`) iterate on their Gram matrix instead (:func:`gram_iterate`).
     """
-    x = matrices.bfloat16()
+    x = matrices.to(ITERATION)
     if x.numel() == 0:  # an empty matrix is its own polar factor
         return x
     tall = x.size(-2) > x.size(-1)
