@@ -71,14 +71,18 @@ def grams(shapes: list[LayerShape]) -> list[Tensor]:
     return rows
 
 
-def fog_products(shapes: list[LayerShape]) -> Callable[[], None]:
-    """fog's products: the grams and G⁻¹ X A⁻¹ with each layer's inverses."""
+def fog_products(shapes: list[LayerShape], grams_every: int = 1) -> Callable[[], None]:
+    """fog's products: the grams, on every ``grams_every``-th call (fog_amortized: 10, its
+    statistics' schedule), and G⁻¹ X A⁻¹ with each layer's inverses on every call."""
     rows = grams(shapes)
     preconditions = [(s.state["G_inv"], s.randn(s.outputs, s.inputs), s.state["A_inv"]) for s in shapes]
+    calls = [0]
 
     def products() -> None:
-        for r in rows:
-            r.T @ r
+        if calls[0] % grams_every == 0:
+            for r in rows:
+                r.T @ r
+        calls[0] += 1
         for g_inverse, x, a_inverse in preconditions:
             g_inverse @ x @ a_inverse
 

@@ -10,8 +10,9 @@ so the median is the step between refreshes), and the ratio of means,
 which spreads the refreshes over the steps. Two more rows bound fog from below: its matrix
 products alone (each layer's factor grams, one per input read alike, and its two
 preconditioning products, on random rows of the shapes a step captures), and a muon_adamw
-step followed by them, timed as one row: what fog costs in fp32 with nothing else. One more
-does the same for ekfac_sgd: a momentum(g) step, then EKFAC's products (:mod:`opcomp.bench.floors`). Then parts
+step followed by them, timed as one row: what fog costs in fp32 with nothing else. Another does
+so for fog_amortized, its grams on one step in ten (:data:`AMORTIZED_UPDATES`) and its
+preconditioning on every one. One more does the same for ekfac_sgd: a momentum(g) step, then EKFAC's products (:mod:`opcomp.bench.floors`). Then parts
 of fog's step alone: the capture hooks (forward + backward, armed against disarmed), one
 batched refresh of every factor inverse, and ``opt.step`` deciding its checks on the host
 against keeping them on the device, as it does on CUDA (forced here on whatever device runs).
@@ -79,6 +80,14 @@ def without_subnormals() -> None:
 
 def floor_labels(baseline: str) -> tuple[str, str]:
     return "fog's matrix products alone", f"{baseline}, then fog's matrix products (fog's floor in fp32)"
+
+
+AMORTIZED_UPDATES = 10
+"""fog_amortized's update_every: its grams come on one step in ten, its preconditioning on every one."""
+
+
+def amortized_floor_label(baseline: str) -> str:
+    return f"{baseline}, then fog_amortized's matrix products (its floor in fp32: grams one step in ten)"
 
 
 EKFAC_FLOOR = "momentum(g), then ekfac's matrix products (ekfac_sgd's floor in fp32)"
@@ -161,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
         runs[label] = (model, opcomp.build(expression, model, lr=0.01))
     for model, opt in runs.values():  # warm up: state, first factors and inverses
         training_step(model, opt, loss)
-    products = fog_products(layer_shapes(*runs[fog], loss, "kfac["))
+    shapes = layer_shapes(*runs[fog], loss, "kfac[")
+    products, amortized = fog_products(shapes), fog_products(shapes, grams_every=AMORTIZED_UPDATES)
     ekfac = ekfac_products(layer_shapes(*runs["ekfac_sgd"], loss, "ekfac["))
     baseline_run, momentum_run = runs[base], runs["momentum(g)"]
     rows = {
@@ -170,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     alone, floor = floor_labels(base)
     rows[alone] = products
     rows[floor] = lambda: (training_step(*baseline_run, loss), products())
+    rows[amortized_floor_label(base)] = lambda: (training_step(*baseline_run, loss), amortized())
     rows[EKFAC_FLOOR] = lambda: (training_step(*momentum_run, loss), ekfac())
     samples = interleaved(rows, args.steps, args.device, alternate=True)
     count = sum(p.numel() for p in next(iter(runs.values()))[0].parameters())
