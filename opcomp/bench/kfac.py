@@ -3,21 +3,21 @@
     python -m opcomp.bench.kfac [--model mlp|transformer|resnet|cnn] [--steps 30] [--device cuda] [--vocabulary 96]
                                 [--without-muon]
 
-Each row is a full training step (forward, backward, opt.step) on the same model and batch,
-rows interleaved round by round, every other round in reverse order (so no row always follows
-the same one); medians in milliseconds (a step that refreshes inverses is rarer than one in two,
-so the median is the step between refreshes), and the ratio of means,
-which spreads the refreshes over the steps. Two more rows bound fog from below: its matrix
-products alone (each layer's factor grams, one per input read alike, and its two
-preconditioning products, on random rows of the shapes a step captures), and a muon_adamw
-step followed by them, timed as one row: what fog costs in fp32 with nothing else. Another does
-so for fog_amortized, its grams on one step in ten (:data:`AMORTIZED_UPDATES`) and its
-preconditioning on every one. One more does the same for ekfac_sgd: a momentum(g) step, then EKFAC's products (:mod:`opcomp.bench.floors`). Then parts
-of fog's step alone: the capture hooks (forward + backward, armed against disarmed), one
-batched refresh of every factor inverse, and ``opt.step`` deciding its checks on the host
-against keeping them on the device, as it does on CUDA (forced here on whatever device runs).
-``--without-muon`` times the same statistics with Muon's orthogonalisation left out, against an
-adamw step (:data:`WITHOUT_MUON`).
+Each row is a full training step (forward, backward, opt.step) on the same model and batch, rows
+interleaved round by round, every other round in reverse order (so no row always follows the same
+one); medians in milliseconds (a step that refreshes inverses is rarer than one in two, so the
+median is the step between refreshes), and the ratio of means, which spreads the refreshes over the
+steps. Two more rows bound fog from below: its matrix products alone (each layer's factor grams, one
+per input read alike, and its two preconditioning products, on random rows of the shapes a step
+captures), and a muon_adamw step followed by them, timed as one row: what fog costs in fp32 with
+nothing else. Another does so for fog_amortized, its grams on one step in ten
+(:data:`AMORTIZED_UPDATES`) and its preconditioning on every one. One more does the same for
+ekfac_sgd: a momentum(g) step, then EKFAC's products (:mod:`opcomp.bench.floors`). Then parts of
+fog's step alone: the capture hooks (forward + backward, armed against disarmed), one batched
+refresh of every factor inverse, and ``opt.step`` deciding its checks on the host against keeping
+them on the device, as it does on CUDA (forced here on whatever device runs). ``--without-muon``
+times the same statistics with Muon's orthogonalisation left out, against an adamw step
+(:data:`WITHOUT_MUON`).
 """
 
 from __future__ import annotations
