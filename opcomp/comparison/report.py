@@ -11,7 +11,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from opcomp.comparison.results import Run, Settings, Tuning
+from opcomp.comparison.results import WARM_UP, Run, Settings, Tuning
 from opcomp.comparison.ties import Verdict, verdict
 from opcomp.learning_rates import DEFAULT, TRANSFORMER
 
@@ -148,7 +148,7 @@ def warm_ups(comparison: Comparison) -> str | None:
         for run in slow
     )
     return (
-        "Warm-up, left out of ms / step (first steps over 10 times the run's median step: a compilation "
+        f"Warm-up, left out of ms / step (first steps over {WARM_UP:g} times the run's median step: a compilation "
         f"or a first call's setup): {each}. Seconds to target and the wall-clock plot include it."
     )
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+WARM_UP = 10.0
+"""A leading step this many times slower than its run's median step is warm-up (``Run.warmup_steps``)."""
+
 
 @dataclass
 class Run:

@@ -28,7 +28,7 @@ from torch import nn
 from opcomp.comparison.entries import Entry, entry
 from opcomp.comparison.footprint import passes_on, state_bytes
 from opcomp.comparison.report import Comparison
-from opcomp.comparison.results import Run, Settings, Tuning
+from opcomp.comparison.results import WARM_UP, Run, Settings, Tuning
 from opcomp.comparison.tasks import Task
 from opcomp.errors import OpcompError
 from opcomp.learning_rates import model_kind, recommended_lr
@@ -118,10 +118,6 @@ def train(task: Task, optimizer, lr: float, seed: int, settings: Settings, progr
     if run.finished and task.test is not None:
         run.test_loss, run.test_metric = task.score(model, tuple(t.to(device) for t in task.test))
     return run
-
-
-WARM_UP = 10.0
-"""A leading step this many times slower than the run's median step is warm-up (:func:`warm_up`)."""
 
 
 def warm_up(durations: list[float]) -> int:

@@ -49,7 +49,7 @@ class Verdict:
     best: str
     tied: list[str]
     separable: bool  # False with fewer than two seeds for the best or another
-    fewest: int = 2  # the fewest seeds any optimizer has
+    fewest: int  # the fewest seeds any optimizer has
 
     def mark(self, optimizer: str) -> str:
         """The table's cell for ``optimizer``: best, tied with the best, or behind it."""
