@@ -78,16 +78,17 @@ def without_subnormals() -> None:
     torch.set_flush_denormal(True)
 
 
-def floor_labels(baseline: str) -> tuple[str, str]:
-    return "fog's matrix products alone", f"{baseline}, then fog's matrix products (fog's floor in fp32)"
-
-
 AMORTIZED_UPDATES = 10
 """fog_amortized's update_every: its grams come on one step in ten, its preconditioning on every one."""
 
 
-def amortized_floor_label(baseline: str) -> str:
-    return f"{baseline}, then fog_amortized's matrix products (its floor in fp32: grams one step in ten)"
+def floor_labels(baseline: str) -> tuple[str, str, str]:
+    """The rows of fog's products alone, of fog's floor and of fog_amortized's floor."""
+    return (
+        "fog's matrix products alone",
+        f"{baseline}, then fog's matrix products (fog's floor in fp32)",
+        f"{baseline}, then fog_amortized's matrix products (its floor in fp32: grams one step in ten)",
+    )
 
 
 EKFAC_FLOOR = "momentum(g), then ekfac's matrix products (ekfac_sgd's floor in fp32)"
@@ -177,10 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = {
         label: (lambda model=model, opt=opt: training_step(model, opt, loss)) for label, (model, opt) in runs.items()
     }
-    alone, floor = floor_labels(base)
+    alone, floor, amortized_floor = floor_labels(base)
     rows[alone] = products
     rows[floor] = lambda: (training_step(*baseline_run, loss), products())
-    rows[amortized_floor_label(base)] = lambda: (training_step(*baseline_run, loss), amortized())
+    rows[amortized_floor] = lambda: (training_step(*baseline_run, loss), amortized())
     rows[EKFAC_FLOOR] = lambda: (training_step(*momentum_run, loss), ekfac())
     samples = interleaved(rows, args.steps, args.device, alternate=True)
     count = sum(p.numel() for p in next(iter(runs.values()))[0].parameters())
