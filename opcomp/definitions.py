@@ -67,7 +67,8 @@ def note_above(source: str, line: int) -> Note:
     return Note(" ".join(prose).strip(), MappingProxyType(fields))
 
 
-NOTE_FIELDS = ("lr", "lr_transformer", "seed")
+RATE_FIELDS = ("lr", "lr_transformer", "lr_large_cnn")  # lr_<kind> for each kind of learning_rates.model_kind
+NOTE_FIELDS = (*RATE_FIELDS, "seed")
 
 
 @dataclass(frozen=True)
@@ -114,9 +115,9 @@ EMPTY = Namespace(MappingProxyType({}))
 
 
 def _check_note(definition: Definition, note: Note) -> None:
-    """A ``# lr:`` (or ``# lr_transformer:``) line is a recommended learning rate: a positive number,
-    said where it is written."""
-    for key in ("lr", "lr_transformer"):
+    """A ``# lr:`` (or ``# lr_transformer:``, ``# lr_large_cnn:``) line is a recommended learning
+    rate: a positive number, said where it is written."""
+    for key in RATE_FIELDS:
         value = note.fields.get(key)
         if value is None:
             continue

@@ -10,9 +10,10 @@ A sum of updates has no single scale and gets :data:`DEFAULT_LR`. Every value is
 docs/presets.md has the table).
 
 The rate may depend on what the model is (:func:`model_kind`): Adam's scale that suits a small CNN
-or MLP (0.03) is three to ten times too large for a transformer, so Adam-scaled presets and
-operators carry a second rate for transformers (``# lr_transformer:``, a spec's
-``transformer_lr``), measured on the built-in text tasks.
+or MLP (0.03) is three to ten times too large for a transformer or a convolutional network of a
+million parameters or more, and SGD's and momentum's are three times too large for the latter. So
+presets and operators carry rates for those kinds where they differ (``# lr_transformer:``,
+``# lr_large_cnn:``, a spec's ``kind_lrs``), measured on the built-in text tasks and on ResNets.
 """
 
 from __future__ import annotations
@@ -26,18 +27,24 @@ from opcomp.lang.parser import parse
 from opcomp.ops import REGISTRY
 
 DEFAULT_LR = 1e-3
-DEFAULT, TRANSFORMER = "default", "transformer"  # the kinds of model a rate can depend on
+DEFAULT, TRANSFORMER, LARGE_CNN = "default", "transformer", "large_cnn"  # the kinds of model a rate can depend on
+KINDS = (DEFAULT, TRANSFORMER, LARGE_CNN)
+LARGE_CNN_PARAMETERS = 1_000_000  # the ResNets measured from 1.1M parameters up want the smaller rates; 0.31M does not
 
 
 def model_kind(model: nn.Module | None) -> str:
     """``"transformer"`` for a model with token embeddings or attention (an ``nn.Embedding``, an
     ``nn.MultiheadAttention``, or a module whose class is named ``…Attention``, as Hugging Face's
-    are), else ``"default"`` (also without a model: a parameter list says nothing of its model)."""
+    are); ``"large_cnn"`` for one with convolutions and at least :data:`LARGE_CNN_PARAMETERS`
+    parameters; else ``"default"`` (also without a model: a parameter list says nothing of its model)."""
     if model is None:
         return DEFAULT
-    for module in model.modules():
-        if isinstance(module, (nn.Embedding, nn.MultiheadAttention)) or "Attention" in type(module).__name__:
-            return TRANSFORMER
+    modules = list(model.modules())
+    if any(isinstance(m, (nn.Embedding, nn.MultiheadAttention)) or "Attention" in type(m).__name__ for m in modules):
+        return TRANSFORMER
+    convolutional = any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in modules)
+    if convolutional and sum(p.numel() for p in model.parameters()) >= LARGE_CNN_PARAMETERS:
+        return LARGE_CNN
     return DEFAULT
 
 
@@ -61,9 +68,10 @@ def _scale_setter(tree: Expr, namespace: Namespace, kind: str) -> float | None:
         spec = REGISTRY.get(tree.name)
         if spec is None:
             return None
-        if spec.scale_of is not None:
-            return _scale_setter(arguments[spec.scale_of], namespace, kind) if arguments else REGISTRY["g"].lr
-        return spec.transformer_lr if kind == TRANSFORMER and spec.transformer_lr is not None else spec.lr
+        if spec.scale_of is not None and arguments:
+            return _scale_setter(arguments[spec.scale_of], namespace, kind)
+        spec = REGISTRY["g"] if spec.scale_of is not None else spec  # `sam` alone steps along the gradient
+        return spec.kind_lrs.get(kind, spec.lr)
     if isinstance(tree, Fallback):
         return _scale_setter(tree.branches[0], namespace, kind)
     if isinstance(tree, Neg):

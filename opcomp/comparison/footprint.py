@@ -15,7 +15,7 @@ from opcomp.comparison.report import table_cell
 from opcomp.definitions import presets as preset_namespace
 from opcomp.graph import lower
 from opcomp.lang.printer import to_source
-from opcomp.learning_rates import TRANSFORMER
+from opcomp.learning_rates import LARGE_CNN, TRANSFORMER
 from opcomp.optimizer import Optimizer
 
 
@@ -66,15 +66,17 @@ def passes_on(expression: str, model) -> str:
 def preset_table() -> str:
     presets = preset_namespace()
     lines = [
-        "| preset | lr | lr on transformers | passes per step | state bytes / parameter | definition |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| preset | lr | lr on transformers | lr on large CNNs | passes per step | state bytes / parameter "
+        "| definition |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in presets.names():
         per_parameter, passes = measure(name)
         definition = table_cell(to_source(presets.get(name).body))
         note = presets.note(name)
         lines.append(
-            f"| {name} | {note.lr:g} | {note.lr_for(TRANSFORMER):g} | {passes} | {per_parameter:.1f} | `{definition}` |"
+            f"| {name} | {note.lr:g} | {note.lr_for(TRANSFORMER):g} | {note.lr_for(LARGE_CNN):g} | {passes} "
+            f"| {per_parameter:.1f} | `{definition}` |"
         )
     count = sum(p.numel() for p in models.cnn().parameters())
     lines.append("")

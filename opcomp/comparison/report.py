@@ -13,7 +13,7 @@ from pathlib import Path
 
 from opcomp.comparison.results import WARM_UP, Run, Settings, Tuning
 from opcomp.comparison.ties import Verdict, verdict
-from opcomp.learning_rates import DEFAULT, TRANSFORMER
+from opcomp.learning_rates import DEFAULT, LARGE_CNN, LARGE_CNN_PARAMETERS, TRANSFORMER
 
 
 @dataclass
@@ -179,6 +179,10 @@ def mean_curve(runs: list[Run], series: str, x: int, y: int) -> tuple[list[float
     )
 
 
+KIND_REASONS = {  # why a comparison's recommended rates are not the default ones (learning_rates.model_kind)
+    TRANSFORMER: "its transformer rates: the model has token embeddings or attention",
+    LARGE_CNN: f"its rates for large CNNs: the model has convolutions and {LARGE_CNN_PARAMETERS:,} parameters or more",
+}
 NO_PLOTS = "matplotlib is not installed, so the report has no plots: pip install 'opcomp[bench]' adds them"
 
 
@@ -238,8 +242,8 @@ def markdown(comparison: Comparison, pictures: list[Path]) -> str:
         else "NOT tuned: each as given or recommended. An untuned comparison favours whoever's default lr "
         "happens to fit this task and model; run with --tune before reading a ranking into it"
     )
-    if comparison.kind == TRANSFORMER:
-        tuned += " (opcomp's recommended rates are its transformer rates: the model has token embeddings or attention)"
+    if comparison.kind in KIND_REASONS:
+        tuned += f" (opcomp's recommended rates are {KIND_REASONS[comparison.kind]})"
     decided = judged(comparison)
     lines = [
         f"# {comparison.task}: {', '.join(comparison.optimizers)}",

@@ -165,7 +165,8 @@ class OpSpec:
     symbol: str | None = None  # combinators: written with a symbol, not called by name
     variadic: bool = False  # combinators taking two or more inputs
     lr: float | None = None  # the measured learning rate of an update whose scale it sets (opcomp.learning_rates)
-    transformer_lr: float | None = None  # the same on a transformer, where it differs (learning_rates.model_kind)
+    kind_lrs: dict[str, float] = field(default_factory=dict)  # the same on a kind of model where it differs
+    # ({"transformer": 0.003}; the kinds: learning_rates.model_kind)
     scale_of: int | None = None  # its output has the scale of this argument (by position): the lr is that one's
     factor_block: Callable[[Any], int] | None = None  # the longest matrix-view side whose factor it keeps whole;
     # a longer side's factor ('left', 'right' buffers) is kept as diagonal blocks of this size (FactorForm)

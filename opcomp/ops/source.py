@@ -10,7 +10,8 @@ from opcomp.ops.registry import Cost, Kind, Needs, OpSpec, Options, register
 register(
     OpSpec(
         name="g",
-        lr=0.3,  # the sgd preset
+        lr=0.3,  # the sgd preset's rates
+        kind_lrs={"large_cnn": 0.1},
         aliases=("grad",),
         kind=Kind.SOURCE,
         params=(),

@@ -43,7 +43,7 @@ register(
     OpSpec(
         name="adam",
         lr=0.03,  # adamw's: the same update scale
-        transformer_lr=0.003,
+        kind_lrs={"transformer": 0.003, "large_cnn": 0.003},
         fused_adamw=frozenset({"b1", "b2", "eps"}),
         aliases=("adarms",),
         kind=Kind.STATISTICAL,
@@ -59,7 +59,8 @@ register(
     OpSpec(
         name="adamw",
         lr=0.03,
-        transformer_lr=0.003,  # 0.0033 tuned on the Bible, 0.009 on help text (docs/presets.md)
+        # transformers: 0.0033 tuned on the Bible, 0.009 on help text; large CNNs: 0.0033 on four ResNets
+        kind_lrs={"transformer": 0.003, "large_cnn": 0.003},  # (docs/presets.md)
         fused_adamw=frozenset({"b1", "b2", "eps", "wd"}),
         kind=Kind.STATISTICAL,
         options=AdamWOptions,
@@ -283,7 +284,7 @@ register(
     OpSpec(
         name="adafactor",
         lr=0.03,  # 0.027 measured (python -m opcomp.bench.sweep adafactor), as adamw's
-        transformer_lr=0.003,
+        kind_lrs={"transformer": 0.003, "large_cnn": 0.003},
         on_shards="row and column means of whole matrices",
         kind=Kind.STATISTICAL,
         options=AdafactorOptions,
@@ -360,7 +361,7 @@ register(
     OpSpec(
         name="soap",
         lr=0.01,  # 0.009 measured (python -m opcomp.bench.sweep soap)
-        transformer_lr=0.005,  # the Bible's best, within 6% on GPT-2 and 2% on help text (docs/presets.md)
+        kind_lrs={"transformer": 0.005},  # the Bible's best, within 6% on GPT-2 and 2% on help text (docs/presets.md)
         on_shards="eigenbases of whole matrices",
         kind=Kind.STATISTICAL,
         options=SoapOptions,
