@@ -65,7 +65,8 @@ def test_presets_listing_measures_cost_and_state(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "| fog | 0.03 | 0.03 | 0.03 | 1 forward, 1 backward |" in out
-    assert "| sam_sgd | 0.1 | 0.1 | 0.1 | 2 forward, 2 backward | 4.0 |" in out  # one momentum buffer: 4 bytes
+    assert "| sam_sgd | 0.1 | 0.1 | 0.03 | 2 forward, 2 backward | 4.0 |" in out  # one momentum buffer: 4 bytes
+    assert "| asam_sgd | 0.1 | 0.1 | 0.01 | 2 forward, 2 backward |" in out
     assert "| sgd | 0.3 | 0.3 | 0.1 | 1 forward, 1 backward | 0.0 |" in out  # smaller on large CNNs
     assert "| ds_shampoo | 0.03 | 0.003 | 0.03 | 1 forward, 1 backward |" in out  # smaller on transformers
     assert "`muon[hidden](kfac[bf16=bf16](g)) \\| fallback * adamw(g)`" in out
