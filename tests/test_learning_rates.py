@@ -198,3 +198,10 @@ def test_the_cnn_rates_table_means_each_cell_over_its_seeds_and_says_when_some_a
     lines = table(results, ["cnn-bn"], ["adamw:0.03", "sgd:0.3", "sgd:0.1"], [0, 1])
     assert lines[0] == "| network | parameters | convolutions | adamw:0.03 | sgd:0.3 | sgd:0.1 |"
     assert lines[2] == "| the small CNN with batch norm | 0.01M | 2 | 0.200 | 0.500 (1 of 2 seeds) | — |"
+
+
+def test_a_note_takes_a_rate_field_for_every_kind_of_model():
+    """definitions.RATE_FIELDS spells the kinds out (learning_rates imports definitions): kept in step here."""
+    from opcomp.definitions import RATE_FIELDS
+
+    assert RATE_FIELDS == ("lr", *(f"lr_{kind}" for kind in KINDS if kind != DEFAULT))
